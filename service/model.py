@@ -1,0 +1,163 @@
+"""Load a served reward model: an ensemble directory or a plain HF seq-cls checkpoint.
+
+The result, `RewardModel`, is everything the engine needs and nothing of gRPC:
+members (backbone + heads with normalisation folded in + optional epistemic
+factor), the prompt encoder, and the facts `GetModelInfo` reports.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from rmserve.service.backbone import Backbone, load_backbone, quiet_transformers, wrap_backbone
+from rmserve.service.ensemble import (
+    MANIFEST,
+    EnsembleFormatError,
+    EnsembleManifest,
+    MemberSpec,
+    load_member,
+    read_manifest,
+    resolve_backbone_path,
+)
+from rmserve.service.tokenization import PromptEncoder
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class Member:
+    name: str
+    backbone: Backbone
+    weight: torch.Tensor             # [K, H] float32, normalisation folded in
+    bias: torch.Tensor               # [K]
+    unc_factor: torch.Tensor | None  # [H, H]
+
+
+@dataclass
+class RewardModel:
+    name: str
+    version: str
+    kind: str
+    members: list[Member]
+    encoder: PromptEncoder
+    dtype: torch.dtype
+    max_tokens: int
+    uncertainty_penalty: float
+    shift: list[float]
+    scale: list[float]
+    source: str
+    training: dict = field(default_factory=dict)
+
+    @property
+    def num_heads(self) -> int:
+        return sum(m.weight.shape[0] for m in self.members)
+
+    @property
+    def has_epistemic(self) -> bool:
+        return any(m.unc_factor is not None for m in self.members)
+
+    @property
+    def dtype_name(self) -> str:
+        return next(k for k, v in DTYPES.items() if v == self.dtype)
+
+    @property
+    def backbone_name(self) -> str:
+        return self.members[0].backbone.name
+
+
+def _fold(weight: torch.Tensor, bias: torch.Tensor, shift: list[float], scale: list[float]):
+    s = torch.tensor(scale, dtype=torch.float32)
+    if (s <= 0).any():
+        raise EnsembleFormatError("normalisation scale must be positive for every head")
+    return weight / s[:, None], (bias - torch.tensor(shift, dtype=torch.float32)) / s
+
+
+def _resolve_dtype(dtype: str, default: str) -> torch.dtype:
+    name = default if dtype == "auto" else dtype
+    if name not in DTYPES:
+        raise ValueError(f"dtype must be auto or one of {sorted(DTYPES)}, got {name!r}")
+    return DTYPES[name]
+
+
+def load_model(path: str | Path, *, dtype: str = "auto", max_tokens: int | None = None) -> RewardModel:
+    """Load `path`: a directory with manifest.json, or a one-label HF seq-cls checkpoint."""
+    path = Path(path)
+    if (path / MANIFEST).is_file():
+        return _load_ensemble(path, dtype, max_tokens)
+    if (path / "config.json").is_file():
+        return _load_seqcls(path, dtype, max_tokens)
+    raise EnsembleFormatError(f"{path} is neither an rmserve ensemble (no {MANIFEST}) nor a Hugging Face checkpoint (no config.json)")
+
+
+def _load_ensemble(path: Path, dtype: str, max_tokens: int | None) -> RewardModel:
+    man: EnsembleManifest = read_manifest(path)
+    torch_dtype = _resolve_dtype(dtype, man.dtype)
+    members: list[Member] = []
+    for spec in man.members:
+        t = load_member(path, spec)
+        bb = load_backbone(resolve_backbone_path(path, spec.backbone), dtype=torch_dtype, delta=t.delta)
+        if t.weight.shape[1] != bb.hidden_size:
+            raise EnsembleFormatError(
+                f"member {spec.name}: heads expect hidden size {t.weight.shape[1]}, backbone has {bb.hidden_size}"
+            )
+        members.append(Member(spec.name, bb, t.weight, t.bias, t.unc_factor))
+    k = sum(m.weight.shape[0] for m in members)
+    shift = list(man.shift) if man.shift is not None else [0.0] * k
+    scale = list(man.scale) if man.scale is not None else [1.0] * k
+    if len(shift) != k or len(scale) != k:
+        raise EnsembleFormatError(f"normalisation lists {len(shift)} shifts and {len(scale)} scales for {k} heads")
+    start = 0
+    for m in members:
+        n = m.weight.shape[0]
+        m.weight, m.bias = _fold(m.weight, m.bias, shift[start : start + n], scale[start : start + n])
+        start += n
+    limit = min(max_tokens or man.max_tokens, members[0].backbone.max_positions)
+    tok = members[0].backbone.tokenizer
+    return RewardModel(
+        name=man.name, version=man.version, kind=man.kind, members=members,
+        encoder=PromptEncoder(tok, limit, use_chat_template=man.chat_template),
+        dtype=torch_dtype, max_tokens=limit, uncertainty_penalty=man.uncertainty_penalty,
+        shift=shift, scale=scale, source=str(path), training=man.training,
+    )
+
+
+def _load_seqcls(path: Path, dtype: str, max_tokens: int | None) -> RewardModel:
+    """A `*ForSequenceClassification` checkpoint with one label is a one-head ensemble."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+
+    quiet_transformers()
+    config = AutoConfig.from_pretrained(path)
+    archs = config.architectures or []
+    if not any(a.endswith("ForSequenceClassification") for a in archs) or config.num_labels != 1:
+        raise EnsembleFormatError(
+            f"{path}: a plain checkpoint must be a *ForSequenceClassification with one label "
+            f"(got architectures={archs}, num_labels={config.num_labels})"
+        )
+    default = str(getattr(config, "dtype", None) or "float32").removeprefix("torch.")
+    torch_dtype = _resolve_dtype(dtype, default if default in DTYPES else "float32")
+    full = AutoModelForSequenceClassification.from_pretrained(path, dtype=torch_dtype)
+    head = next(
+        (mod for n, mod in full.named_children() if n in ("score", "classifier") and isinstance(mod, torch.nn.Linear)),
+        None,
+    )
+    if head is None:
+        raise EnsembleFormatError(f"{path}: its classification head is not a single linear layer; rmserve cannot read it")
+    weight = head.weight.detach().float().reshape(1, -1)
+    bias = head.bias.detach().float().reshape(1) if head.bias is not None else torch.zeros(1)
+    bb = wrap_backbone(full.base_model, AutoTokenizer.from_pretrained(path), str(path))
+    limit = min(max_tokens or 2048, bb.max_positions)
+    digest = hashlib.sha256(json.dumps(config.to_dict(), sort_keys=True, default=str).encode()).hexdigest()[:8]
+    return RewardModel(
+        name=path.name, version=f"hf-{digest}", kind="heads",
+        members=[Member("member0", bb, weight, bias, None)],
+        encoder=PromptEncoder(bb.tokenizer, limit), dtype=torch_dtype, max_tokens=limit,
+        uncertainty_penalty=0.0, shift=[0.0], scale=[1.0], source=str(path),
+    )
+
+
+__all__ = ["DTYPES", "Member", "MemberSpec", "RewardModel", "load_model"]

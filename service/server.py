@@ -1,0 +1,399 @@
+"""The grpc.aio server: RewardService, health, reflection, metrics.
+
+Data flow per RPC: validate + tokenize on the tokenizer threads -> scheduler
+(batches across callers) -> engine on its own thread -> results. The event
+loop only moves messages. Errors become gRPC statuses in `_rpc` alone, through
+errors.grpc_status.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import functools
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import numpy as np
+from google.protobuf.message import DecodeError
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+from grpc_reflection.v1alpha import reflection
+
+from rmserve.service.config import DEFAULT_MODEL_DIR, ServerConfig
+from rmserve.service.engine import ScoringEngine
+from rmserve.service.ensemble import MANIFEST
+from rmserve.service.errors import (
+    InvalidInput,
+    NotReady,
+    QueueFull,
+    RMServeError,
+    Unavailable,
+    grpc_status,
+)
+from rmserve.service.metrics import Metrics
+from rmserve.service.model import RewardModel, load_model
+from rmserve.service.requests import Row, encode_groups, encode_samples, result_pb
+from rmserve.service.scheduler import Scheduler
+from rmserve.v1 import reward_pb2 as pb
+from rmserve.v1 import reward_pb2_grpc as pb_grpc
+
+log = logging.getLogger("rmserve.server")
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["RewardService"].full_name
+
+
+class ModelSlot:
+    """One loaded model version. Batches are keyed by slot, so a request
+    finishes on the version it started on, even across a hot swap."""
+
+    def __init__(self, model: RewardModel, engine: ScoringEngine):
+        self.model = model
+        self.engine = engine
+
+    @property
+    def version(self) -> str:
+        return self.model.version
+
+
+def resolve_model_path(model: str | None) -> Path:
+    """The model directory to serve; the embedded default when none is given."""
+    if model:
+        return Path(model)
+    if not (DEFAULT_MODEL_DIR / MANIFEST).is_file():
+        raise NotReady(
+            "the embedded default model's trained heads are not in this build yet. Serve your own model "
+            "with `rmserve serve --model DIR` (an rmserve ensemble directory or a one-label Hugging Face "
+            "*ForSequenceClassification checkpoint), or train the default heads with `rmserve train` "
+            "(see README, 'The embedded default model')."
+        )
+    return DEFAULT_MODEL_DIR
+
+
+@dataclass(frozen=True)
+class Malformed:
+    """A request whose bytes did not parse; the handler answers INVALID_ARGUMENT."""
+
+    message_type: str
+    error: str
+
+    def reject(self) -> InvalidInput:
+        return InvalidInput(f"malformed {self.message_type}: the request bytes do not parse ({self.error})")
+
+
+def _lenient(cls):
+    """Deserializer that turns a parse failure into a value, so the servicer can
+    answer INVALID_ARGUMENT instead of grpc's generic INTERNAL."""
+
+    def parse(data: bytes):
+        try:
+            return cls.FromString(data)
+        except DecodeError as e:
+            return Malformed(cls.DESCRIPTOR.name, str(e))
+
+    return parse
+
+
+def _rpc(method: str):
+    """Times the RPC, counts it by status, and maps every exception to a status."""
+
+    def deco(fn: Callable):
+        @functools.wraps(fn)
+        async def wrapper(self: RewardServicer, request, context: grpc.aio.ServicerContext):
+            t0 = time.perf_counter()
+            code = grpc.StatusCode.OK
+            try:
+                if isinstance(request, Malformed):
+                    raise request.reject()
+                return await fn(self, request, context)
+            except asyncio.CancelledError:
+                code = grpc.StatusCode.CANCELLED
+                raise
+            except Exception as e:
+                if isinstance(e, grpc.aio.AbortError):
+                    raise
+                code, message = grpc_status(e)
+                if isinstance(e, QueueFull):
+                    context.set_trailing_metadata((("grpc-retry-pushback-ms", str(int(e.retry_after_s * 1000))),))
+                if not isinstance(e, RMServeError):
+                    log.exception("%s failed", method)
+                await context.abort(code, message)
+            finally:
+                m = self.state.metrics
+                m.requests.labels(method, code.name).inc()
+                m.latency.labels(method).observe(time.perf_counter() - t0)
+
+        return wrapper
+
+    return deco
+
+
+class ServingState:
+    """What the servicers share: config, metrics, the queue, the live model slot."""
+
+    def __init__(self, config: ServerConfig):
+        self.config = config
+        self.metrics = Metrics()
+        self.slot: ModelSlot | None = None
+        self.tokenizer_pool = concurrent.futures.ThreadPoolExecutor(
+            max_workers=config.tokenizer_threads, thread_name_prefix="rmserve-tok"
+        )
+        self.scheduler = Scheduler(
+            self._run_batch,
+            max_queue=config.max_queue,
+            token_budget=config.batch_tokens,
+            max_wait_s=config.max_wait_ms / 1000,
+            observer=self.metrics,
+        )
+
+    def live_slot(self) -> ModelSlot:
+        if self.slot is None:
+            raise Unavailable("the model is still loading; retry shortly (health turns SERVING when ready)")
+        return self.slot
+
+    def _run_batch(self, slot: ModelSlot, seqs: list[list[int]]) -> list[Row]:
+        t0 = time.perf_counter()
+        out = slot.engine.score(seqs)
+        self.metrics.engine_call(
+            real_tokens=out.stats.real_tokens, padded_tokens=out.stats.padded_tokens,
+            seconds=time.perf_counter() - t0, sequences=len(seqs),
+        )
+        eps = out.epistemic
+        return [
+            Row(out.rewards[i], float(out.mean[i]), float(out.var[i]), float(out.min[i]),
+                None if eps is None else float(eps[i]))
+            for i in range(len(seqs))
+        ]
+
+    def install(self, model: RewardModel) -> ModelSlot:
+        """Warm a loaded model and make it the live one (atomic swap of one reference)."""
+        engine = ScoringEngine(model, token_budget=self.config.token_budget)
+        if self.config.warmup:
+            engine.score([model.encoder.prompt_response("Hello", "Hi! How can I help?").ids])
+        slot = ModelSlot(model, engine)
+        self.slot = slot
+        self.metrics.model_info.info({
+            "name": model.name, "version": model.version, "backbone": model.backbone_name,
+            "dtype": model.dtype_name, "num_heads": str(model.num_heads), "kind": model.kind,
+        })
+        self.metrics.ready.set(1)
+        return slot
+
+
+def _deadline(context: grpc.aio.ServicerContext) -> float | None:
+    remaining = context.time_remaining()
+    return None if remaining is None else time.monotonic() + remaining
+
+
+def _lam(options: pb.ScoreOptions, model: RewardModel) -> float:
+    if not options.HasField("uncertainty_penalty"):
+        return model.uncertainty_penalty
+    lam = options.uncertainty_penalty
+    if not math.isfinite(lam) or lam < 0:
+        raise InvalidInput(f"uncertainty_penalty must be a finite number >= 0, got {lam}")
+    return lam
+
+
+class RewardServicer(pb_grpc.RewardServiceServicer):
+    def __init__(self, state: ServingState):
+        self.state = state
+
+    async def _off_loop(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self.state.tokenizer_pool, fn, *args)
+
+    async def _score(self, samples, options: pb.ScoreOptions, context) -> tuple[list[pb.ScoreResult], str]:
+        slot = self.state.live_slot()
+        lam = _lam(options, slot.model)
+        encoded = await self._off_loop(encode_samples, slot.model.encoder, samples, self.state.config.max_samples_per_request)
+        rows = await self.state.scheduler.submit(slot, [e.ids for e in encoded], [len(e.ids) for e in encoded], _deadline(context))
+        results = [
+            result_pb(r, e, lam=lam, members=options.return_members, sample_id=s.id)
+            for r, e, s in zip(rows, encoded, samples, strict=True)
+        ]
+        self._observe(results)
+        return results, slot.version
+
+    def _observe(self, results: list[pb.ScoreResult]) -> None:
+        self.state.metrics.scored([r.reward for r in results], [r.std for r in results], sum(r.truncated for r in results))
+
+    @_rpc("Score")
+    async def Score(self, request: pb.ScoreRequest, context) -> pb.ScoreResponse:
+        results, version = await self._score(request.samples, request.options, context)
+        return pb.ScoreResponse(results=results, model_version=version)
+
+    async def ScoreStream(self, request_iterator, context):
+        """One response chunk per request chunk, in order; up to 4 chunks in flight."""
+        metrics = self.state.metrics
+        pending: asyncio.Queue = asyncio.Queue(maxsize=4)
+
+        async def one(req: pb.ScoreStreamRequest) -> pb.ScoreStreamResponse:
+            t0 = time.perf_counter()
+            try:
+                results, version = await self._score(req.samples, req.options, context)
+                code = grpc.StatusCode.OK
+                return pb.ScoreStreamResponse(results=results, model_version=version)
+            except Exception as e:
+                code, message = grpc_status(e)
+                if not isinstance(e, RMServeError):
+                    log.exception("ScoreStream chunk failed")
+                return pb.ScoreStreamResponse(error=pb.ChunkError(code=code.value[0], message=message))
+            finally:
+                metrics.requests.labels("ScoreStream.chunk", code.name).inc()
+                metrics.latency.labels("ScoreStream.chunk").observe(time.perf_counter() - t0)
+
+        async def reader():
+            async for req in request_iterator:
+                if isinstance(req, Malformed):
+                    err = req.reject()
+                    done = asyncio.get_running_loop().create_future()
+                    done.set_result(pb.ScoreStreamResponse(error=pb.ChunkError(code=grpc.StatusCode.INVALID_ARGUMENT.value[0], message=str(err))))
+                    await pending.put(done)
+                    continue
+                await pending.put(asyncio.ensure_future(one(req)))
+            await pending.put(None)
+
+        read_task = asyncio.ensure_future(reader())
+        try:
+            while (task := await pending.get()) is not None:
+                yield await task
+            await read_task
+        finally:
+            read_task.cancel()
+
+    @_rpc("ScoreGroups")
+    async def ScoreGroups(self, request: pb.ScoreGroupsRequest, context) -> pb.ScoreGroupsResponse:
+        slot = self.state.live_slot()
+        lam = _lam(request.options, slot.model)
+        groups = await self._off_loop(encode_groups, slot.model.encoder, request.groups, self.state.config.max_samples_per_request)
+        flat = [e for g in groups for e in g]
+        rows = await self.state.scheduler.submit(slot, [e.ids for e in flat], [len(e.ids) for e in flat], _deadline(context))
+        out, i = [], 0
+        for g_pb, g in zip(request.groups, groups, strict=True):
+            res = [result_pb(rows[i + j], e, lam=lam, members=request.options.return_members) for j, e in enumerate(g)]
+            i += len(g)
+            self._observe(res)
+            out.append(pb.GroupResult(id=g_pb.id, results=res))
+        return pb.ScoreGroupsResponse(groups=out, model_version=slot.version)
+
+    @_rpc("Compare")
+    async def Compare(self, request: pb.CompareRequest, context) -> pb.CompareResponse:
+        group = pb.Group(completions=[request.response_a, request.response_b])
+        if request.WhichOneof("prompt") == "prompt_messages":
+            group.prompt_messages.CopyFrom(request.prompt_messages)
+        else:
+            group.prompt_text = request.prompt_text
+        slot = self.state.live_slot()
+        (enc,) = await self._off_loop(encode_groups, slot.model.encoder, [group], self.state.config.max_samples_per_request)
+        a, b = await self.state.scheduler.submit(slot, [e.ids for e in enc], [len(e.ids) for e in enc], _deadline(context))
+        lam = slot.model.uncertainty_penalty
+        member_probs = 1.0 / (1.0 + np.exp(-(a.rewards.astype(np.float64) - b.rewards)))
+        return pb.CompareResponse(
+            prob=float(1.0 / (1.0 + math.exp(-(a.mean - b.mean)))),
+            member_probs=member_probs.tolist(),
+            a=result_pb(a, enc[0], lam=lam, members=True),
+            b=result_pb(b, enc[1], lam=lam, members=True),
+            model_version=slot.version,
+        )
+
+    @_rpc("GetModelInfo")
+    async def GetModelInfo(self, request, context) -> pb.ModelInfo:
+        m = self.state.live_slot().model
+        return pb.ModelInfo(
+            name=m.name, version=m.version, kind=m.kind, num_members=len(m.members), num_heads=m.num_heads,
+            backbone=m.backbone_name, max_tokens=m.max_tokens, dtype=m.dtype_name,
+            normalization=pb.Normalization(shift=m.shift, scale=m.scale),
+            default_uncertainty_penalty=m.uncertainty_penalty, has_epistemic=m.has_epistemic,
+            max_samples_per_request=self.state.config.max_samples_per_request,
+        )
+
+
+def add_reward_service(servicer: RewardServicer, server: grpc.aio.Server) -> None:
+    """Like the generated add_RewardServiceServicer_to_server, with lenient parsing."""
+    u, ss = grpc.unary_unary_rpc_method_handler, grpc.stream_stream_rpc_method_handler
+    handlers = {
+        "Score": u(servicer.Score, _lenient(pb.ScoreRequest), pb.ScoreResponse.SerializeToString),
+        "ScoreStream": ss(servicer.ScoreStream, _lenient(pb.ScoreStreamRequest), pb.ScoreStreamResponse.SerializeToString),
+        "ScoreGroups": u(servicer.ScoreGroups, _lenient(pb.ScoreGroupsRequest), pb.ScoreGroupsResponse.SerializeToString),
+        "Compare": u(servicer.Compare, _lenient(pb.CompareRequest), pb.CompareResponse.SerializeToString),
+        "GetModelInfo": u(servicer.GetModelInfo, _lenient(pb.GetModelInfoRequest), pb.ModelInfo.SerializeToString),
+    }
+    assert set(handlers) == set(pb.DESCRIPTOR.services_by_name["RewardService"].methods_by_name)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+
+
+class RewardServer:
+    """Lifecycle: start (listening, NOT_SERVING) -> model loaded and warmed (SERVING) -> stop."""
+
+    def __init__(self, config: ServerConfig):
+        self.config = config
+        self.state = ServingState(config)
+        self.health = HealthServicer()
+        self.port: int | None = None
+        self.metrics_port: int | None = None
+        self._server: grpc.aio.Server | None = None
+        self._metrics_http = None
+        self._loaded: asyncio.Future | None = None
+
+    async def start(self) -> None:
+        model_path = resolve_model_path(self.config.model)
+        limit = self.config.max_message_bytes
+        self._server = grpc.aio.server(options=[
+            ("grpc.max_receive_message_length", limit),
+            ("grpc.max_send_message_length", limit),
+        ])
+        add_reward_service(RewardServicer(self.state), self._server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+            self._server,
+        )
+        await self.health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.NOT_SERVING)
+        self.port = self._server.add_insecure_port(f"{self.config.host}:{self.config.port}")
+        if self.port == 0:
+            raise OSError(f"cannot listen on {self.config.host}:{self.config.port}")
+        await self._server.start()
+        if self.config.metrics_port is not None:
+            self._metrics_http, _ = self.state.metrics.serve_http(self.config.metrics_port, self.config.host)
+            self.metrics_port = self._metrics_http.server_port
+        self.state.scheduler.start()
+        log.info("listening on %s:%d (NOT_SERVING until %s is loaded)", self.config.host, self.port, model_path)
+        self._loaded = asyncio.ensure_future(self._load(model_path))
+
+    async def _load(self, path: Path) -> None:
+        loop = asyncio.get_running_loop()
+        model = await loop.run_in_executor(
+            None, functools.partial(load_model, path, dtype=self.config.dtype, max_tokens=self.config.max_tokens)
+        )
+        await loop.run_in_executor(None, self.state.install, model)
+        await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
+        await self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
+        log.info(
+            "SERVING %s version %s (%d heads, %s, max %d tokens) on %s:%d, metrics on %s",
+            model.name, model.version, model.num_heads, model.dtype_name, model.max_tokens,
+            self.config.host, self.port, self.metrics_port or "off",
+        )
+
+    async def wait_ready(self) -> None:
+        """Returns once SERVING; raises the load error if the model failed to load."""
+        assert self._loaded is not None, "call start() first"
+        await self._loaded
+
+    async def stop(self, grace: float | None = None) -> None:
+        await self.health.enter_graceful_shutdown()
+        if self._server is not None:
+            await self._server.stop(self.config.grace_s if grace is None else grace)
+        await self.state.scheduler.stop()
+        if self._loaded is not None and not self._loaded.done():
+            self._loaded.cancel()
+        if self._metrics_http is not None:
+            self._metrics_http.shutdown()
+        self.state.tokenizer_pool.shutdown(wait=False)
+
+    async def wait_for_termination(self) -> None:
+        assert self._server is not None
+        await self._server.wait_for_termination()

@@ -1,0 +1,128 @@
+"""Samples -> token ids: chat template, truncation policy, limits.
+
+Truncation policy (documented in the README): a sample is a prompt followed by
+the response being scored. When it is longer than `max_tokens`, the prompt is
+cut from the left (its oldest turns go first) and the response is kept whole,
+because the reward is read at the response's last token. Leading special tokens
+(BOS/CLS) are kept. If the response alone does not fit, the sample is rejected
+with a message that says how many tokens it needs. Pre-tokenised samples have
+no known prompt boundary: they are cut from the left.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from rmserve.service.errors import InvalidInput
+
+ROLES = frozenset({"system", "user", "assistant", "tool"})
+
+
+@dataclass(frozen=True)
+class Encoded:
+    ids: list[int]
+    truncated: bool
+
+
+def _fallback_render(messages: Sequence[dict[str, str]]) -> tuple[str, int]:
+    """Plain 'role: content' lines for tokenizers without a chat template."""
+    prefix = "".join(f"{m['role']}: {m['content']}\n" for m in messages[:-1])
+    last = messages[-1]
+    return prefix + f"{last['role']}: {last['content']}", len(prefix)
+
+
+class PromptEncoder:
+    """Turns validated samples into token ids for one tokenizer and token limit."""
+
+    def __init__(self, tokenizer, max_tokens: int, *, use_chat_template: bool = True):
+        if not getattr(tokenizer, "is_fast", False):
+            raise ValueError("rmserve needs a fast (Rust) tokenizer: it uses offsets to find the prompt boundary")
+        self.tokenizer = tokenizer
+        self.max_tokens = int(max_tokens)
+        self.vocab_size = len(tokenizer)
+        self.templated = bool(use_chat_template and getattr(tokenizer, "chat_template", None))
+
+    # -- public ---------------------------------------------------------------
+
+    def conversation(self, messages: Sequence[dict[str, str]], where: str = "sample") -> Encoded:
+        self._check_messages(messages, where)
+        text, boundary = self._render(messages)
+        return self._encode(text, boundary, where)
+
+    def prompt_response(self, prompt: str, response: str, where: str = "sample") -> Encoded:
+        if not response.strip():
+            raise InvalidInput(f"{where}: response is empty")
+        messages = ([{"role": "user", "content": prompt}] if prompt.strip() else []) + [
+            {"role": "assistant", "content": response}
+        ]
+        text, boundary = self._render(messages)
+        return self._encode(text, boundary, where)
+
+    def token_ids(self, ids: Sequence[int], where: str = "sample") -> Encoded:
+        if len(ids) == 0:
+            raise InvalidInput(f"{where}: token_ids is empty")
+        bad = next((t for t in ids if t < 0 or t >= self.vocab_size), None)
+        if bad is not None:
+            raise InvalidInput(f"{where}: token id {bad} is outside the vocabulary [0, {self.vocab_size})")
+        ids = list(ids)
+        if len(ids) > self.max_tokens:
+            return Encoded(ids[-self.max_tokens :], True)
+        return Encoded(ids, False)
+
+    # -- internals ------------------------------------------------------------
+
+    def _check_messages(self, messages: Sequence[dict[str, str]], where: str) -> None:
+        if not messages:
+            raise InvalidInput(f"{where}: conversation has no messages")
+        for i, m in enumerate(messages):
+            if m["role"] not in ROLES:
+                raise InvalidInput(
+                    f"{where}: message {i} has unknown role {m['role']!r}; use one of {sorted(ROLES)}"
+                )
+            if not m["content"].strip():
+                raise InvalidInput(f"{where}: message {i} ({m['role']}) is empty")
+        if messages[-1]["role"] != "assistant":
+            raise InvalidInput(
+                f"{where}: the last message is the response being scored and must have role 'assistant', "
+                f"got {messages[-1]['role']!r}"
+            )
+
+    def _render(self, messages: Sequence[dict[str, str]]) -> tuple[str, int]:
+        """Full text and the character index where the response part starts."""
+        if not self.templated:
+            return _fallback_render(messages)
+        msgs = [dict(m) for m in messages]
+        full = self.tokenizer.apply_chat_template(msgs, tokenize=False)
+        prefix = self.tokenizer.apply_chat_template(msgs[:-1], tokenize=False, add_generation_prompt=True) if len(msgs) > 1 else ""
+        # Templates normally render the prompt as a prefix of the whole; where one
+        # does not (it rewrites earlier turns), the common prefix is the boundary.
+        if not full.startswith(prefix):
+            n = 0
+            while n < min(len(full), len(prefix)) and full[n] == prefix[n]:
+                n += 1
+            return full, n
+        return full, len(prefix)
+
+    def _encode(self, text: str, boundary: int, where: str) -> Encoded:
+        enc = self.tokenizer(
+            text, add_special_tokens=not self.templated, return_offsets_mapping=True, return_attention_mask=False
+        )
+        ids: list[int] = enc["input_ids"]
+        offsets: list[tuple[int, int]] = enc["offset_mapping"]
+        if len(ids) <= self.max_tokens:
+            return Encoded(ids, False)
+        lead = 0  # leading special tokens (BOS/CLS) have empty spans and are kept
+        while lead < len(ids) and offsets[lead] == (0, 0):
+            lead += 1
+        prompt_end = lead
+        while prompt_end < len(ids) and offsets[prompt_end][1] <= boundary and offsets[prompt_end] != (0, 0):
+            prompt_end += 1
+        n_cut = len(ids) - self.max_tokens
+        if n_cut > prompt_end - lead:
+            need = len(ids) - (prompt_end - lead)
+            raise InvalidInput(
+                f"{where}: the response alone needs {need} tokens but this model scores at most "
+                f"{self.max_tokens} per sample; shorten the response"
+            )
+        return Encoded(ids[:lead] + ids[lead + n_cut :], True)

@@ -1,0 +1,225 @@
+"""Shared fixtures: tiny random-weight models saved as real checkpoint directories.
+
+Nothing is fetched from a hub: the tokenizer is a byte-level BPE trained here on
+a few sentences, the models are random Llama/BERT configs. They load through the
+same code path as any user model.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+CORPUS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "How do I bake bread? Mix flour, water, salt and yeast, then knead.",
+    "I cannot help with that request, but here is something safer.",
+    "Human: hello there Assistant: hi, how can I help you today?",
+    "Numbers 0123456789 and punctuation !?.,;:'\"()[]{}<>-_/\\|@#$%^&*+=~`",
+]
+
+
+def make_tokenizer(out: Path):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    specials = ["<pad>", "<eos>", "<|system|>", "<|user|>", "<|assistant|>", "<|tool|>", "<|end|>"]
+    trainer = trainers.BpeTrainer(
+        vocab_size=300, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tok.train_from_iterator(CORPUS, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>")
+    fast.chat_template = CHAT_TEMPLATE
+    fast.save_pretrained(out)
+    return fast
+
+
+def llama_config(vocab_size: int, **kw):
+    from transformers import LlamaConfig
+
+    base = dict(
+        vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, pad_token_id=0,
+        tie_word_embeddings=False,
+    )
+    base.update(kw)
+    return LlamaConfig(**base)
+
+
+def make_tiny_llama_backbone(out: Path, seed: int = 0) -> Path:
+    """A bare LlamaModel checkpoint + tokenizer: what an ensemble member points at."""
+    import torch
+    from transformers import LlamaModel
+
+    tok = make_tokenizer(out)
+    torch.manual_seed(seed)
+    LlamaModel(llama_config(len(tok))).save_pretrained(out)
+    return out
+
+
+def make_tiny_llama_seqcls(out: Path, seed: int = 1) -> Path:
+    import torch
+    from transformers import LlamaForSequenceClassification
+
+    tok = make_tokenizer(out)
+    torch.manual_seed(seed)
+    model = LlamaForSequenceClassification(llama_config(len(tok), num_labels=1))
+    model.score.weight.data.normal_(0, 1.0)
+    model.save_pretrained(out)
+    return out
+
+
+def make_tiny_bert_seqcls(out: Path, seed: int = 2) -> Path:
+    import torch
+    from transformers import BertConfig, BertForSequenceClassification
+
+    tok = make_tokenizer(out)
+    torch.manual_seed(seed)
+    cfg = BertConfig(
+        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, max_position_embeddings=512, num_labels=1, pad_token_id=0,
+    )
+    BertForSequenceClassification(cfg).save_pretrained(out)
+    return out
+
+
+def make_tiny_ensemble(out: Path, *, num_heads: int = 4, with_epistemic: bool = True, seed: int = 3) -> Path:
+    """A 'heads' ensemble over a tiny Llama backbone with random (but fixed) heads."""
+    import torch
+
+    from rmserve.service.ensemble import (
+        EnsembleManifest,
+        MemberSpec,
+        MemberTensors,
+        save_member,
+        write_manifest,
+    )
+
+    make_tiny_llama_backbone(out / "backbone")
+    g = torch.Generator().manual_seed(seed)
+    h = 32
+    tensors = MemberTensors(
+        weight=torch.randn(num_heads, h, generator=g),
+        bias=torch.randn(num_heads, generator=g),
+        unc_factor=torch.randn(h, h, generator=g) / h if with_epistemic else None,
+    )
+    spec = MemberSpec(name="member0", backbone="backbone")
+    save_member(out, spec, tensors)
+    manifest = EnsembleManifest(
+        name="tiny-test", version="v1", kind="heads", members=[spec],
+        shift=[0.5] * num_heads, scale=[2.0] * num_heads, uncertainty_penalty=0.5, max_tokens=64,
+    )
+    write_manifest(out, manifest)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_backbone(tmp_path_factory) -> Path:
+    return make_tiny_llama_backbone(tmp_path_factory.mktemp("llama_backbone"))
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_seqcls(tmp_path_factory) -> Path:
+    return make_tiny_llama_seqcls(tmp_path_factory.mktemp("llama_seqcls"))
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_seqcls(tmp_path_factory) -> Path:
+    return make_tiny_bert_seqcls(tmp_path_factory.mktemp("bert_seqcls"))
+
+
+@pytest.fixture(scope="session")
+def tiny_ensemble(tmp_path_factory) -> Path:
+    return make_tiny_ensemble(tmp_path_factory.mktemp("ensemble"))
+
+
+class ServerThread:
+    """A real RewardServer on 127.0.0.1 (ephemeral ports) in a thread of its own."""
+
+    def __init__(self, model: Path | str, **config):
+        import asyncio
+        import threading
+
+        from rmserve.service.config import ServerConfig
+        from rmserve.service.server import RewardServer
+
+        self.config = ServerConfig(model=str(model), port=0, metrics_port=0, **config)
+        self.server = RewardServer(self.config)
+        self.loop = asyncio.new_event_loop()
+        self._started = threading.Event()
+        self._error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        import asyncio
+
+        asyncio.set_event_loop(self.loop)
+        try:
+            self.loop.run_until_complete(self.server.start())
+        except BaseException as e:
+            self._error = e
+            self._started.set()
+            return
+        self._started.set()
+        self.loop.run_forever()
+
+    def start(self, wait_ready: bool = True) -> ServerThread:
+        import asyncio
+
+        self.thread.start()
+        self._started.wait(60)
+        if self._error:
+            raise self._error
+        if wait_ready:
+            asyncio.run_coroutine_threadsafe(self.server.wait_ready(), self.loop).result(120)
+        return self
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.server.port}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://127.0.0.1:{self.server.metrics_port}/metrics"
+
+    def stop(self) -> None:
+        import asyncio
+
+        asyncio.run_coroutine_threadsafe(self.server.stop(0), self.loop).result(30)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+
+
+@pytest.fixture(scope="session")
+def tiny_server(tiny_ensemble):
+    s = ServerThread(tiny_ensemble, max_samples_per_request=16, max_message_bytes=1 << 20).start()
+    yield s
+    s.stop()
+
+
+@pytest.fixture
+def server_factory():
+    """Start extra servers with their own config; all are stopped after the test."""
+    started: list[ServerThread] = []
+
+    def make(model, wait_ready: bool = True, **config) -> ServerThread:
+        s = ServerThread(model, **config)
+        started.append(s)
+        return s.start(wait_ready)
+
+    yield make
+    for s in started:
+        s.stop()
