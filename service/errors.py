@@ -18,10 +18,6 @@ class InvalidInput(RMServeError):
     """The request itself is wrong: fixing the request fixes it."""
 
 
-class TooLarge(RMServeError):
-    """More samples or tokens than this server accepts in one request."""
-
-
 class QueueFull(RMServeError):
     """The scheduler's queue is full; retrying after `retry_after_s` may succeed."""
 
@@ -56,7 +52,6 @@ class Unauthenticated(RMServeError):
 
 _CODES: dict[type[BaseException], grpc.StatusCode] = {
     InvalidInput: grpc.StatusCode.INVALID_ARGUMENT,
-    TooLarge: grpc.StatusCode.RESOURCE_EXHAUSTED,
     QueueFull: grpc.StatusCode.RESOURCE_EXHAUSTED,
     DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
     NotReady: grpc.StatusCode.FAILED_PRECONDITION,

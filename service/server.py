@@ -361,7 +361,7 @@ class RewardServer:
             self._metrics_http, _ = self.state.metrics.serve_http(self.config.metrics_port, self.config.host)
             self.metrics_port = self._metrics_http.server_port
         self.state.scheduler.start()
-        log.info("listening on %s:%d (NOT_SERVING until %s is loaded)", self.config.host, self.port, model_path)
+        log.info("listening on %s:%d; loading %s (health reports not ready until it is warm)", self.config.host, self.port, model_path)
         self._loaded = asyncio.ensure_future(self._load(model_path))
 
     async def _load(self, path: Path) -> None:

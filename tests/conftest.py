@@ -146,66 +146,16 @@ def tiny_ensemble(tmp_path_factory) -> Path:
     return make_tiny_ensemble(tmp_path_factory.mktemp("ensemble"))
 
 
-class ServerThread:
-    """A real RewardServer on 127.0.0.1 (ephemeral ports) in a thread of its own."""
+def start_server(model: Path | str, wait_ready: bool = True, **config):
+    from rmserve.service.background import BackgroundServer
+    from rmserve.service.config import ServerConfig
 
-    def __init__(self, model: Path | str, **config):
-        import asyncio
-        import threading
-
-        from rmserve.service.config import ServerConfig
-        from rmserve.service.server import RewardServer
-
-        self.config = ServerConfig(model=str(model), port=0, metrics_port=0, **config)
-        self.server = RewardServer(self.config)
-        self.loop = asyncio.new_event_loop()
-        self._started = threading.Event()
-        self._error: BaseException | None = None
-        self.thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self):
-        import asyncio
-
-        asyncio.set_event_loop(self.loop)
-        try:
-            self.loop.run_until_complete(self.server.start())
-        except BaseException as e:
-            self._error = e
-            self._started.set()
-            return
-        self._started.set()
-        self.loop.run_forever()
-
-    def start(self, wait_ready: bool = True) -> ServerThread:
-        import asyncio
-
-        self.thread.start()
-        self._started.wait(60)
-        if self._error:
-            raise self._error
-        if wait_ready:
-            asyncio.run_coroutine_threadsafe(self.server.wait_ready(), self.loop).result(120)
-        return self
-
-    @property
-    def address(self) -> str:
-        return f"127.0.0.1:{self.server.port}"
-
-    @property
-    def metrics_url(self) -> str:
-        return f"http://127.0.0.1:{self.server.metrics_port}/metrics"
-
-    def stop(self) -> None:
-        import asyncio
-
-        asyncio.run_coroutine_threadsafe(self.server.stop(0), self.loop).result(30)
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(10)
+    return BackgroundServer(ServerConfig(model=str(model), port=0, metrics_port=0, **config)).start(wait_ready)
 
 
 @pytest.fixture(scope="session")
 def tiny_server(tiny_ensemble):
-    s = ServerThread(tiny_ensemble, max_samples_per_request=16, max_message_bytes=1 << 20).start()
+    s = start_server(tiny_ensemble, max_samples_per_request=16, max_message_bytes=1 << 20)
     yield s
     s.stop()
 
@@ -213,12 +163,12 @@ def tiny_server(tiny_ensemble):
 @pytest.fixture
 def server_factory():
     """Start extra servers with their own config; all are stopped after the test."""
-    started: list[ServerThread] = []
+    started = []
 
-    def make(model, wait_ready: bool = True, **config) -> ServerThread:
-        s = ServerThread(model, **config)
+    def make(model, wait_ready: bool = True, **config):
+        s = start_server(model, wait_ready, **config)
         started.append(s)
-        return s.start(wait_ready)
+        return s
 
     yield make
     for s in started:

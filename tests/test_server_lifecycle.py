@@ -38,9 +38,7 @@ def test_health_is_serving_only_after_the_model_is_loaded(tiny_ensemble, server_
             pb_grpc.RewardServiceStub(ch).Score(REQ, timeout=10)
         assert err.value.code() == grpc.StatusCode.UNAVAILABLE and "loading" in err.value.details()
         gate.set()
-        import asyncio
-
-        asyncio.run_coroutine_threadsafe(s.server.wait_ready(), s.loop).result(60)
+        s.call(s.server.wait_ready(), 60)
         assert health(s.address) == health_pb2.HealthCheckResponse.SERVING
         assert len(pb_grpc.RewardServiceStub(ch).Score(REQ, timeout=10).results) == 1
 

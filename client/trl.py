@@ -1,0 +1,233 @@
+"""A drop-in TRL reward function backed by an rmserve server.
+
+TRL's GRPOTrainer calls each reward function as
+`f(prompts=..., completions=..., completion_ids=..., trainer_state=..., log_metric=..., log_extra=..., **dataset_columns)`
+and names it by `__name__`. The function returned here scores the batch
+remotely (GRPO groups through ScoreGroups, so each prompt is encoded once),
+tags the calls with the trainer step for the server's run monitor, and puts the
+ensemble's uncertainty into the trainer's own logs: `rmserve/std` (and
+`rmserve/epistemic` when served) as metrics, per-sample std as a column of the
+completions table. trl itself is never imported here.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Literal
+
+from rmserve.client.sync import RewardClient
+from rmserve.client.types import ScoreResult
+
+__all__ = ["RewardFunc", "as_trl_reward_func"]
+
+Field = Literal["reward", "conservative", "min"]
+_FIELDS = ("reward", "conservative", "min")
+
+
+def _content(content: Any) -> str:
+    """Message content as text: TRL may give None (tool calls) or a list of typed parts."""
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, Sequence):
+        return "".join(
+            p.get("text", "") if isinstance(p, Mapping) else str(p) for p in content
+        )
+    return str(content)
+
+
+def _messages(msgs: Sequence[Mapping[str, Any]]) -> list[dict[str, str]]:
+    return [{"role": str(m["role"]), "content": _content(m.get("content"))} for m in msgs]
+
+
+def _as_sample(prompt: Any, completion: Any) -> dict[str, Any]:
+    """One Score sample from a TRL (prompt, completion) pair, plain or conversational."""
+    if isinstance(completion, str):
+        if isinstance(prompt, str):
+            return {"prompt": prompt, "response": completion}
+        return {"prompt": _messages(prompt), "response": completion}
+    head = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else _messages(prompt)
+    return {"messages": head + _messages(completion)}
+
+
+def _group_completion(completion: Any) -> str | None:
+    """The completion as the single assistant reply ScoreGroups takes, or None when it is more."""
+    if isinstance(completion, str):
+        return completion
+    if (
+        isinstance(completion, Sequence)
+        and len(completion) == 1
+        and isinstance(completion[0], Mapping)
+        and completion[0].get("role") == "assistant"
+        and not completion[0].get("tool_calls")
+    ):
+        return _content(completion[0].get("content"))
+    return None
+
+
+def _runs(prompts: Sequence[Any]) -> list[tuple[int, int]]:
+    """[start, end) of each run of consecutive equal prompts (GRPO repeats each prompt G times)."""
+    runs: list[tuple[int, int]] = []
+    start = 0
+    for i in range(1, len(prompts) + 1):
+        if i == len(prompts) or prompts[i] != prompts[start]:
+            runs.append((start, i))
+            start = i
+    return runs
+
+
+class RewardFunc:
+    """The callable `as_trl_reward_func` returns; TRL reads its `__name__`.
+
+    Picklable: a client it made itself from an address is not pickled but made
+    again on first use, so the function survives being sent to another process.
+    """
+
+    def __init__(
+        self,
+        client_or_address: RewardClient | str,
+        *,
+        field: Field = "reward",
+        uncertainty_penalty: float | None = None,
+        run_id: str | None = None,
+        name: str | None = None,
+        use_groups: bool = True,
+        timeout: float | None = None,
+        **client_kwargs: Any,
+    ):
+        if field not in _FIELDS:
+            raise ValueError(f"field must be one of {_FIELDS}, got {field!r}")
+        if isinstance(client_or_address, RewardClient):
+            if client_kwargs:
+                raise TypeError("client options go to RewardClient(...) when passing a client")
+            self._client: RewardClient | None = client_or_address
+            self._address: str | None = None
+        elif isinstance(client_or_address, str):
+            self._client, self._address = None, client_or_address
+        else:
+            raise TypeError(
+                "as_trl_reward_func takes a RewardClient or a 'HOST:PORT' address "
+                f"(TRL calls reward functions synchronously), got {type(client_or_address).__name__}"
+            )
+        self._client_kwargs = client_kwargs
+        self.field = field
+        self.uncertainty_penalty = uncertainty_penalty
+        # The run monitor groups scores by run id; several trainer processes of one
+        # run should share it, hence the env var before a random default.
+        self.run_id = run_id or os.environ.get("RMSERVE_RUN_ID") or f"trl-{uuid.uuid4().hex[:10]}"
+        self.use_groups = use_groups
+        self.timeout = timeout
+        self.__name__ = name or f"rmserve_{field}"
+
+    @property
+    def client(self) -> RewardClient:
+        if self._client is None:
+            assert self._address is not None
+            self._client = RewardClient(self._address, **self._client_kwargs)
+        return self._client
+
+    def close(self) -> None:
+        """Close the client if this function made it from an address."""
+        if self._address is not None and self._client is not None:
+            self._client.close()
+            self._client = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        if self._address is not None:
+            state["_client"] = None
+        return state
+
+    def __repr__(self) -> str:
+        return f"<{self.__name__}: rmserve {self.field} from {self._address or self._client!r}>"
+
+    def __call__(
+        self,
+        prompts: Sequence[Any],
+        completions: Sequence[Any],
+        trainer_state: Any = None,
+        log_metric: Callable[[str, float], None] | None = None,
+        log_extra: Callable[[str, list], None] | None = None,
+        **kwargs: Any,
+    ) -> list[float]:
+        """One reward per (prompt, completion), in order; logs uncertainty through TRL's hooks."""
+        if len(prompts) != len(completions):
+            raise ValueError(f"{len(prompts)} prompts but {len(completions)} completions")
+        if not prompts:
+            return []
+        step = getattr(trainer_state, "global_step", None)
+        results = self._score(prompts, completions, step)
+        self._log(results, log_metric, log_extra)
+        return [float(getattr(r, self.field)) for r in results]
+
+    def _score(self, prompts: Sequence[Any], completions: Sequence[Any], step: int | None) -> list[ScoreResult]:
+        options = dict(
+            uncertainty_penalty=self.uncertainty_penalty, run_id=self.run_id, step=step, timeout=self.timeout
+        )
+        runs = _runs(prompts)
+        if self.use_groups and any(end - start > 1 for start, end in runs):
+            texts = [_group_completion(c) for c in completions]
+            if all(t is not None for t in texts):
+                groups = []
+                for start, end in runs:
+                    p = prompts[start]
+                    groups.append((p if isinstance(p, str) else _messages(p), texts[start:end]))
+                per_group = self.client.score_groups_many(groups, **options)
+                return [r for g in per_group for r in g]
+        samples = [_as_sample(p, c) for p, c in zip(prompts, completions, strict=True)]
+        return self.client.score(samples, **options)
+
+    @staticmethod
+    def _log(
+        results: Sequence[ScoreResult],
+        log_metric: Callable[[str, float], None] | None,
+        log_extra: Callable[[str, list], None] | None,
+    ) -> None:
+        stds = [r.std for r in results]
+        epistemic = [r.epistemic for r in results]
+        served = [e for e in epistemic if e is not None]
+        if log_metric is not None:
+            log_metric("rmserve/std", sum(stds) / len(stds))
+            if served:
+                log_metric("rmserve/epistemic", sum(served) / len(served))
+            log_metric("rmserve/truncated_frac", sum(r.truncated for r in results) / len(results))
+        if log_extra is not None:
+            log_extra("rmserve_std", stds)
+            if served:
+                log_extra("rmserve_epistemic", epistemic)
+
+
+def as_trl_reward_func(
+    client_or_address: RewardClient | str,
+    *,
+    field: Field = "reward",
+    uncertainty_penalty: float | None = None,
+    run_id: str | None = None,
+    name: str | None = None,
+    use_groups: bool = True,
+    timeout: float | None = None,
+    **client_kwargs: Any,
+) -> RewardFunc:
+    """A reward function for TRL's `GRPOTrainer(reward_funcs=[...])` backed by rmserve.
+
+    `field` picks what the trainer optimises: the ensemble mean (`"reward"`),
+    the uncertainty-penalised `"conservative"` (mean - lambda * var, lambda =
+    `uncertainty_penalty` or the model's default) or the worst head (`"min"`).
+    With `use_groups`, consecutive completions of the same prompt (GRPO's
+    `num_generations`) are scored with ScoreGroups. `run_id` tags the scores for
+    the server's run monitor (default: $RMSERVE_RUN_ID, else a random id);
+    `client_kwargs` go to `RewardClient` when an address is given.
+    """
+    return RewardFunc(
+        client_or_address,
+        field=field,
+        uncertainty_penalty=uncertainty_penalty,
+        run_id=run_id,
+        name=name,
+        use_groups=use_groups,
+        timeout=timeout,
+        **client_kwargs,
+    )

@@ -1,0 +1,133 @@
+"""Typed results: frozen dataclasses, so callers never touch protobuf messages.
+
+Results are immutable so that a trainer can cache or share them without
+aliasing surprises; `ScoreResults` is still a plain `list` (one entry per
+sample, in order) that also hands out numpy arrays of the batch fields.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import numpy as np
+
+__all__ = ["CompareResult", "ModelInfo", "ScoreArrays", "ScoreResult", "ScoreResults", "as_arrays"]
+
+
+@dataclass(frozen=True)
+class ScoreResult:
+    """The ensemble's score for one sample (see DESIGN.md, "What a score carries")."""
+
+    reward: float
+    """Mean over heads, after normalisation."""
+    std: float
+    """Population std over heads: ensemble disagreement."""
+    min: float
+    """Worst head (worst-case optimisation)."""
+    conservative: float
+    """reward - lambda * std**2 (uncertainty-weighted optimisation)."""
+    epistemic: float | None = None
+    """Distance from the training distribution; None when the model has no statistics for it."""
+    members: tuple[float, ...] | None = None
+    """Per-head rewards; None unless `return_members=True`."""
+    num_tokens: int = 0
+    """Tokens actually scored."""
+    truncated: bool = False
+    """The prompt was cut from the left to fit the token limit."""
+    id: str = ""
+    """The caller's sample id, echoed back."""
+
+
+@dataclass(frozen=True)
+class ScoreArrays:
+    """Batch fields of many `ScoreResult`s as numpy arrays (what a PPO loop wants)."""
+
+    reward: np.ndarray
+    std: np.ndarray
+    min: np.ndarray
+    conservative: np.ndarray
+    epistemic: np.ndarray | None
+    """float32, NaN where a result had none; None when no result had one."""
+    members: np.ndarray | None
+    """(num_samples, num_heads), or None unless every result carries members."""
+    num_tokens: np.ndarray
+    truncated: np.ndarray
+
+
+def as_arrays(results: Iterable[ScoreResult]) -> ScoreArrays:
+    """Stack the batch fields of `results` into numpy arrays, in order."""
+    rs = list(results)
+
+    def col(name: str, dtype: type) -> np.ndarray:
+        return np.fromiter((getattr(r, name) for r in rs), dtype=dtype, count=len(rs))
+
+    epi = None
+    if any(r.epistemic is not None for r in rs):
+        epi = np.array([np.nan if r.epistemic is None else r.epistemic for r in rs], np.float32)
+    members = None
+    if rs and all(r.members is not None for r in rs) and len({len(r.members or ()) for r in rs}) == 1:
+        members = np.array([r.members for r in rs], np.float32)
+    return ScoreArrays(
+        reward=col("reward", np.float32),
+        std=col("std", np.float32),
+        min=col("min", np.float32),
+        conservative=col("conservative", np.float32),
+        epistemic=epi,
+        members=members,
+        num_tokens=col("num_tokens", np.int64),
+        truncated=col("truncated", np.bool_),
+    )
+
+
+class ScoreResults(list[ScoreResult]):
+    """`list[ScoreResult]` (one per sample, in order) plus numpy views and the model version."""
+
+    model_version: str
+
+    def __init__(self, results: Iterable[ScoreResult] = (), model_version: str = ""):
+        super().__init__(results)
+        self.model_version = model_version
+
+    def arrays(self) -> ScoreArrays:
+        """All batch fields as numpy arrays."""
+        return as_arrays(self)
+
+    @property
+    def rewards(self) -> np.ndarray:
+        """The `reward` of every result, as float32 (the common case, without the other fields)."""
+        return np.array([r.reward for r in self], np.float32)
+
+    @property
+    def stds(self) -> np.ndarray:
+        return np.array([r.std for r in self], np.float32)
+
+
+@dataclass(frozen=True)
+class CompareResult:
+    """P(a > b) = sigmoid(r_a - r_b), for the ensemble and per head."""
+
+    prob: float
+    member_probs: tuple[float, ...]
+    a: ScoreResult
+    b: ScoreResult
+    model_version: str = ""
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the server is serving; `shift`/`scale` are the per-head normalisation."""
+
+    name: str
+    version: str
+    kind: str
+    num_members: int
+    num_heads: int
+    backbone: str
+    max_tokens: int
+    dtype: str
+    shift: tuple[float, ...]
+    scale: tuple[float, ...]
+    default_uncertainty_penalty: float
+    has_epistemic: bool
+    max_samples_per_request: int
