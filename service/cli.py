@@ -23,7 +23,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     config = ServerConfig(
         model=args.model, host=args.host, port=args.port,
-        metrics_port=None if args.metrics_port < 0 else args.metrics_port,
+        metrics_port=None if args.metrics_port < 0 else args.metrics_port, metrics_host=args.metrics_host,
         dtype=args.dtype, max_tokens=args.max_tokens, token_budget=args.token_budget,
         batch_tokens=args.batch_tokens, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
         max_samples_per_request=args.max_samples_per_request,
@@ -129,6 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 for all interfaces)")
     s.add_argument("--port", type=int, default=50051, help="gRPC port (0: pick a free one)")
     s.add_argument("--metrics-port", type=int, default=9400, help="Prometheus /metrics port (-1: off)")
+    s.add_argument("--metrics-host", help="address for /metrics (default: --host), e.g. 0.0.0.0 for a remote Prometheus")
     s.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="serving precision; auto = the model's own")
     s.add_argument("--max-tokens", type=int, help="per-sample token limit (default: the model's)")

@@ -14,6 +14,7 @@ class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 50051                   # 0 picks a free port
     metrics_port: int | None = 9400     # None: no metrics endpoint
+    metrics_host: str | None = None     # None: same address as gRPC
     dtype: str = "auto"
     max_tokens: int | None = None       # per-sample limit; default from the manifest
     token_budget: int = 4096            # padded tokens per engine forward

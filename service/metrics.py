@@ -10,9 +10,21 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, start_http_server
+import prometheus_client
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    Info,
+    Summary,
+    start_http_server,
+)
 
-_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+# `_created` series double the series count and no dashboard or alert uses them.
+prometheus_client.disable_created_metrics()
+
+_LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 _SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 _TOKEN_BUCKETS = (64, 256, 1024, 2048, 4096, 8192, 16384, 32768, 65536)
 _REWARD_BUCKETS = (-5, -3, -2, -1, -0.5, 0, 0.5, 1, 2, 3, 5)
@@ -24,11 +36,15 @@ class Metrics:
         r = self.registry = CollectorRegistry()
         self.requests = Counter("rmserve_requests", "RPCs by method and status code", ["method", "code"], registry=r)
         self.latency = Histogram(
-            "rmserve_request_latency_seconds", "RPC latency by method", ["method"], buckets=_LATENCY_BUCKETS, registry=r
+            "rmserve_request_latency_seconds", "Latency of successful RPCs by method (fast rejections would hide slow scoring)",
+            ["method"], buckets=_LATENCY_BUCKETS, registry=r,
         )
+        self.in_flight = Gauge("rmserve_requests_in_flight", "RPCs being handled now", registry=r)
         self.queue_depth_gauge = Gauge("rmserve_queue_depth", "Samples waiting in the scheduler queue", registry=r)
+        self.queue_capacity = Gauge("rmserve_queue_capacity", "Samples the queue holds before RESOURCE_EXHAUSTED", registry=r)
         self.queue_wait = Histogram(
-            "rmserve_queue_wait_seconds", "Time a sample waited before its batch closed", buckets=_LATENCY_BUCKETS, registry=r
+            "rmserve_queue_wait_seconds", "Time a sample waited before its batch closed",
+            buckets=(0.0001, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10), registry=r,
         )
         self.dropped_samples = Counter(
             "rmserve_dropped_samples", "Queued samples dropped before compute, by reason", ["reason"], registry=r
@@ -48,6 +64,8 @@ class Metrics:
         self.sequences_scored = Counter("rmserve_sequences_scored", "Sequences scored", registry=r)
         self.truncated = Counter("rmserve_truncated_samples", "Samples whose prompt was cut to fit max_tokens", registry=r)
         self.reward = Histogram("rmserve_reward", "Ensemble reward of scored samples", buckets=_REWARD_BUCKETS, registry=r)
+        # Histograms with negative buckets export no _sum; this gives the mean reward.
+        self.reward_mean = Summary("rmserve_reward_observed", "Sum and count of ensemble rewards (for the mean)", registry=r)
         self.reward_std = Histogram("rmserve_reward_std", "Ensemble std of scored samples", buckets=_STD_BUCKETS, registry=r)
         self.model_info = Info("rmserve_model", "The model being served", registry=r)
         self.ready = Gauge("rmserve_ready", "1 when a model is loaded and serving", registry=r)
@@ -82,6 +100,7 @@ class Metrics:
     def scored(self, rewards: Sequence[float], stds: Sequence[float], truncated: int) -> None:
         for r in rewards:
             self.reward.observe(r)
+            self.reward_mean.observe(r)
         for s in stds:
             self.reward_std.observe(s)
         if truncated:

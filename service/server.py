@@ -106,6 +106,8 @@ def _rpc(method: str):
         async def wrapper(self: RewardServicer, request, context: grpc.aio.ServicerContext):
             t0 = time.perf_counter()
             code = grpc.StatusCode.OK
+            m = self.state.metrics
+            m.in_flight.inc()
             try:
                 if isinstance(request, Malformed):
                     raise request.reject()
@@ -123,9 +125,10 @@ def _rpc(method: str):
                     log.exception("%s failed", method)
                 await context.abort(code, message)
             finally:
-                m = self.state.metrics
+                m.in_flight.dec()
                 m.requests.labels(method, code.name).inc()
-                m.latency.labels(method).observe(time.perf_counter() - t0)
+                if code == grpc.StatusCode.OK:
+                    m.latency.labels(method).observe(time.perf_counter() - t0)
 
         return wrapper
 
@@ -138,6 +141,7 @@ class ServingState:
     def __init__(self, config: ServerConfig):
         self.config = config
         self.metrics = Metrics()
+        self.metrics.queue_capacity.set(config.max_queue)
         self.slot: ModelSlot | None = None
         self.tokenizer_pool = concurrent.futures.ThreadPoolExecutor(
             max_workers=config.tokenizer_threads, thread_name_prefix="rmserve-tok"
@@ -177,7 +181,7 @@ class ServingState:
         slot = ModelSlot(model, engine)
         self.slot = slot
         self.metrics.model_info.info({
-            "name": model.name, "version": model.version, "backbone": model.backbone_name,
+            "name": model.name, "version": model.version, "backbone": Path(model.backbone_name).name,
             "dtype": model.dtype_name, "num_heads": str(model.num_heads), "kind": model.kind,
         })
         self.metrics.ready.set(1)
@@ -243,12 +247,14 @@ class RewardServicer(pb_grpc.RewardServiceServicer):
                 return pb.ScoreStreamResponse(error=pb.ChunkError(code=code.value[0], message=message))
             finally:
                 metrics.requests.labels("ScoreStream.chunk", code.name).inc()
-                metrics.latency.labels("ScoreStream.chunk").observe(time.perf_counter() - t0)
+                if code == grpc.StatusCode.OK:
+                    metrics.latency.labels("ScoreStream.chunk").observe(time.perf_counter() - t0)
 
         async def reader():
             async for req in request_iterator:
                 if isinstance(req, Malformed):
                     err = req.reject()
+                    metrics.requests.labels("ScoreStream.chunk", grpc.StatusCode.INVALID_ARGUMENT.name).inc()
                     done = asyncio.get_running_loop().create_future()
                     done.set_result(pb.ScoreStreamResponse(error=pb.ChunkError(code=grpc.StatusCode.INVALID_ARGUMENT.value[0], message=str(err))))
                     await pending.put(done)
@@ -290,12 +296,14 @@ class RewardServicer(pb_grpc.RewardServiceServicer):
         (enc,) = await self._off_loop(encode_groups, slot.model.encoder, [group], self.state.config.max_samples_per_request)
         a, b = await self.state.scheduler.submit(slot, [e.ids for e in enc], [len(e.ids) for e in enc], _deadline(context))
         lam = slot.model.uncertainty_penalty
+        res_a, res_b = result_pb(a, enc[0], lam=lam, members=True), result_pb(b, enc[1], lam=lam, members=True)
+        self._observe([res_a, res_b])
         member_probs = 1.0 / (1.0 + np.exp(-(a.rewards.astype(np.float64) - b.rewards)))
         return pb.CompareResponse(
             prob=float(1.0 / (1.0 + math.exp(-(a.mean - b.mean)))),
             member_probs=member_probs.tolist(),
-            a=result_pb(a, enc[0], lam=lam, members=True),
-            b=result_pb(b, enc[1], lam=lam, members=True),
+            a=res_a,
+            b=res_b,
             model_version=slot.version,
         )
 
@@ -358,7 +366,7 @@ class RewardServer:
             raise OSError(f"cannot listen on {self.config.host}:{self.config.port}")
         await self._server.start()
         if self.config.metrics_port is not None:
-            self._metrics_http, _ = self.state.metrics.serve_http(self.config.metrics_port, self.config.host)
+            self._metrics_http, _ = self.state.metrics.serve_http(self.config.metrics_port, self.config.metrics_host or self.config.host)
             self.metrics_port = self._metrics_http.server_port
         self.state.scheduler.start()
         log.info("listening on %s:%d; loading %s (health reports not ready until it is warm)", self.config.host, self.port, model_path)
@@ -385,6 +393,7 @@ class RewardServer:
 
     async def stop(self, grace: float | None = None) -> None:
         await self.health.enter_graceful_shutdown()
+        self.state.metrics.ready.set(0)
         if self._server is not None:
             await self._server.stop(self.config.grace_s if grace is None else grace)
         await self.state.scheduler.stop()
