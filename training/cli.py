@@ -1,0 +1,186 @@
+"""`rmserve train` and `rmserve eval`: argparse wiring, a tqdm bar, Ctrl-C as a clean stop.
+
+The subcommand parser is built elsewhere; it calls `add_train_args(parser)` and
+dispatches to `run_train(args)` (likewise for eval). Both return a process exit
+code: 0 done, 2 bad input (message on stderr, no traceback), 130 stopped by
+Ctrl-C after writing a checkpoint (rerun with --resume).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+from typing import Any
+
+from rmserve.training.config import TrainConfig
+from rmserve.training.data import DataError
+from rmserve.training.events import ProgressEvent, TrainingStopped
+from rmserve.training.metrics import format_report
+
+_USER_ERRORS = (DataError, FileExistsError, FileNotFoundError, ValueError)
+
+
+def add_train_args(p: argparse.ArgumentParser) -> None:
+    d = TrainConfig(data="", out="")  # defaults, shown in --help
+    p.add_argument("--data", required=True, help="training preferences (JSONL: {chosen, rejected}, {prompt, chosen, rejected} or ranked lists)")
+    p.add_argument("--dev", help="held-out preferences, evaluated once at the end for the report (never used to train or select)")
+    p.add_argument("--out", required=True, help="ensemble directory to write")
+    p.add_argument("--backbone", default=d.backbone, help="HF checkpoint directory or builtin:<name> (default %(default)s)")
+    p.add_argument("--kind", choices=["heads", "members"], default=d.kind,
+                   help="heads: one backbone, K bootstrap heads; members: K separately fine-tuned backbones")
+    p.add_argument("-k", "--num-heads", type=int, default=d.num_heads, help="K: heads or members (default %(default)s)")
+    p.add_argument("--finetune-layers", type=int, default=d.finetune_layers,
+                   help="train the last N transformer layers (0: frozen backbone, cached features; -1: all)")
+    p.add_argument("--lora-rank", type=int, default=d.lora_rank, help="LoRA rank on those layers (0: full fine-tuning)")
+    p.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha (default 2 x rank)")
+    p.add_argument("--prefix-cache", action=argparse.BooleanOptionalAction, default=d.prefix_cache,
+                   help="when fine-tuning the last N layers, run the frozen ones once and cache their output (default on)")
+    p.add_argument("--bootstrap", action=argparse.BooleanOptionalAction, default=None,
+                   help="per-head bootstrap resamples (default: on for heads, off for members)")
+    p.add_argument("--epochs", type=int, default=d.epochs)
+    p.add_argument("--lr", type=float, default=d.lr, help="heads learning rate (default %(default)s)")
+    p.add_argument("--backbone-lr", type=float, default=d.backbone_lr, help="fine-tuned layers / LoRA learning rate")
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay, help="AdamW weight decay of the heads")
+    p.add_argument("--warmup-frac", type=float, default=d.warmup_frac)
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="pairs per micro-batch (default %(default)s)")
+    p.add_argument("--grad-accum", type=int, default=d.grad_accum, help="micro-batches per optimizer step")
+    p.add_argument("--max-grad-norm", type=float, default=d.max_grad_norm)
+    p.add_argument("--max-tokens", type=int, default=d.max_tokens, help="per-sample token limit, as served (prompt cut from the left)")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--center-coef", type=float, default=d.center_coef, help="reward centring coefficient x mean (r_c + r_r)^2")
+    p.add_argument("--lambda0", type=float, default=d.lambda0, help="epistemic prior: M = lambda0 I + sum e e^T")
+    p.add_argument("--calib-frac", type=float, default=d.calib_frac, help="share of TRAIN held out to fit the temperature (0: none)")
+    p.add_argument("--min-calib-pairs", type=int, default=d.min_calib_pairs)
+    p.add_argument("--uncertainty-penalty", type=float, default=d.uncertainty_penalty, help="manifest default lambda for the conservative reward")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default=d.device)
+    p.add_argument("--token-budget", type=int, default=d.token_budget, help="padded tokens per forward batch for features/eval")
+    p.add_argument("--feature-cache", default=None, help="frozen-feature cache directory ('' disables; default $RMSERVE_CACHE/features)")
+    p.add_argument("--checkpoint-every", dest="checkpoint_every_s", type=float, default=d.checkpoint_every_s, help="seconds")
+    p.add_argument("--log-every", type=int, default=d.log_every, help="optimizer steps between progress lines (0: ~200 per run)")
+    p.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="replace an ensemble or checkpoint already in --out")
+    p.add_argument("--keep-checkpoint", action="store_true")
+    p.add_argument("--strict", action="store_true", help="fail on the first malformed row instead of skipping and reporting it")
+    p.add_argument("--name", help="manifest name (default: the --out directory name)")
+    p.add_argument("--model-version", dest="version", help="manifest version (default: UTC time + data hash)")
+    p.add_argument("--log-json", action="store_true", help="print progress as JSON lines on stdout instead of a bar")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    return TrainConfig.from_dict(vars(args))
+
+
+class _Bar:
+    """Progress callback: one tqdm bar per phase, or JSON lines with --log-json."""
+
+    def __init__(self, json_lines: bool):
+        self.json_lines = json_lines
+        self.bar: Any = None
+        self.phase = ""
+
+    def __call__(self, ev: ProgressEvent) -> None:
+        if self.json_lines:
+            print(json.dumps(ev.to_dict()), flush=True)  # the `done` line carries the whole report
+            return
+        from tqdm import tqdm
+
+        if ev.phase != self.phase or ev.event in ("phase", "stopped", "error", "done"):
+            self.close()  # a bar covers the steps between two messages of one phase
+            self.phase = ev.phase
+        if ev.event == "step":
+            if self.bar is None:  # train steps count over all members: a member's bar starts where it resumes
+                train = ev.phase == "train"
+                self.bar = tqdm(total=ev.total, desc=ev.phase, unit="step" if train else "seq",
+                                initial=ev.step - 1 if train else 0, dynamic_ncols=True, file=sys.stderr)
+            self.bar.update(ev.step - self.bar.n)
+            if ev.loss is not None:
+                self.bar.set_postfix(loss=f"{ev.loss:.4f}", acc=f"{ev.accuracy:.3f}", member=ev.member, refresh=False)
+        elif ev.message and ev.event != "done":
+            print(f"[{ev.phase}] {ev.message}", file=sys.stderr)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from rmserve.training.trainer import train
+
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    try:
+        cfg = config_from_args(args)
+    except ValueError as e:
+        print(f"rmserve train: {e}", file=sys.stderr)
+        return 2
+    stop = {"requested": False}
+
+    def on_sigint(signum, frame):  # first Ctrl-C: checkpoint and stop; second: default (KeyboardInterrupt)
+        stop["requested"] = True
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        print("\nstopping after this step (Ctrl-C again to abort without a checkpoint)", file=sys.stderr)
+
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    bar = _Bar(args.log_json)
+    try:
+        result = train(cfg, progress=bar, should_stop=lambda: stop["requested"])
+    except TrainingStopped as e:
+        bar.close()
+        print(f"rmserve train: {e}; rerun with --resume", file=sys.stderr)
+        return 130
+    except _USER_ERRORS as e:
+        bar.close()
+        print(f"rmserve train: {e}", file=sys.stderr)
+        return 2
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    bar.close()
+    if not args.log_json:
+        r = result.report
+        print(f"wrote {result.out} (version {result.manifest.version}); temperature {r['temperature']:.3f}")
+        for key, title in (("train", "train (pairs trained on)"), ("calibration_split", "held-out slice of train"),
+                           ("dev", f"dev: {cfg.dev}")):
+            if r.get(key):
+                print("\n" + format_report(r[key], title))
+    return 0
+
+
+def add_eval_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="ensemble directory (or a one-label HF seq-cls checkpoint)")
+    p.add_argument("--data", required=True, help="preference JSONL to evaluate on")
+    p.add_argument("--report", help="where to write the JSON report (default <model>/eval_<data stem>.json)")
+    p.add_argument("--token-budget", type=int, default=4096)
+    p.add_argument("--strict", action="store_true")
+    p.add_argument("--json", action="store_true", help="print the report as JSON instead of a table")
+    p.add_argument("--threads", type=int, default=None)
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    from rmserve.training.evaluate import evaluate
+
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    try:
+        report = evaluate(args.model, args.data, strict=args.strict, token_budget=args.token_budget,
+                          report_path=args.report)
+    except _USER_ERRORS as e:
+        print(f"rmserve eval: {e}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        m = report["model"]
+        print(format_report(report, f"{m['name']} {m['version']} on {args.data}"))
+        skipped = report["data_report"]
+        if skipped["errors"] or skipped["ties"]:
+            print(f"skipped: errors {skipped['errors']}, ties {skipped['ties']}")
+        print(f"report: {report.get('report_path')}")
+    return 0

@@ -1,0 +1,98 @@
+"""Training configuration: every knob of a run, recorded in the manifest and the checkpoint."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+# Fields that may change between a run and its resumption: they do not change what is trained
+# (the data itself is checked by its fingerprint, not its path).
+RESUMABLE_CHANGES = frozenset({
+    "data", "out", "dev", "resume", "overwrite", "keep_checkpoint", "checkpoint_every_s", "log_every",
+    "feature_cache", "strict", "device", "token_budget", "prefix_cache",
+})
+
+
+@dataclass
+class TrainConfig:
+    data: str                                   # JSONL preference file
+    out: str                                    # ensemble directory to write
+    backbone: str = "builtin:smollm2-135m-instruct"
+    dev: str | None = None                      # evaluated once at the end, for the report only
+    kind: str = "heads"                         # heads | members
+    num_heads: int = 5                          # K: heads (kind=heads) or members (kind=members)
+    finetune_layers: int = 0                    # last N layers trained; 0 = frozen backbone; -1 = all
+    lora_rank: int = 0                          # > 0: LoRA of this rank on those layers, merged at the end
+    lora_alpha: float | None = None             # default 2 x rank
+    prefix_cache: bool = True                   # run the frozen layers once, train on their cached output
+    bootstrap: bool | None = None               # per-head bootstrap resample; default on for heads, off for members
+    epochs: int = 3
+    lr: float = 1e-3                            # heads
+    backbone_lr: float = 3e-5                   # fine-tuned layers / LoRA
+    weight_decay: float = 0.01                  # heads only
+    warmup_frac: float = 0.05
+    batch_size: int = 16                        # pairs per micro-batch (2x sequences)
+    grad_accum: int = 1
+    max_grad_norm: float = 1.0                  # 0 disables clipping
+    max_tokens: int = 1024                      # serving limit written to the manifest; training encodes with it
+    seed: int = 0
+    center_coef: float = 0.0
+    lambda0: float = 1.0                        # epistemic prior: M = lambda0 I + sum e e^T
+    calib_frac: float = 0.1                     # share of TRAIN held out to fit the temperature; 0 = none
+    min_calib_pairs: int = 50                   # fewer held-out pairs than this: no temperature (reported)
+    uncertainty_penalty: float = 1.0            # manifest default lambda for `conservative`
+    device: str = "auto"                        # auto | cpu | cuda
+    token_budget: int = 4096                    # padded tokens per forward batch (features, final embeddings)
+    feature_cache: str | None = None            # frozen-feature cache dir; None = $RMSERVE_CACHE/features; "" = off
+    checkpoint_every_s: float = 300.0           # plus one at every epoch end
+    log_every: int = 0                          # optimizer steps between step events; 0 = ~200 per run
+    resume: bool = False
+    overwrite: bool = False                     # replace an existing ensemble / checkpoint in `out`
+    keep_checkpoint: bool = False               # keep <out>/checkpoint after success
+    strict: bool = False                        # first malformed row raises
+    name: str | None = None                     # manifest name; default: the out directory's name
+    version: str | None = None                  # manifest version; default: UTC time + config hash
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.kind not in ("heads", "members"):
+            problems.append(f"kind must be 'heads' or 'members', got {self.kind!r}")
+        if self.num_heads < 1:
+            problems.append("num_heads must be >= 1")
+        if self.kind == "members" and self.finetune_layers == 0:
+            problems.append("kind=members needs a trained backbone part (finetune_layers != 0): "
+                            "frozen members would all be the same model")
+        for name in ("epochs", "batch_size", "grad_accum", "max_tokens", "token_budget"):
+            if getattr(self, name) < 1:
+                problems.append(f"{name} must be >= 1")
+        if self.lr <= 0 or self.backbone_lr <= 0:
+            problems.append("learning rates must be positive")
+        if self.lambda0 <= 0:
+            problems.append("lambda0 must be positive")
+        if not 0 <= self.calib_frac < 0.5:
+            problems.append("calib_frac must be in [0, 0.5)")
+        if self.lora_rank < 0:
+            problems.append("lora_rank must be >= 0")
+        if self.lora_rank and self.finetune_layers == 0:
+            problems.append("lora_rank needs finetune_layers != 0 (the layers LoRA goes on)")
+        if self.device not in ("auto", "cpu", "cuda"):
+            problems.append("device must be auto, cpu or cuda")
+        if problems:
+            raise ValueError("bad training config: " + "; ".join(problems))
+
+    @property
+    def use_bootstrap(self) -> bool:
+        return self.kind == "heads" if self.bootstrap is None else self.bootstrap
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+    def differences(self, other: dict[str, Any]) -> list[str]:
+        """Fields (outside RESUMABLE_CHANGES) where `other` differs: what forbids a resume."""
+        mine = self.to_dict()
+        return sorted(k for k in mine if k not in RESUMABLE_CHANGES and other.get(k) != mine[k])

@@ -1,0 +1,86 @@
+"""Evaluate a served model on preference data, through the serving path.
+
+The model is loaded with `load_model` and scored with `ScoringEngine`, the
+conversations encoded by the model's own `PromptEncoder`: the numbers describe
+what serving returns (normalisation, temperature, truncation included), not
+what the trainer believed.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from rmserve.service.engine import ScoringEngine
+from rmserve.service.ensemble import atomic_write_bytes
+from rmserve.service.model import RewardModel, load_model
+from rmserve.training.data import load_pairs
+from rmserve.training.encoding import encode_pairs
+from rmserve.training.metrics import format_report, pair_report
+
+
+def default_report_path(model_dir: str | Path, data: str | Path) -> Path:
+    """`<model>/eval_<data file stem>.json`: the report lives next to the checkpoint it describes."""
+    return Path(model_dir) / f"eval_{Path(data).stem}.json"
+
+
+def evaluate(
+    model: str | Path | RewardModel,
+    data: str | Path,
+    *,
+    strict: bool = False,
+    token_budget: int = 4096,
+    chunk: int = 256,
+    report_path: str | Path | None = None,
+    write: bool = True,
+    progress: Callable[[int, int], None] | None = None,
+) -> dict[str, Any]:
+    """Score every pair of `data` with `model` (a directory or a loaded model) -> report dict.
+
+    The report is written as JSON to `report_path` (default: next to the model
+    directory) unless write=False or the model was passed already loaded with no path.
+    """
+    t0 = time.monotonic()
+    rm = model if isinstance(model, RewardModel) else load_model(model)
+    pairs, data_report = load_pairs(data, strict=strict)
+    enc = encode_pairs(pairs, rm.encoder, data_report, strict=strict)
+    engine = ScoringEngine(rm, token_budget=token_budget)
+
+    # length-sorted chunks: the engine batches inside each, progress is seen between them
+    order = sorted(range(len(enc.seqs)), key=lambda i: len(enc.seqs[i]))
+    rewards = np.empty((len(enc.seqs), rm.num_heads), dtype=np.float64)
+    epistemic = np.empty(len(enc.seqs)) if rm.has_epistemic else None
+    for start in range(0, len(order), chunk):
+        idx = order[start : start + chunk]
+        out = engine.score([enc.seqs[i] for i in idx])
+        rewards[idx] = out.rewards
+        if epistemic is not None and out.epistemic is not None:
+            epistemic[idx] = out.epistemic
+        if progress is not None:
+            progress(min(start + chunk, len(order)), len(order))
+
+    names = [f"{m.name}/head{j}" for m in rm.members for j in range(m.weight.shape[0])]
+    report = pair_report(
+        rewards[enc.chosen], rewards[enc.rejected], enc.weight, head_names=names,
+        epistemic_chosen=None if epistemic is None else epistemic[enc.chosen],
+        epistemic_rejected=None if epistemic is None else epistemic[enc.rejected],
+    )
+    report.update({
+        "model": {"name": rm.name, "version": rm.version, "source": rm.source, "kind": rm.kind},
+        "data": str(data),
+        "data_report": {**data_report.to_dict(), "sequences": len(enc.seqs), "truncated_sequences": enc.truncated},
+        "seconds": round(time.monotonic() - t0, 3),
+    })
+    target = report_path or (None if isinstance(model, RewardModel) else default_report_path(model, data))
+    if write and target is not None:
+        atomic_write_bytes(Path(target), (json.dumps(report, indent=2) + "\n").encode())
+        report["report_path"] = str(target)
+    return report
+
+
+__all__ = ["default_report_path", "evaluate", "format_report"]
