@@ -12,6 +12,7 @@ grpcio, protobuf and numpy are needed; nothing here imports torch.
 """
 
 from rmserve.client._core import ClientOptions
+from rmserve.client.admin import Activation, ModelVersion, TrainProgress
 from rmserve.client.async_client import AsyncRewardClient
 from rmserve.client.errors import (
     AuthenticationError,
@@ -38,6 +39,7 @@ from rmserve.client.types import (
 )
 
 __all__ = [
+    "Activation",
     "AsyncRewardClient",
     "AuthenticationError",
     "ClientOptions",
@@ -47,6 +49,7 @@ __all__ = [
     "InternalServerError",
     "InvalidRequestError",
     "ModelInfo",
+    "ModelVersion",
     "NotFoundError",
     "PermissionDeniedError",
     "ResourceExhaustedError",
@@ -55,6 +58,7 @@ __all__ = [
     "ScoreArrays",
     "ScoreResult",
     "ScoreResults",
+    "TrainProgress",
     "UnavailableError",
     "as_arrays",
     "as_trl_reward_func",

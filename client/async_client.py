@@ -17,8 +17,19 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from rmserve.client import _core
 from rmserve.client._core import Prompt, Sample
+from rmserve.client.admin import (
+    Activation,
+    ModelVersion,
+    TrainProgress,
+    build_train_request,
+    parse_activation,
+    parse_models,
+    parse_progress,
+)
 from rmserve.client.errors import DeadlineExceededError, from_rpc_error
 from rmserve.client.types import CompareResult, ModelInfo, ScoreResult, ScoreResults
+from rmserve.v1 import admin_pb2 as apb
+from rmserve.v1 import admin_pb2_grpc as apb_grpc
 from rmserve.v1 import reward_pb2 as pb
 from rmserve.v1 import reward_pb2_grpc as pb_grpc
 
@@ -31,7 +42,7 @@ class _LoopChannel:
         self._loop: asyncio.AbstractEventLoop | None = None
         self.channel: grpc.aio.Channel | None = None
 
-    def get(self) -> tuple[pb_grpc.RewardServiceStub, health_pb2_grpc.HealthStub]:
+    def get(self) -> tuple[pb_grpc.RewardServiceStub, health_pb2_grpc.HealthStub, apb_grpc.AdminServiceStub]:
         loop = asyncio.get_running_loop()
         if self.channel is None or self._loop is not loop:
             if self._credentials is None:
@@ -41,7 +52,8 @@ class _LoopChannel:
             self._loop = loop
             self.stub = pb_grpc.RewardServiceStub(self.channel)
             self.health = health_pb2_grpc.HealthStub(self.channel)
-        return self.stub, self.health
+            self.admin = apb_grpc.AdminServiceStub(self.channel)
+        return self.stub, self.health, self.admin
 
     async def close(self) -> None:
         if self.channel is not None and self._loop is asyncio.get_running_loop():
@@ -62,6 +74,10 @@ class AsyncRewardClient(_core.BaseClient):
     @property
     def _stub(self) -> pb_grpc.RewardServiceStub:
         return self._conn.get()[0]
+
+    @property
+    def _admin(self) -> apb_grpc.AdminServiceStub:
+        return self._conn.get()[2]
 
     # -- lifecycle -------------------------------------------------------
 
@@ -84,7 +100,8 @@ class AsyncRewardClient(_core.BaseClient):
         while True:
             timeout = retry.attempt_timeout()
             try:
-                return await getattr(self._stub, method_name)(request, timeout=timeout, metadata=opts.metadata)
+                stub = self._stub if hasattr(self._stub, method_name) else self._admin
+                return await getattr(stub, method_name)(request, timeout=timeout, metadata=opts.metadata)
             except grpc.RpcError as e:
                 await asyncio.sleep(retry.backoff(e))
 
@@ -242,3 +259,46 @@ class AsyncRewardClient(_core.BaseClient):
             if time.monotonic() + poll_interval >= end:
                 raise DeadlineExceededError(f"{self.address} not SERVING after {timeout:g}s")
             await asyncio.sleep(poll_interval)
+
+    # -- admin ---------------------------------------------------------------
+
+    async def train(
+        self,
+        data_path: str,
+        *,
+        dev_path: str | None = None,
+        kind: str | None = None,
+        num_heads: int | None = None,
+        finetune_layers: int | None = None,
+        epochs: int | None = None,
+        lr: float | None = None,
+        seed: int = 0,
+        backbone: str | None = None,
+        activate: bool = False,
+        name: str | None = None,
+        max_tokens: int | None = None,
+        options: dict[str, Any] | None = None,
+        timeout: float | None = None,
+    ) -> AsyncIterator[TrainProgress]:
+        """See `RewardClient.train`."""
+        req = build_train_request(
+            data_path, dev_path=dev_path, kind=kind, num_heads=num_heads, finetune_layers=finetune_layers,
+            epochs=epochs, lr=lr, seed=seed, backbone=backbone, activate=activate, name=name,
+            max_tokens=max_tokens, options=options,
+        )
+        opts = self._call_options(timeout)
+        try:
+            async for p in self._admin.Train(req, timeout=opts.timeout, metadata=opts.metadata):
+                yield parse_progress(p)
+        except grpc.RpcError as e:
+            raise from_rpc_error(e) from None
+
+    async def list_models(self, *, timeout: float | None = None) -> list[ModelVersion]:
+        opts = self._call_options(timeout)
+        resp = await self._unary("ListModels", apb.ListModelsRequest(), opts, _core.Deadline(opts.timeout))
+        return parse_models(resp)
+
+    async def activate_model(self, version: str, *, timeout: float | None = None) -> Activation:
+        opts = self._call_options(timeout)
+        req = apb.ActivateModelRequest(version=version)
+        return parse_activation(await self._unary("ActivateModel", req, opts, _core.Deadline(opts.timeout)))

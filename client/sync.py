@@ -11,8 +11,19 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from rmserve.client import _core
 from rmserve.client._core import Prompt, Sample
+from rmserve.client.admin import (
+    Activation,
+    ModelVersion,
+    TrainProgress,
+    build_train_request,
+    parse_activation,
+    parse_models,
+    parse_progress,
+)
 from rmserve.client.errors import DeadlineExceededError, from_rpc_error
 from rmserve.client.types import CompareResult, ModelInfo, ScoreResult, ScoreResults
+from rmserve.v1 import admin_pb2 as apb
+from rmserve.v1 import admin_pb2_grpc as apb_grpc
 from rmserve.v1 import reward_pb2 as pb
 from rmserve.v1 import reward_pb2_grpc as pb_grpc
 
@@ -33,6 +44,7 @@ class RewardClient(_core.BaseClient):
         else:
             self._channel = grpc.secure_channel(self.address, self._credentials, options=self._channel_args)
         self._stub = pb_grpc.RewardServiceStub(self._channel)
+        self._admin = apb_grpc.AdminServiceStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
 
     # -- lifecycle -------------------------------------------------------
@@ -50,6 +62,9 @@ class RewardClient(_core.BaseClient):
 
     # -- transport: one unary call with retries, and many in parallel ------
 
+    def _method(self, name: str):
+        return getattr(self._stub, name, None) or getattr(self._admin, name)
+
     def _unary(
         self,
         method_name: str,
@@ -65,7 +80,7 @@ class RewardClient(_core.BaseClient):
         while True:
             timeout = retry.attempt_timeout()
             try:
-                return getattr(self._stub, method_name)(request, timeout=timeout, metadata=opts.metadata)
+                return self._method(method_name)(request, timeout=timeout, metadata=opts.metadata)
             except grpc.RpcError as e:
                 time.sleep(retry.backoff(e))
 
@@ -249,3 +264,51 @@ class RewardClient(_core.BaseClient):
             if time.monotonic() + poll_interval >= end:
                 raise DeadlineExceededError(f"{self.address} not SERVING after {timeout:g}s")
             time.sleep(poll_interval)
+
+    # -- admin ---------------------------------------------------------------
+
+    def train(
+        self,
+        data_path: str,
+        *,
+        dev_path: str | None = None,
+        kind: str | None = None,
+        num_heads: int | None = None,
+        finetune_layers: int | None = None,
+        epochs: int | None = None,
+        lr: float | None = None,
+        seed: int = 0,
+        backbone: str | None = None,
+        activate: bool = False,
+        name: str | None = None,
+        max_tokens: int | None = None,
+        options: dict[str, Any] | None = None,
+        timeout: float | None = None,
+    ) -> Iterator[TrainProgress]:
+        """Start a training job on a file the server can read; yields its progress.
+
+        Never retried (it starts a job). Dropping the iterator does not stop the
+        job: its version still lands in the registry (and is activated if asked).
+        """
+        req = build_train_request(
+            data_path, dev_path=dev_path, kind=kind, num_heads=num_heads, finetune_layers=finetune_layers,
+            epochs=epochs, lr=lr, seed=seed, backbone=backbone, activate=activate, name=name,
+            max_tokens=max_tokens, options=options,
+        )
+        opts = self._call_options(timeout)
+        try:
+            for p in self._admin.Train(req, timeout=opts.timeout, metadata=opts.metadata):
+                yield parse_progress(p)
+        except grpc.RpcError as e:
+            raise from_rpc_error(e) from None
+
+    def list_models(self, *, timeout: float | None = None) -> list[ModelVersion]:
+        """Versions in the server's registry, oldest first; `.active` marks the served one."""
+        opts = self._call_options(timeout)
+        return parse_models(self._unary("ListModels", apb.ListModelsRequest(), opts, _core.Deadline(opts.timeout)))
+
+    def activate_model(self, version: str, *, timeout: float | None = None) -> Activation:
+        """Load, warm and switch to `version`; in-flight requests finish on the old one."""
+        opts = self._call_options(timeout)
+        req = apb.ActivateModelRequest(version=version)
+        return parse_activation(self._unary("ActivateModel", req, opts, _core.Deadline(opts.timeout)))

@@ -26,7 +26,7 @@ def _serve(args: argparse.Namespace) -> int:
         metrics_port=None if args.metrics_port < 0 else args.metrics_port, metrics_host=args.metrics_host,
         dtype=args.dtype, max_tokens=args.max_tokens, token_budget=args.token_budget,
         batch_tokens=args.batch_tokens, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
-        max_samples_per_request=args.max_samples_per_request,
+        max_samples_per_request=args.max_samples_per_request, registry=args.registry, data_roots=args.data_root,
     )
 
     async def run() -> int:
@@ -138,6 +138,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-wait-ms", type=float, default=5.0, help="how long a batch waits to fill")
     s.add_argument("--max-queue", type=int, default=8192, help="queued samples before RESOURCE_EXHAUSTED")
     s.add_argument("--max-samples-per-request", type=int, default=1024)
+    s.add_argument("--registry", help="directory of trained model versions (default: $RMSERVE_CACHE/registry)")
+    s.add_argument("--data-root", action="append", default=[], metavar="DIR",
+                   help="a directory the Train RPC may read data from (repeatable; none: Train is refused)")
     s.set_defaults(func=_serve)
 
     c = sub.add_parser("score", help="score a JSONL file of samples through a server")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 DEFAULT_MODEL_DIR = Path(__file__).parent / "default_model"
@@ -26,3 +26,5 @@ class ServerConfig:
     tokenizer_threads: int = 2
     grace_s: float = 10.0               # graceful-stop window for in-flight RPCs
     warmup: bool = True
+    registry: str | None = None         # trained versions; None: $RMSERVE_CACHE/registry
+    data_roots: list[str] = field(default_factory=list)  # where Train may read data; empty: no training

@@ -25,6 +25,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
+from rmserve.service.admin import AdminServicer
+from rmserve.service.backbone import cache_dir
 from rmserve.service.config import DEFAULT_MODEL_DIR, ServerConfig
 from rmserve.service.engine import ScoringEngine
 from rmserve.service.ensemble import MANIFEST
@@ -38,13 +40,17 @@ from rmserve.service.errors import (
 )
 from rmserve.service.metrics import Metrics
 from rmserve.service.model import RewardModel, load_model
+from rmserve.service.registry import Registry
 from rmserve.service.requests import Row, encode_groups, encode_samples, result_pb
 from rmserve.service.scheduler import Scheduler
+from rmserve.v1 import admin_pb2 as apb
+from rmserve.v1 import admin_pb2_grpc as apb_grpc
 from rmserve.v1 import reward_pb2 as pb
 from rmserve.v1 import reward_pb2_grpc as pb_grpc
 
 log = logging.getLogger("rmserve.server")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["RewardService"].full_name
+ADMIN_SERVICE_NAME = apb.DESCRIPTOR.services_by_name["AdminService"].full_name
 
 
 class ModelSlot:
@@ -60,10 +66,13 @@ class ModelSlot:
         return self.model.version
 
 
-def resolve_model_path(model: str | None) -> Path:
-    """The model directory to serve; the embedded default when none is given."""
+def resolve_model_path(model: str | None, registry: Registry | None = None) -> Path:
+    """The model to serve: --model, else the registry's active version (the last
+    one activated, so a restart serves what was serving), else the embedded default."""
     if model:
         return Path(model)
+    if registry is not None and (active := registry.active()):
+        return registry.path_for(active)
     if not (DEFAULT_MODEL_DIR / MANIFEST).is_file():
         raise NotReady(
             "the embedded default model's trained heads are not in this build yet. Serve your own model "
@@ -98,37 +107,43 @@ def _lenient(cls):
     return parse
 
 
+async def call_with_status(state: ServingState, method: str, context: grpc.aio.ServicerContext, fn, request=None):
+    """Runs `fn()` for an RPC: counts and times it, and maps every exception to a
+    status. The one place where errors become gRPC codes."""
+    m = state.metrics
+    t0 = time.perf_counter()
+    code = grpc.StatusCode.OK
+    m.in_flight.inc()
+    try:
+        if isinstance(request, Malformed):
+            raise request.reject()
+        return await fn()
+    except asyncio.CancelledError:
+        code = grpc.StatusCode.CANCELLED
+        raise
+    except Exception as e:
+        if isinstance(e, grpc.aio.AbortError):
+            raise
+        code, message = grpc_status(e)
+        if isinstance(e, QueueFull):
+            context.set_trailing_metadata((("grpc-retry-pushback-ms", str(int(e.retry_after_s * 1000))),))
+        if not isinstance(e, RMServeError):
+            log.exception("%s failed", method)
+        await context.abort(code, message)
+    finally:
+        m.in_flight.dec()
+        m.requests.labels(method, code.name).inc()
+        if code == grpc.StatusCode.OK:
+            m.latency.labels(method).observe(time.perf_counter() - t0)
+
+
 def _rpc(method: str):
-    """Times the RPC, counts it by status, and maps every exception to a status."""
+    """Decorator form of call_with_status for unary servicer methods."""
 
     def deco(fn: Callable):
         @functools.wraps(fn)
         async def wrapper(self: RewardServicer, request, context: grpc.aio.ServicerContext):
-            t0 = time.perf_counter()
-            code = grpc.StatusCode.OK
-            m = self.state.metrics
-            m.in_flight.inc()
-            try:
-                if isinstance(request, Malformed):
-                    raise request.reject()
-                return await fn(self, request, context)
-            except asyncio.CancelledError:
-                code = grpc.StatusCode.CANCELLED
-                raise
-            except Exception as e:
-                if isinstance(e, grpc.aio.AbortError):
-                    raise
-                code, message = grpc_status(e)
-                if isinstance(e, QueueFull):
-                    context.set_trailing_metadata((("grpc-retry-pushback-ms", str(int(e.retry_after_s * 1000))),))
-                if not isinstance(e, RMServeError):
-                    log.exception("%s failed", method)
-                await context.abort(code, message)
-            finally:
-                m.in_flight.dec()
-                m.requests.labels(method, code.name).inc()
-                if code == grpc.StatusCode.OK:
-                    m.latency.labels(method).observe(time.perf_counter() - t0)
+            return await call_with_status(self.state, method, context, lambda: fn(self, request, context), request)
 
         return wrapper
 
@@ -142,6 +157,7 @@ class ServingState:
         self.config = config
         self.metrics = Metrics()
         self.metrics.queue_capacity.set(config.max_queue)
+        self._activation = asyncio.Lock()
         self.slot: ModelSlot | None = None
         self.tokenizer_pool = concurrent.futures.ThreadPoolExecutor(
             max_workers=config.tokenizer_threads, thread_name_prefix="rmserve-tok"
@@ -172,6 +188,19 @@ class ServingState:
                 None if eps is None else float(eps[i]))
             for i in range(len(seqs))
         ]
+
+    async def activate(self, path: Path) -> ModelSlot:
+        """Load, warm, then switch. A failed load leaves the current slot serving."""
+        async with self._activation:
+            loop = asyncio.get_running_loop()
+            try:
+                model = await loop.run_in_executor(
+                    None, functools.partial(load_model, path, dtype=self.config.dtype, max_tokens=self.config.max_tokens)
+                )
+                return await loop.run_in_executor(None, self.install, model)
+            except Exception as e:
+                still = f"; still serving {self.slot.version}" if self.slot else ""
+                raise NotReady(f"could not load the model at {path}: {type(e).__name__}: {e}{still}") from e
 
     def install(self, model: RewardModel) -> ModelSlot:
         """Warm a loaded model and make it the live one (atomic swap of one reference)."""
@@ -347,16 +376,20 @@ class RewardServer:
         self._loaded: asyncio.Future | None = None
 
     async def start(self) -> None:
-        model_path = resolve_model_path(self.config.model)
+        registry = Registry(self.config.registry or cache_dir() / "registry")
+        model_path = resolve_model_path(self.config.model, registry)
         limit = self.config.max_message_bytes
         self._server = grpc.aio.server(options=[
             ("grpc.max_receive_message_length", limit),
             ("grpc.max_send_message_length", limit),
         ])
         add_reward_service(RewardServicer(self.state), self._server)
+        self.admin = AdminServicer(self.state, registry, self.config.data_roots)
+        apb_grpc.add_AdminServiceServicer_to_server(self.admin, self._server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
         reflection.enable_server_reflection(
-            (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+            (SERVICE_NAME, ADMIN_SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+             reflection.SERVICE_NAME),
             self._server,
         )
         await self.health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
@@ -373,11 +406,7 @@ class RewardServer:
         self._loaded = asyncio.ensure_future(self._load(model_path))
 
     async def _load(self, path: Path) -> None:
-        loop = asyncio.get_running_loop()
-        model = await loop.run_in_executor(
-            None, functools.partial(load_model, path, dtype=self.config.dtype, max_tokens=self.config.max_tokens)
-        )
-        await loop.run_in_executor(None, self.state.install, model)
+        model = (await self.state.activate(path)).model
         await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
         await self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
         log.info(

@@ -1,0 +1,146 @@
+"""AdminService: Train (streamed progress), ListModels, ActivateModel."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from rmserve.service.errors import InvalidInput, NotReady
+from rmserve.service.jobs import JobRunner, TrainingJob
+from rmserve.service.registry import Registry
+from rmserve.v1 import admin_pb2 as apb
+from rmserve.v1 import admin_pb2_grpc as apb_grpc
+
+if TYPE_CHECKING:
+    from rmserve.service.server import ServingState
+
+# TrainConfig fields a caller may not set: where the job writes is the server's choice.
+_RESERVED = {"out", "version", "resume", "overwrite", "data", "dev"}
+
+
+def _progress(event: dict[str, Any]) -> apb.TrainProgress:
+    p = apb.TrainProgress(
+        event=event.get("event", ""), phase=event.get("phase", ""), step=int(event.get("step", 0)),
+        total=int(event.get("total", 0)), member=int(event.get("member") or 0), epoch=int(event.get("epoch") or 0),
+        elapsed_s=float(event.get("elapsed_s", 0.0)), message=event.get("message", ""), version=event.get("version", ""),
+    )
+    for f in ("loss", "accuracy", "eta_s"):
+        if event.get(f) is not None:
+            setattr(p, f, float(event[f]))
+    if event.get("report") is not None:
+        p.report_json = json.dumps(event["report"])
+    return p
+
+
+class AdminServicer(apb_grpc.AdminServiceServicer):
+    def __init__(self, state: ServingState, registry: Registry, data_roots: list[str]):
+        self.state = state
+        self.registry = registry
+        self.data_roots = [Path(r).resolve() for r in data_roots]
+        self.jobs = JobRunner(self._job_succeeded)
+
+    def _readable(self, path: str, what: str) -> str:
+        """Training data must live under a --data-root: the server reads no other file for a caller."""
+        if not self.data_roots:
+            raise NotReady("this server accepts no training jobs: start it with --data-root DIR (the data it may read)")
+        p = Path(path).resolve()
+        if not any(p.is_relative_to(root) for root in self.data_roots):
+            raise InvalidInput(f"{what} {path!r} is outside the server's data roots {[str(r) for r in self.data_roots]}")
+        if not p.is_file():
+            raise InvalidInput(f"{what} {path!r} does not exist on the server")
+        return str(p)
+
+    def _config(self, req: apb.TrainRequest) -> dict[str, Any]:
+        live = self.state.live_slot().model
+        cfg: dict[str, Any] = {"data": self._readable(req.data_path, "data_path")}
+        if req.dev_path:
+            cfg["dev"] = self._readable(req.dev_path, "dev_path")
+        if req.options_json:
+            try:
+                extra = json.loads(req.options_json)
+            except json.JSONDecodeError as e:
+                raise InvalidInput(f"options_json is not valid JSON: {e}") from e
+            if not isinstance(extra, dict):
+                raise InvalidInput("options_json must be a JSON object of TrainConfig fields")
+            if bad := sorted(_RESERVED & set(extra)):
+                raise InvalidInput(f"options_json may not set {bad}: the server chooses them")
+            cfg.update(extra)
+        for f, default in (("kind", ""), ("num_heads", 0), ("finetune_layers", 0), ("epochs", 0), ("lr", 0.0)):
+            if getattr(req, f) != default:
+                cfg[f] = getattr(req, f)
+        cfg["seed"] = req.seed
+        cfg["backbone"] = req.backbone or live.members[0].backbone.name
+        cfg["name"] = req.name or live.name
+        cfg["max_tokens"] = req.max_tokens or live.max_tokens
+        from rmserve.training.config import TrainConfig
+
+        try:
+            TrainConfig(**cfg, out="-")
+        except (TypeError, ValueError) as e:
+            raise InvalidInput(str(e)) from e
+        return cfg
+
+    async def Train(self, request: apb.TrainRequest, context):
+        from rmserve.service.server import call_with_status
+
+        async def start() -> tuple[TrainingJob, Any]:
+            cfg = self._config(request)
+            version = self.registry.new_version()
+            listener = self.jobs.listen()
+            try:
+                job = self.jobs.start(
+                    cfg, version=version, staging=self.registry.root / f".staging-{version}",
+                    final=self.registry.path_for(version), activate=request.activate,
+                )
+            except BaseException:
+                self.jobs.unlisten(listener)
+                raise
+            return job, listener
+
+        job, listener = await call_with_status(self.state, "Train", context, start)
+        try:
+            yield apb.TrainProgress(event="start", version=job.version, message="training job started")
+            while (event := await listener.get()) is not None:
+                yield _progress(event)
+        finally:
+            self.jobs.unlisten(listener)
+
+    async def _job_succeeded(self, job: TrainingJob) -> None:
+        if job.activate:
+            t0 = time.perf_counter()
+            await self.state.activate(job.final)
+            self.registry.set_active(job.version)
+            self.jobs.publish(job, {"event": "activated", "phase": "", "message": f"serving {job.version} "
+                                    f"(loaded and warmed in {time.perf_counter() - t0:.1f} s)"})
+
+    async def ListModels(self, request, context) -> apb.ListModelsResponse:
+        from rmserve.service.server import call_with_status
+
+        async def run():
+            active = self.state.slot.version if self.state.slot else ""
+            return apb.ListModelsResponse(
+                models=[
+                    apb.ModelVersion(version=v.version, name=v.name, created_unix=v.created, active=v.version == active,
+                                     report_json=json.dumps(v.report) if v.report else "")
+                    for v in self.registry.list()
+                ],
+                active_version=active,
+            )
+
+        return await call_with_status(self.state, "ListModels", context, run)
+
+    async def ActivateModel(self, request: apb.ActivateModelRequest, context) -> apb.ActivateModelResponse:
+        from rmserve.service.server import call_with_status
+
+        async def run():
+            target = self.registry.get(request.version)
+            previous = self.state.slot.version if self.state.slot else ""
+            t0 = time.perf_counter()
+            await self.state.activate(target.path)
+            self.registry.set_active(target.version)
+            return apb.ActivateModelResponse(version=target.version, previous_version=previous,
+                                             load_seconds=time.perf_counter() - t0)
+
+        return await call_with_status(self.state, "ActivateModel", context, run)

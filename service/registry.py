@@ -1,0 +1,77 @@
+"""Model registry: trained versions on disk, one directory each.
+
+```
+registry/
+  v20261125-101500-3f2a/   an ensemble directory (manifest.json names the same version)
+  v20261125-113000-9c1d/
+  ACTIVE                   the version to serve after a restart (written atomically)
+```
+
+A version directory appears only once complete: the trainer writes into a
+hidden staging directory and renames it into place. Activation itself lives in
+the server (load, warm, swap); the registry only finds, lists and remembers.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from rmserve.service.ensemble import MANIFEST, atomic_write_bytes, read_manifest
+from rmserve.service.errors import InvalidInput, NotFound
+
+_VERSION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+ACTIVE = "ACTIVE"
+
+
+@dataclass(frozen=True)
+class ModelVersion:
+    version: str
+    path: Path
+    name: str
+    created: float
+    report: dict          # train_report.json written next to the checkpoint, {} if none
+
+
+class Registry:
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def new_version(self, prefix: str = "v") -> str:
+        return f"{prefix}{time.strftime('%Y%m%d-%H%M%S')}-{time.time_ns() % 0xFFFF:04x}"
+
+    def path_for(self, version: str) -> Path:
+        if not _VERSION.match(version):
+            raise InvalidInput(f"model version {version!r} is not a valid name (letters, digits, '.', '_', '-')")
+        return self.root / version
+
+    def get(self, version: str) -> ModelVersion:
+        path = self.path_for(version)
+        if not (path / MANIFEST).is_file():
+            known = ", ".join(v.version for v in self.list()) or "none"
+            raise NotFound(f"no model version {version!r} in the registry (known: {known})")
+        man = read_manifest(path)
+        report_file = path / "train_report.json"
+        report = json.loads(report_file.read_text()) if report_file.is_file() else {}
+        return ModelVersion(version, path, man.name, (path / MANIFEST).stat().st_mtime, report)
+
+    def list(self) -> list[ModelVersion]:
+        out = []
+        for p in self.root.iterdir():
+            if p.is_dir() and not p.name.startswith(".") and (p / MANIFEST).is_file():
+                out.append(self.get(p.name))
+        return sorted(out, key=lambda v: v.created)
+
+    def set_active(self, version: str) -> None:
+        atomic_write_bytes(self.root / ACTIVE, (version + "\n").encode())
+
+    def active(self) -> str | None:
+        f = self.root / ACTIVE
+        if not f.is_file():
+            return None
+        version = f.read_text().strip()
+        return version if (self.root / version / MANIFEST).is_file() else None
