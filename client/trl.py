@@ -53,6 +53,12 @@ def _as_sample(prompt: Any, completion: Any) -> dict[str, Any]:
     return {"messages": head + _messages(completion)}
 
 
+def _completion_text(completion: Any) -> str:
+    if isinstance(completion, str):
+        return completion
+    return "".join(_content(m.get("content")) for m in completion)
+
+
 def _group_completion(completion: Any) -> str | None:
     """The completion as the single assistant reply ScoreGroups takes, or None when it is more."""
     if isinstance(completion, str):
@@ -96,6 +102,7 @@ class RewardFunc:
         name: str | None = None,
         use_groups: bool = True,
         timeout: float | None = None,
+        empty_reward: float | None = None,
         **client_kwargs: Any,
     ):
         if field not in _FIELDS:
@@ -120,6 +127,7 @@ class RewardFunc:
         self.run_id = run_id or os.environ.get("RMSERVE_RUN_ID") or f"trl-{uuid.uuid4().hex[:10]}"
         self.use_groups = use_groups
         self.timeout = timeout
+        self.empty_reward = empty_reward
         self.__name__ = name or f"rmserve_{field}"
 
     @property
@@ -152,16 +160,25 @@ class RewardFunc:
         log_metric: Callable[[str, float], None] | None = None,
         log_extra: Callable[[str, list], None] | None = None,
         **kwargs: Any,
-    ) -> list[float]:
-        """One reward per (prompt, completion), in order; logs uncertainty through TRL's hooks."""
+    ) -> list[float | None]:
+        """One reward per (prompt, completion), in order; logs uncertainty through TRL's hooks.
+
+        An empty completion (a policy may emit EOS at once) has no response to
+        score: it gets `empty_reward`, which by default is None, TRL's "this
+        reward does not apply" (TRL then sums the other reward functions).
+        """
         if len(prompts) != len(completions):
             raise ValueError(f"{len(prompts)} prompts but {len(completions)} completions")
-        if not prompts:
-            return []
+        keep = [i for i, c in enumerate(completions) if _completion_text(c).strip()]
+        if not keep:
+            return [self.empty_reward] * len(completions)
         step = getattr(trainer_state, "global_step", None)
-        results = self._score(prompts, completions, step)
+        results = self._score([prompts[i] for i in keep], [completions[i] for i in keep], step)
         self._log(results, log_metric, log_extra)
-        return [float(getattr(r, self.field)) for r in results]
+        rewards: list[float | None] = [self.empty_reward] * len(completions)
+        for i, r in zip(keep, results, strict=True):
+            rewards[i] = float(getattr(r, self.field))
+        return rewards
 
     def _score(self, prompts: Sequence[Any], completions: Sequence[Any], step: int | None) -> list[ScoreResult]:
         options = dict(
@@ -209,6 +226,7 @@ def as_trl_reward_func(
     name: str | None = None,
     use_groups: bool = True,
     timeout: float | None = None,
+    empty_reward: float | None = None,
     **client_kwargs: Any,
 ) -> RewardFunc:
     """A reward function for TRL's `GRPOTrainer(reward_funcs=[...])` backed by rmserve.
@@ -219,7 +237,8 @@ def as_trl_reward_func(
     With `use_groups`, consecutive completions of the same prompt (GRPO's
     `num_generations`) are scored with ScoreGroups. `run_id` tags the scores for
     the server's run monitor (default: $RMSERVE_RUN_ID, else a random id);
-    `client_kwargs` go to `RewardClient` when an address is given.
+    `client_kwargs` go to `RewardClient` when an address is given. Empty
+    completions are not sent; they get `empty_reward` (None: TRL's "not applicable").
     """
     return RewardFunc(
         client_or_address,
@@ -229,5 +248,6 @@ def as_trl_reward_func(
         name=name,
         use_groups=use_groups,
         timeout=timeout,
+        empty_reward=empty_reward,
         **client_kwargs,
     )

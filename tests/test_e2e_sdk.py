@@ -145,3 +145,28 @@ def test_served_scores_through_the_triton_kernel_equal_the_direct_ensemble(tiny_
         res = c.score(batch, uncertainty_penalty=0.3, return_members=True)
     assert calls, "the engine did not go through the Triton kernel"
     check(res, batch, direct, lam=0.3, members=True)
+
+
+def test_trl_reward_func_against_the_real_server(tiny_server, direct):
+    """Groups, plain samples and empty completions (a policy may stop at once)."""
+    from rmserve.client import as_trl_reward_func
+
+    metrics: dict[str, float] = {}
+    extra: dict[str, list] = {}
+    f = as_trl_reward_func(tiny_server.address, field="conservative", uncertainty_penalty=0.5, run_id="e2e")
+
+    class State:
+        global_step = 3
+
+    prompts = ["hello there", "hello there", "hello there", "Can you help me?"]
+    completions = ["Sure.", "", "hi, how can I help you today?", "I cannot help with that."]
+    got = f(prompts, completions, trainer_state=State(), log_metric=metrics.__setitem__, log_extra=extra.__setitem__)
+    f.close()
+    assert got[1] is None
+    for i in (0, 2, 3):
+        want = direct({"prompt": prompts[i], "response": completions[i]}, lam=0.5)["conservative"]
+        assert got[i] == pytest.approx(want, abs=1e-4)
+    stds = [direct({"prompt": prompts[i], "response": completions[i]})["std"] for i in (0, 2, 3)]
+    assert metrics["rmserve/std"] == pytest.approx(sum(stds) / 3, abs=1e-4)
+    assert extra["rmserve_std"] == pytest.approx(stds, abs=1e-4)
+    assert "rmserve/epistemic" in metrics
