@@ -12,6 +12,8 @@ thread with a list of sequences and returns arrays.
 
 from __future__ import annotations
 
+import copy
+import inspect
 import time
 from dataclasses import dataclass, field
 
@@ -20,6 +22,7 @@ import torch
 
 from rmserve.kernels import last_token_scores
 from rmserve.service.model import Member, RewardModel
+from rmserve.service.prefix import PrefixGroup, find_prefix_groups
 
 
 @dataclass
@@ -38,6 +41,11 @@ class EngineOutput:
     min: np.ndarray                  # [N]
     epistemic: np.ndarray | None     # [N]
     stats: BatchStats = field(default_factory=BatchStats)
+
+
+def _cache_kwarg(model: torch.nn.Module) -> str:
+    """transformers renamed `past_key_values` to `cache` (5.2x); accept both."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 def plan_batches(lengths: list[int], token_budget: int, max_batch: int) -> list[list[int]]:
@@ -60,10 +68,14 @@ def plan_batches(lengths: list[int], token_budget: int, max_batch: int) -> list[
 
 
 class ScoringEngine:
-    def __init__(self, model: RewardModel, *, token_budget: int = 4096, max_batch: int = 256):
+    """`min_shared_prefix`: sequences sharing at least this many leading tokens
+    (a GRPO group's prompt) have that prefix encoded once; 0 turns sharing off."""
+
+    def __init__(self, model: RewardModel, *, token_budget: int = 4096, max_batch: int = 256, min_shared_prefix: int = 16):
         self.model = model
         self.token_budget = token_budget
         self.max_batch = max_batch
+        self.min_shared_prefix = min_shared_prefix
 
     @torch.inference_mode()
     def score(self, seqs: list[list[int]]) -> EngineOutput:
@@ -97,19 +109,57 @@ class ScoringEngine:
         k = m.weight.shape[0]
         rewards = torch.empty(len(seqs), k)
         epistemic = torch.empty(len(seqs)) if m.unc_factor is not None else None
-        for idx in plan_batches([len(s) for s in seqs], self.token_budget, self.max_batch):
-            batch = [seqs[i] for i in idx]
-            t0 = time.perf_counter()
-            hidden, lengths = self._forward(m, batch)
+
+        def put(idx: list[int], hidden: torch.Tensor, lengths: torch.Tensor) -> None:
             out = last_token_scores(hidden, m.weight, m.bias, lengths=lengths, unc_factor=m.unc_factor)
-            stats.forward_s += time.perf_counter() - t0
-            stats.batches += 1
-            stats.real_tokens += sum(len(s) for s in batch)
-            stats.padded_tokens += len(batch) * max(len(s) for s in batch)
             rewards[idx] = out.rewards
             if epistemic is not None:
                 epistemic[idx] = out.epistemic
+
+        groups, alone = [], list(range(len(seqs)))
+        if self.min_shared_prefix > 0 and m.backbone.pooling == "last":  # causal: a prefix's KV is its own
+            groups, alone = find_prefix_groups(seqs, self.min_shared_prefix)
+        t0 = time.perf_counter()
+        for g in groups:
+            self._score_shared_prefix(m, seqs, g, put, stats)
+        for sub in plan_batches([len(seqs[i]) for i in alone], self.token_budget, self.max_batch):
+            idx = [alone[i] for i in sub]
+            batch = [seqs[i] for i in idx]
+            hidden, lengths = self._forward(m, batch)
+            put(idx, hidden, lengths)
+            stats.batches += 1
+            stats.real_tokens += sum(len(s) for s in batch)
+            stats.padded_tokens += len(batch) * max(len(s) for s in batch)
+        stats.forward_s += time.perf_counter() - t0
         return rewards, epistemic
+
+    def _score_shared_prefix(self, m: Member, seqs: list[list[int]], g: PrefixGroup, put, stats: BatchStats) -> None:
+        """Encode the group's prefix once, then its suffixes against the expanded KV cache."""
+        p = g.prefix_len
+        prefix = torch.tensor([seqs[g.members[0]][:p]])
+        cache = m.backbone.model(input_ids=prefix, use_cache=True).past_key_values
+        suffixes = [seqs[i][p:] for i in g.members]
+        stats.real_tokens += p
+        stats.padded_tokens += p
+        for sub in plan_batches([len(s) for s in suffixes], self.token_budget, self.max_batch):
+            batch = [suffixes[i] for i in sub]
+            lengths = torch.tensor([len(s) for s in batch])
+            t = int(lengths.max())
+            ids = torch.full((len(batch), t), m.backbone.tokenizer.pad_token_id or 0, dtype=torch.long)
+            for i, s in enumerate(batch):
+                ids[i, : len(s)] = torch.tensor(s)
+            mask = torch.cat([torch.ones(len(batch), p, dtype=torch.long),
+                              (torch.arange(t)[None, :] < lengths[:, None]).long()], dim=1)
+            group_cache = copy.deepcopy(cache)
+            group_cache.batch_repeat_interleave(len(batch))
+            out = m.backbone.model(
+                input_ids=ids, attention_mask=mask, **{_cache_kwarg(m.backbone.model): group_cache},
+                position_ids=(p + torch.arange(t))[None, :].expand(len(batch), t), use_cache=True,
+            )
+            put([g.members[i] for i in sub], out.last_hidden_state, lengths)
+            stats.batches += 1
+            stats.real_tokens += int(lengths.sum())
+            stats.padded_tokens += len(batch) * t
 
     def _forward(self, m: Member, batch: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         """Right-padded forward. Returns (hidden [B, T, H], lengths [B])."""
