@@ -27,13 +27,14 @@ def _serve(args: argparse.Namespace) -> int:
         dtype=args.dtype, max_tokens=args.max_tokens, token_budget=args.token_budget,
         batch_tokens=args.batch_tokens, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
         max_samples_per_request=args.max_samples_per_request, registry=args.registry, data_roots=args.data_root,
+        api_keys=args.api_keys, tls_cert=args.tls_cert, tls_key=args.tls_key,
     )
 
     async def run() -> int:
         server = RewardServer(config)
         try:
             await server.start()
-        except NotReady as e:
+        except (NotReady, ValueError, OSError) as e:
             print(f"rmserve: {e}", file=sys.stderr)
             return 2
         loop = asyncio.get_running_loop()
@@ -141,6 +142,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--registry", help="directory of trained model versions (default: $RMSERVE_CACHE/registry)")
     s.add_argument("--data-root", action="append", default=[], metavar="DIR",
                    help="a directory the Train RPC may read data from (repeatable; none: Train is refused)")
+    s.add_argument("--api-keys", metavar="FILE", help='JSON {"key": ["score", "label", "admin"], ...}; none: open')
+    s.add_argument("--tls-cert", metavar="PEM", help="serve TLS with this certificate chain (needs --tls-key)")
+    s.add_argument("--tls-key", metavar="PEM", help="private key of --tls-cert")
     s.set_defaults(func=_serve)
 
     c = sub.add_parser("score", help="score a JSONL file of samples through a server")

@@ -28,3 +28,6 @@ class ServerConfig:
     warmup: bool = True
     registry: str | None = None         # trained versions; None: $RMSERVE_CACHE/registry
     data_roots: list[str] = field(default_factory=list)  # where Train may read data; empty: no training
+    api_keys: str | None = None         # JSON {key: [scopes]}; None: no authentication
+    tls_cert: str | None = None         # PEM certificate chain; with tls_key, serve TLS only
+    tls_key: str | None = None

@@ -26,6 +26,7 @@ from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
 from rmserve.service.admin import AdminServicer
+from rmserve.service.auth import ApiKeyInterceptor, load_api_keys
 from rmserve.service.backbone import cache_dir
 from rmserve.service.config import DEFAULT_MODEL_DIR, ServerConfig
 from rmserve.service.engine import ScoringEngine
@@ -379,7 +380,8 @@ class RewardServer:
         registry = Registry(self.config.registry or cache_dir() / "registry")
         model_path = resolve_model_path(self.config.model, registry)
         limit = self.config.max_message_bytes
-        self._server = grpc.aio.server(options=[
+        interceptors = [ApiKeyInterceptor(load_api_keys(self.config.api_keys))] if self.config.api_keys else []
+        self._server = grpc.aio.server(interceptors=interceptors, options=[
             ("grpc.max_receive_message_length", limit),
             ("grpc.max_send_message_length", limit),
         ])
@@ -394,7 +396,16 @@ class RewardServer:
         )
         await self.health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
         await self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.NOT_SERVING)
-        self.port = self._server.add_insecure_port(f"{self.config.host}:{self.config.port}")
+        address = f"{self.config.host}:{self.config.port}"
+        if self.config.tls_cert or self.config.tls_key:
+            if not (self.config.tls_cert and self.config.tls_key):
+                raise ValueError("TLS needs both a certificate (--tls-cert) and its key (--tls-key)")
+            creds = grpc.ssl_server_credentials(
+                [(Path(self.config.tls_key).read_bytes(), Path(self.config.tls_cert).read_bytes())]
+            )
+            self.port = self._server.add_secure_port(address, creds)
+        else:
+            self.port = self._server.add_insecure_port(address)
         if self.port == 0:
             raise OSError(f"cannot listen on {self.config.host}:{self.config.port}")
         await self._server.start()
