@@ -153,7 +153,7 @@ def start_server(model: Path | str, wait_ready: bool = True, **config):
     from rmserve.service.config import ServerConfig
 
     config.setdefault("registry", tempfile.mkdtemp(prefix="rmserve-registry-"))
-    return BackgroundServer(ServerConfig(model=str(model), port=0, metrics_port=0, **config)).start(wait_ready)
+    return BackgroundServer(ServerConfig(model=None if model is None else str(model), port=0, metrics_port=0, **config)).start(wait_ready)
 
 
 @pytest.fixture(scope="session")
