@@ -24,7 +24,7 @@ def _serve(args: argparse.Namespace) -> int:
     config = ServerConfig(
         model=args.model, host=args.host, port=args.port,
         metrics_port=None if args.metrics_port < 0 else args.metrics_port, metrics_host=args.metrics_host,
-        dtype=args.dtype, max_tokens=args.max_tokens, token_budget=args.token_budget,
+        dtype=args.dtype, device=args.device, max_tokens=args.max_tokens, token_budget=args.token_budget,
         batch_tokens=args.batch_tokens, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
         max_samples_per_request=args.max_samples_per_request, registry=args.registry, data_roots=args.data_root,
         api_keys=args.api_keys, tls_cert=args.tls_cert, tls_key=args.tls_key,
@@ -133,6 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--metrics-host", help="address for /metrics (default: --host), e.g. 0.0.0.0 for a remote Prometheus")
     s.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="serving precision; auto = the model's own")
+    s.add_argument("--device", default="cpu", help="cpu, cuda[:n] or auto (CUDA when there is one); "
+                   "on CUDA the engine packs padding-free batches and sizes its token budget from memory")
     s.add_argument("--max-tokens", type=int, help="per-sample token limit (default: the model's)")
     s.add_argument("--token-budget", type=int, default=4096, help="padded tokens per engine forward")
     s.add_argument("--batch-tokens", type=int, default=16384, help="real tokens per scheduler batch")

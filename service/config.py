@@ -16,6 +16,7 @@ class ServerConfig:
     metrics_port: int | None = 9400     # None: no metrics endpoint
     metrics_host: str | None = None     # None: same address as gRPC
     dtype: str = "auto"
+    device: str = "cpu"                 # cpu | cuda[:n] | auto (CUDA when there is one)
     max_tokens: int | None = None       # per-sample limit; default from the manifest
     token_budget: int = 4096            # padded tokens per engine forward
     batch_tokens: int = 16384           # real tokens per scheduler batch

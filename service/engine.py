@@ -1,28 +1,49 @@
 """The scoring engine: token ids in, per-sample rewards and uncertainty out.
 
-CPU path: sequences sorted by length and cut into right-padded batches under a
-token budget (padded tokens counted), so little compute goes to padding; one
-backbone forward per batch, then one `last_token_scores` launch that gathers
-the last real token (from lengths, never from the pad token) and computes the
-heads and their statistics.
+Two ways to batch, one per kind of machine (docs/engine.md has the measurements):
+
+- padded (CPU default): sequences sorted by length and cut into right-padded
+  batches under a token budget (padded tokens counted), so little compute goes
+  to padding. On CPU the forward is compute-bound and no varlen kernel pays.
+- packed (CUDA default): sequences concatenated into one token stream
+  `[1, T_total]`, positions restarting at 0 per sequence, and varlen attention
+  (service/varlen.py) that never crosses a sequence boundary. No padding at all,
+  and the budget counts real tokens.
+
+Either way, one backbone forward per batch and then one `last_token_scores`
+launch that gathers the last real token (from lengths or cu_seqlens, never from
+the pad token) and computes the heads and their statistics. Sequences sharing a
+long prefix (a GRPO group's prompt) have it encoded once (`_score_shared_prefix`).
+
+A batch that runs out of memory is split in half and retried, down to a single
+sequence. On CUDA the token budget is sized from a measured probe forward
+(`budget_from_memory`); on CPU the configured budget stands.
 
 The engine knows nothing of gRPC or of the queue: it is called from one worker
-thread with a list of sequences and returns arrays.
+thread with a list of sequences and returns numpy arrays on the host.
 """
 
 from __future__ import annotations
 
 import copy
 import inspect
+import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Literal
 
 import numpy as np
 import torch
 
 from rmserve.kernels import last_token_scores
+from rmserve.service import varlen
 from rmserve.service.model import Member, RewardModel
 from rmserve.service.prefix import PrefixGroup, find_prefix_groups
+
+log = logging.getLogger(__name__)
+
+Packing = Literal["auto", "on", "off"]
 
 
 @dataclass
@@ -31,6 +52,7 @@ class BatchStats:
     real_tokens: int = 0
     padded_tokens: int = 0    # real + padding actually computed
     forward_s: float = 0.0
+    oom_splits: int = 0       # batches split in half after running out of memory
 
 
 @dataclass
@@ -41,6 +63,19 @@ class EngineOutput:
     min: np.ndarray                  # [N]
     epistemic: np.ndarray | None     # [N]
     stats: BatchStats = field(default_factory=BatchStats)
+
+
+class EngineOutOfMemory(RuntimeError):
+    """One sequence alone does not fit in memory: splitting cannot help."""
+
+
+def is_oom(err: BaseException) -> bool:
+    """CUDA raises torch.OutOfMemoryError; other backends a RuntimeError that says so
+    (the CPU allocator's words are "can't allocate memory")."""
+    if isinstance(err, torch.OutOfMemoryError):
+        return True
+    text = str(err).lower()
+    return isinstance(err, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
 
 
 def _cache_kwarg(model: torch.nn.Module) -> str:
@@ -67,25 +102,130 @@ def plan_batches(lengths: list[int], token_budget: int, max_batch: int) -> list[
     return batches
 
 
-class ScoringEngine:
-    """`min_shared_prefix`: sequences sharing at least this many leading tokens
-    (a GRPO group's prompt) have that prefix encoded once; 0 turns sharing off."""
+def plan_packed(lengths: list[int], token_budget: int, max_batch: int) -> list[list[int]]:
+    """Indices grouped into packed batches whose real-token total fits the budget.
 
-    def __init__(self, model: RewardModel, *, token_budget: int = 4096, max_batch: int = 256, min_shared_prefix: int = 16):
+    Packing wastes nothing on padding, so order does not matter for cost; the
+    length sort only makes the plan deterministic and keeps each batch's longest
+    sequence (max_length, which sizes the attention kernel's grid) close to the rest.
+    A sequence longer than the budget gets a batch of its own.
+    """
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    batches: list[list[int]] = []
+    cur: list[int] = []
+    total = 0
+    for i in order:
+        if cur and (total + lengths[i] > token_budget or len(cur) == max_batch):
+            batches.append(cur)
+            cur, total = [], 0
+        cur.append(i)
+        total += lengths[i]
+    if cur:
+        batches.append(cur)
+    return batches
+
+
+def budget_from_memory(
+    free_bytes: int,
+    probe_tokens: int,
+    probe_peak_bytes: int,
+    *,
+    fraction: float = 0.9,
+    granularity: int = 256,
+    floor: int = 256,
+    ceiling: int = 1 << 20,
+) -> int:
+    """Tokens per forward that fit `fraction` of the free memory.
+
+    A bare backbone's forward (no cache, no logits) holds activations linear in
+    the tokens it computes (FlashAttention keeps attention linear too), so the
+    probe's peak above the resident weights, divided by its tokens, is the cost
+    of a token. Any fixed overhead in the probe (workspaces) only makes the
+    estimate conservative. Rounded down to `granularity`, clamped to [floor, ceiling].
+    """
+    if probe_tokens <= 0 or probe_peak_bytes <= 0:
+        raise ValueError("the probe must have computed tokens and used memory")
+    if not 0 < fraction <= 1:
+        raise ValueError(f"fraction must be in (0, 1], got {fraction}")
+    per_token = probe_peak_bytes / probe_tokens
+    tokens = int(fraction * free_bytes / per_token) // granularity * granularity
+    return max(floor, min(ceiling, tokens))
+
+
+def stats_tokens(batch: list[list[int]], packed: bool) -> int:
+    """Tokens a batch computes: its real tokens packed, batch x longest padded."""
+    return sum(map(len, batch)) if packed else len(batch) * max(map(len, batch))
+
+
+def model_device(model: RewardModel) -> torch.device:
+    return next(model.members[0].backbone.model.parameters()).device
+
+
+class ScoringEngine:
+    """Scores token-id sequences with a RewardModel.
+
+    `token_budget`: tokens per forward (padded tokens on the padded path, real
+    ones on the packed path); on CUDA replaced by a measured budget unless
+    `memory_fraction` is None. `min_shared_prefix`: sequences sharing at least
+    this many leading tokens (a GRPO group's prompt) have that prefix encoded
+    once; 0 turns sharing off. `device`: where to run (default: the model's
+    device; the model is moved there if it lives elsewhere). `packing`: "auto"
+    packs on CUDA and pads on CPU (what measured fastest on each), "on"/"off" force it.
+    """
+
+    def __init__(
+        self,
+        model: RewardModel,
+        *,
+        token_budget: int = 4096,
+        max_batch: int = 256,
+        min_shared_prefix: int = 16,
+        device: str | torch.device | None = None,
+        packing: Packing = "auto",
+        memory_fraction: float | None = 0.9,
+    ):
+        if packing not in ("auto", "on", "off"):
+            raise ValueError(f"packing must be auto, on or off, got {packing!r}")
         self.model = model
         self.token_budget = token_budget
         self.max_batch = max_batch
         self.min_shared_prefix = min_shared_prefix
+        self.device = torch.device(device) if device is not None else model_device(model)
+        if self.device.type == "cuda" and self.device.index is None:  # "cuda" and "cuda:0" must compare equal
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        if model_device(model) != self.device:
+            model.to(self.device)
+        self.packing = packing
+        self.memory_fraction = memory_fraction
+        self._budget_sized = self.device.type != "cuda" or memory_fraction is None
+        want = packing == "on" or (packing == "auto" and self.device.type == "cuda")
+        self._packed: dict[int, bool] = {}
+        for m in model.members:
+            ok = want and m.backbone.pooling == "last" and varlen.enable_packing(m.backbone.model)
+            if packing == "on" and not ok:
+                raise ValueError(
+                    f"member {m.name}: packing needs a decoder on sdpa attention through transformers' "
+                    f"AttentionInterface (pooling={m.backbone.pooling}, "
+                    f"attn={getattr(m.backbone.model.config, '_attn_implementation', None)})"
+                )
+            self._packed[id(m)] = ok
+
+    def packs(self, member: Member) -> bool:
+        """Whether `member` runs packed (padding-free) batches."""
+        return self._packed[id(member)]
+
+    # ------------------------------------------------------------------ API
 
     @torch.inference_mode()
     def score(self, seqs: list[list[int]]) -> EngineOutput:
         if not seqs:
             raise ValueError("score() needs at least one sequence")
+        self._ensure_budget()
         stats = BatchStats()
         per_member = [self._score_member(m, seqs, stats) for m in self.model.members]
-        rewards = torch.cat([r for r, _ in per_member], dim=1)
+        rewards = torch.cat([r for r, _ in per_member], dim=1).cpu()
         eps = [e for _, e in per_member if e is not None]
-        epistemic = torch.stack(eps).mean(0) if eps else None
+        epistemic = torch.stack(eps).mean(0).cpu() if eps else None
         return EngineOutput(
             rewards=rewards.numpy(),
             mean=rewards.mean(1).numpy(),
@@ -97,21 +237,89 @@ class ScoringEngine:
 
     @torch.inference_mode()
     def features(self, seqs: list[list[int]], member: int = 0) -> torch.Tensor:
-        """Last-token (or pooled) embeddings [N, H] in float32: what the heads read."""
+        """Last-token (or pooled) embeddings [N, H] in float32 on the host: what the heads read."""
+        self._ensure_budget()
         m = self.model.members[member]
-        out = torch.empty(len(seqs), m.backbone.hidden_size)
-        for idx in plan_batches([len(s) for s in seqs], self.token_budget, self.max_batch):
-            hidden, lengths = self._forward(m, [seqs[i] for i in idx])
-            out[idx] = hidden[torch.arange(len(idx)), lengths - 1].float()
-        return out
+        out = torch.empty(len(seqs), m.backbone.hidden_size, device=self.device)
+
+        def run(idx: list[int]) -> None:
+            hidden, where = self._run(m, [seqs[i] for i in idx])
+            if "cu_seqlens" in where:
+                out[idx] = hidden[where["cu_seqlens"][1:].long() - 1].float()
+            else:
+                lengths = where["lengths"]
+                out[idx] = hidden[torch.arange(len(idx), device=hidden.device), lengths - 1].float()
+
+        for idx in self._plan(m, [len(s) for s in seqs]):
+            self._split_on_oom(idx, run, BatchStats())
+        return out.cpu()
+
+    # ------------------------------------------------------------- batching
+
+    def _plan(self, m: Member, lengths: list[int]) -> list[list[int]]:
+        planner = plan_packed if self.packs(m) else plan_batches
+        return planner(lengths, self.token_budget, self.max_batch)
+
+    def _split_on_oom(self, idx: list[int], run: Callable[[list[int]], None], stats: BatchStats) -> None:
+        """run(idx); on out-of-memory, run each half (recursively) instead of failing the batch."""
+        try:
+            run(idx)
+            return
+        except RuntimeError as err:
+            if not is_oom(err):
+                raise
+            if len(idx) == 1:
+                raise EngineOutOfMemory(
+                    f"one sequence does not fit in memory on {self.device} even alone; "
+                    "lower the per-sample token limit (--max-tokens) or serve a smaller dtype"
+                ) from err
+        # outside the except block: the exception's traceback pins the failed batch's activations
+        self._free_cache()
+        stats.oom_splits += 1
+        log.warning("out of memory on a batch of %d sequences; splitting it in half", len(idx))
+        half = len(idx) // 2
+        self._split_on_oom(idx[:half], run, stats)
+        self._split_on_oom(idx[half:], run, stats)
+
+    def _free_cache(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def _ensure_budget(self) -> None:
+        """On CUDA, size the token budget once from a probe forward (see budget_from_memory)."""
+        if self._budget_sized:
+            return
+        self._budget_sized = True
+        budgets = []
+        for m in self.model.members:
+            n = min(512, m.backbone.max_positions)
+            probe = [[1 + (i * 7 + j) % 100 for j in range(n)] for i in range(4)]
+            torch.cuda.synchronize(self.device)
+            torch.cuda.empty_cache()
+            base = torch.cuda.memory_allocated(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            with torch.inference_mode():
+                hidden, _ = self._run(m, probe)
+                del hidden
+            torch.cuda.synchronize(self.device)
+            peak = torch.cuda.max_memory_allocated(self.device) - base
+            free, _ = torch.cuda.mem_get_info(self.device)
+            free += torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
+            budgets.append(budget_from_memory(free, 4 * n, peak, fraction=self.memory_fraction or 0.9))
+        self.token_budget = min(budgets)
+        log.info("token budget sized from measured memory: %d tokens per forward", self.token_budget)
+
+    # --------------------------------------------------------------- forward
 
     def _score_member(self, m: Member, seqs: list[list[int]], stats: BatchStats):
         k = m.weight.shape[0]
-        rewards = torch.empty(len(seqs), k)
-        epistemic = torch.empty(len(seqs)) if m.unc_factor is not None else None
+        rewards = torch.empty(len(seqs), k, device=self.device)
+        epistemic = torch.empty(len(seqs), device=self.device) if m.unc_factor is not None else None
+        weight, bias = m.weight.to(self.device), m.bias.to(self.device)
+        unc = m.unc_factor.to(self.device) if m.unc_factor is not None else None
 
-        def put(idx: list[int], hidden: torch.Tensor, lengths: torch.Tensor) -> None:
-            out = last_token_scores(hidden, m.weight, m.bias, lengths=lengths, unc_factor=m.unc_factor)
+        def put(idx: list[int], hidden: torch.Tensor, where: dict[str, torch.Tensor]) -> None:
+            out = last_token_scores(hidden, weight, bias, unc_factor=unc, **where)
             rewards[idx] = out.rewards
             if epistemic is not None:
                 epistemic[idx] = out.epistemic
@@ -122,30 +330,48 @@ class ScoringEngine:
         t0 = time.perf_counter()
         for g in groups:
             self._score_shared_prefix(m, seqs, g, put, stats)
-        for sub in plan_batches([len(seqs[i]) for i in alone], self.token_budget, self.max_batch):
-            idx = [alone[i] for i in sub]
+
+        def run(idx: list[int]) -> None:
             batch = [seqs[i] for i in idx]
-            hidden, lengths = self._forward(m, batch)
-            put(idx, hidden, lengths)
+            hidden, where = self._run(m, batch)
+            put(idx, hidden, where)
             stats.batches += 1
             stats.real_tokens += sum(len(s) for s in batch)
-            stats.padded_tokens += len(batch) * max(len(s) for s in batch)
+            packed = "cu_seqlens" in where
+            stats.padded_tokens += stats_tokens(batch, packed)
+
+        for sub in self._plan(m, [len(seqs[i]) for i in alone]):
+            self._split_on_oom([alone[i] for i in sub], run, stats)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
         stats.forward_s += time.perf_counter() - t0
         return rewards, epistemic
+
+    def _run(self, m: Member, batch: list[list[int]]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """One forward; returns hidden and how to find each last token (lengths or cu_seqlens)."""
+        if self.packs(m):
+            hidden, cu = self._forward_packed(m, batch)
+            return hidden, {"cu_seqlens": cu}
+        hidden, lengths = self._forward(m, batch)
+        return hidden, {"lengths": lengths}
 
     def _score_shared_prefix(self, m: Member, seqs: list[list[int]], g: PrefixGroup, put, stats: BatchStats) -> None:
         """Encode the group's prefix once, then its suffixes against the expanded KV cache."""
         p = g.prefix_len
-        prefix = torch.tensor([seqs[g.members[0]][:p]])
-        cache = m.backbone.model(input_ids=prefix, use_cache=True).past_key_values
+        dev = self.device
+        prefix = torch.tensor([seqs[g.members[0]][:p]], device=dev)
+        out = m.backbone.model(input_ids=prefix, use_cache=True)
+        cache = out.cache if "cache" in out else out.past_key_values  # renamed in transformers 5.2x
         suffixes = [seqs[i][p:] for i in g.members]
         stats.real_tokens += p
         stats.padded_tokens += p
-        for sub in plan_batches([len(s) for s in suffixes], self.token_budget, self.max_batch):
+        pad = m.backbone.tokenizer.pad_token_id or 0
+
+        def run(sub: list[int]) -> None:
             batch = [suffixes[i] for i in sub]
             lengths = torch.tensor([len(s) for s in batch])
             t = int(lengths.max())
-            ids = torch.full((len(batch), t), m.backbone.tokenizer.pad_token_id or 0, dtype=torch.long)
+            ids = torch.full((len(batch), t), pad, dtype=torch.long)
             for i, s in enumerate(batch):
                 ids[i, : len(s)] = torch.tensor(s)
             mask = torch.cat([torch.ones(len(batch), p, dtype=torch.long),
@@ -153,16 +379,19 @@ class ScoringEngine:
             group_cache = copy.deepcopy(cache)
             group_cache.batch_repeat_interleave(len(batch))
             out = m.backbone.model(
-                input_ids=ids, attention_mask=mask, **{_cache_kwarg(m.backbone.model): group_cache},
-                position_ids=(p + torch.arange(t))[None, :].expand(len(batch), t), use_cache=True,
+                input_ids=ids.to(dev), attention_mask=mask.to(dev), **{_cache_kwarg(m.backbone.model): group_cache},
+                position_ids=(p + torch.arange(t, device=dev))[None, :].expand(len(batch), t), use_cache=True,
             )
-            put([g.members[i] for i in sub], out.last_hidden_state, lengths)
+            put([g.members[i] for i in sub], out.last_hidden_state, {"lengths": lengths.to(dev)})
             stats.batches += 1
             stats.real_tokens += int(lengths.sum())
             stats.padded_tokens += len(batch) * t
 
+        for sub in plan_batches([len(s) for s in suffixes], self.token_budget, self.max_batch):
+            self._split_on_oom(sub, run, stats)
+
     def _forward(self, m: Member, batch: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Right-padded forward. Returns (hidden [B, T, H], lengths [B])."""
+        """Right-padded forward. Returns (hidden [B, T, H], lengths [B]) on the engine's device."""
         lengths = torch.tensor([len(s) for s in batch])
         t = int(lengths.max())
         pad = m.backbone.tokenizer.pad_token_id or 0
@@ -170,8 +399,14 @@ class ScoringEngine:
         for i, s in enumerate(batch):
             ids[i, : len(s)] = torch.tensor(s)
         mask = (torch.arange(t)[None, :] < lengths[:, None]).long()
-        out = m.backbone.model(input_ids=ids, attention_mask=mask)
+        out = m.backbone.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device))
         if m.backbone.pooling == "cls":
             pooled = out.pooler_output if getattr(out, "pooler_output", None) is not None else out.last_hidden_state[:, 0]
-            return pooled[:, None, :], torch.ones(len(batch), dtype=torch.long)
-        return out.last_hidden_state, lengths
+            return pooled[:, None, :], torch.ones(len(batch), dtype=torch.long, device=self.device)
+        return out.last_hidden_state, lengths.to(self.device)
+
+    def _forward_packed(self, m: Member, batch: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Padding-free forward of one packed stream. Returns (hidden [T_total, H], cu_seqlens [B+1])."""
+        kwargs = varlen.pack(batch, self.device)
+        out = m.backbone.model(**kwargs)
+        return out.last_hidden_state[0], kwargs["cu_seq_lens_q"]

@@ -69,6 +69,19 @@ class RewardModel:
     def backbone_name(self) -> str:
         return self.members[0].backbone.name
 
+    @property
+    def device(self) -> torch.device:
+        return next(self.members[0].backbone.model.parameters()).device
+
+    def to(self, device: str | torch.device) -> RewardModel:
+        """Move every backbone and head to `device`, in place (heads stay float32)."""
+        for m in self.members:
+            m.backbone.model.to(device)
+            m.weight, m.bias = m.weight.to(device), m.bias.to(device)
+            if m.unc_factor is not None:
+                m.unc_factor = m.unc_factor.to(device)
+        return self
+
 
 def _fold(weight: torch.Tensor, bias: torch.Tensor, shift: list[float], scale: list[float]):
     s = torch.tensor(scale, dtype=torch.float32)
@@ -84,13 +97,25 @@ def _resolve_dtype(dtype: str, default: str) -> torch.dtype:
     return DTYPES[name]
 
 
-def load_model(path: str | Path, *, dtype: str = "auto", max_tokens: int | None = None) -> RewardModel:
-    """Load `path`: a directory with manifest.json, or a one-label HF seq-cls checkpoint."""
+def resolve_device(device: str | torch.device) -> torch.device:
+    """auto = CUDA when there is one, else CPU."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def load_model(
+    path: str | Path, *, dtype: str = "auto", max_tokens: int | None = None, device: str | torch.device = "cpu"
+) -> RewardModel:
+    """Load `path`: a directory with manifest.json, or a one-label HF seq-cls checkpoint.
+
+    `device`: cpu, cuda[:n] or auto (CUDA when there is one); backbones and heads move there.
+    """
     path = Path(path)
     if (path / MANIFEST).is_file():
-        return _load_ensemble(path, dtype, max_tokens)
+        return _load_ensemble(path, dtype, max_tokens).to(resolve_device(device))
     if (path / "config.json").is_file():
-        return _load_seqcls(path, dtype, max_tokens)
+        return _load_seqcls(path, dtype, max_tokens).to(resolve_device(device))
     raise EnsembleFormatError(f"{path} is neither an rmserve ensemble (no {MANIFEST}) nor a Hugging Face checkpoint (no config.json)")
 
 

@@ -196,7 +196,10 @@ class ServingState:
             loop = asyncio.get_running_loop()
             try:
                 model = await loop.run_in_executor(
-                    None, functools.partial(load_model, path, dtype=self.config.dtype, max_tokens=self.config.max_tokens)
+                    None, functools.partial(
+                        load_model, path, dtype=self.config.dtype, max_tokens=self.config.max_tokens,
+                        device=self.config.device,
+                    )
                 )
                 return await loop.run_in_executor(None, self.install, model)
             except Exception as e:
