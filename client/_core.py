@@ -570,6 +570,7 @@ def parse_model_info(m: pb.ModelInfo) -> ModelInfo:
         default_uncertainty_penalty=float(m.default_uncertainty_penalty),
         has_epistemic=bool(m.has_epistemic),
         max_samples_per_request=int(m.max_samples_per_request),
+        backbone_layers=int(m.backbone_layers),
     )
 
 

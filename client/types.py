@@ -131,3 +131,4 @@ class ModelInfo:
     default_uncertainty_penalty: float
     has_epistemic: bool
     max_samples_per_request: int
+    backbone_layers: int = 0   # layers the backbone runs (its layer cut); 0 from servers that predate it

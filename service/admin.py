@@ -71,7 +71,11 @@ class AdminServicer(apb_grpc.AdminServiceServicer):
             if getattr(req, f) != default:
                 cfg[f] = getattr(req, f)
         cfg["seed"] = req.seed
-        cfg["backbone"] = req.backbone or live.members[0].backbone.name
+        if not req.backbone:  # the served backbone, with its layer cut unless options_json sets one
+            cfg["backbone"] = live.members[0].backbone.name
+            cfg.setdefault("num_layers", live.members[0].backbone.num_layers)
+        else:
+            cfg["backbone"] = req.backbone
         cfg["name"] = req.name or live.name
         cfg["max_tokens"] = req.max_tokens or live.max_tokens
         from rmserve.training.config import TrainConfig

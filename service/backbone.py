@@ -113,7 +113,8 @@ class Backbone:
     pooling: str          # last | cls
     hidden_size: int
     max_positions: int
-    name: str
+    name: str                 # the source: a directory or builtin:<name>
+    num_layers: int | None = None  # the layer cut it was loaded with (None: every layer)
 
 
 def _is_encoder(config) -> bool:
@@ -130,8 +131,48 @@ def quiet_transformers() -> None:
     hf_logging.disable_progress_bar()
 
 
-def load_backbone(source: str, *, dtype: torch.dtype = torch.float32, delta: dict[str, torch.Tensor] | None = None) -> Backbone:
-    """Bare transformer + tokenizer from a directory or `builtin:<name>`."""
+def find_layers(model: torch.nn.Module) -> tuple[str, torch.nn.ModuleList]:
+    """The transformer block list: the longest ModuleList of same-type modules."""
+    best: tuple[str, torch.nn.ModuleList] | None = None
+    for name, mod in model.named_modules():
+        same_type = isinstance(mod, torch.nn.ModuleList) and len(mod) and len({type(m) for m in mod}) == 1
+        if same_type and (best is None or len(mod) > len(best[1])):
+            best = (name, mod)
+    if best is None:
+        raise ValueError(f"cannot find the transformer layers of {type(model).__name__}")
+    return best
+
+
+def cut_layers(model: torch.nn.Module, num_layers: int) -> None:
+    """Keep the first `num_layers` transformer blocks (the final norm stays): a layer cut.
+
+    Mid-depth features often make a better reward head than the last layer's,
+    and a cut backbone is cheaper to serve. The config follows, since HF
+    decoders loop over `layers[: config.num_hidden_layers]` and size KV caches from it.
+    """
+    if getattr(model.config, "is_encoder_decoder", False):
+        raise ValueError("a layer cut needs a decoder-only or encoder-only backbone")
+    prefix, blocks = find_layers(model)
+    if not 1 <= num_layers <= len(blocks):
+        raise ValueError(f"num_layers must be in [1, {len(blocks)}] for this backbone, got {num_layers}")
+    parent = model.get_submodule(prefix.rpartition(".")[0]) if "." in prefix else model
+    setattr(parent, prefix.rpartition(".")[2], torch.nn.ModuleList(list(blocks)[:num_layers]))
+    model.config.num_hidden_layers = num_layers
+    if isinstance(getattr(model.config, "layer_types", None), list):
+        model.config.layer_types = model.config.layer_types[:num_layers]
+
+
+def load_backbone(
+    source: str,
+    *,
+    dtype: torch.dtype = torch.float32,
+    delta: dict[str, torch.Tensor] | None = None,
+    num_layers: int | None = None,
+) -> Backbone:
+    """Bare transformer + tokenizer from a directory or `builtin:<name>`.
+
+    `num_layers`: keep only the first N blocks (see cut_layers); `delta` applies after the cut.
+    """
     quiet_transformers()
     name = source
     if source.startswith("builtin:"):
@@ -139,15 +180,17 @@ def load_backbone(source: str, *, dtype: torch.dtype = torch.float32, delta: dic
     if not Path(source).is_dir():
         raise FileNotFoundError(f"backbone {name!r}: no such directory")
     model = AutoModel.from_pretrained(source, dtype=dtype)
+    if num_layers is not None:
+        cut_layers(model, num_layers)
     if delta:
         missing = set(delta) - set(model.state_dict())
         if missing:
             raise ValueError(f"backbone {name!r}: delta names tensors the model lacks: {sorted(missing)[:5]}")
         model.load_state_dict(delta, strict=False)
-    return wrap_backbone(model, AutoTokenizer.from_pretrained(source), name)
+    return wrap_backbone(model, AutoTokenizer.from_pretrained(source), name, num_layers=num_layers)
 
 
-def wrap_backbone(model: torch.nn.Module, tokenizer, name: str) -> Backbone:
+def wrap_backbone(model: torch.nn.Module, tokenizer, name: str, num_layers: int | None = None) -> Backbone:
     """A loaded bare transformer as a frozen, eval-mode Backbone."""
     config = model.config
     model.eval().requires_grad_(False)
@@ -160,4 +203,5 @@ def wrap_backbone(model: torch.nn.Module, tokenizer, name: str) -> Backbone:
         hidden_size=config.hidden_size,
         max_positions=int(getattr(config, "max_position_embeddings", 2048) or 2048),
         name=name,
+        num_layers=num_layers,
     )

@@ -49,6 +49,7 @@ class MemberSpec:
     delta: str | None = None
     uncertainty: str | None = None
     pooling: str = "last"               # last (decoders) | cls (encoders: pooled first token)
+    num_layers: int | None = None       # layer cut: only the backbone's first N blocks run; None = all
 
 
 @dataclass

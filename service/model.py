@@ -70,6 +70,12 @@ class RewardModel:
         return self.members[0].backbone.name
 
     @property
+    def backbone_layers(self) -> int:
+        """Transformer blocks the (first) backbone runs: its layer cut, or all of them."""
+        bb = self.members[0].backbone
+        return bb.num_layers or int(bb.model.config.num_hidden_layers)
+
+    @property
     def device(self) -> torch.device:
         return next(self.members[0].backbone.model.parameters()).device
 
@@ -125,7 +131,8 @@ def _load_ensemble(path: Path, dtype: str, max_tokens: int | None) -> RewardMode
     members: list[Member] = []
     for spec in man.members:
         t = load_member(path, spec)
-        bb = load_backbone(resolve_backbone_path(path, spec.backbone), dtype=torch_dtype, delta=t.delta)
+        bb = load_backbone(resolve_backbone_path(path, spec.backbone), dtype=torch_dtype, delta=t.delta,
+                           num_layers=spec.num_layers)
         if t.weight.shape[1] != bb.hidden_size:
             raise EnsembleFormatError(
                 f"member {spec.name}: heads expect hidden size {t.weight.shape[1]}, backbone has {bb.hidden_size}"

@@ -349,6 +349,7 @@ class RewardServicer(pb_grpc.RewardServiceServicer):
             normalization=pb.Normalization(shift=m.shift, scale=m.scale),
             default_uncertainty_penalty=m.uncertainty_penalty, has_epistemic=m.has_epistemic,
             max_samples_per_request=self.state.config.max_samples_per_request,
+            backbone_layers=m.backbone_layers,
         )
 
 

@@ -59,14 +59,14 @@ def llama_config(vocab_size: int, **kw):
     return LlamaConfig(**base)
 
 
-def make_tiny_llama_backbone(out: Path, seed: int = 0) -> Path:
+def make_tiny_llama_backbone(out: Path, seed: int = 0, **config) -> Path:
     """A bare LlamaModel checkpoint + tokenizer: what an ensemble member points at."""
     import torch
     from transformers import LlamaModel
 
     tok = make_tokenizer(out)
     torch.manual_seed(seed)
-    LlamaModel(llama_config(len(tok))).save_pretrained(out)
+    LlamaModel(llama_config(len(tok), **config)).save_pretrained(out)
     return out
 
 
@@ -129,6 +129,12 @@ def make_tiny_ensemble(out: Path, *, num_heads: int = 4, with_epistemic: bool = 
 @pytest.fixture(scope="session")
 def tiny_llama_backbone(tmp_path_factory) -> Path:
     return make_tiny_llama_backbone(tmp_path_factory.mktemp("llama_backbone"))
+
+
+@pytest.fixture(scope="session")
+def tiny_llama4_backbone(tmp_path_factory) -> Path:
+    """Four layers, for layer cuts."""
+    return make_tiny_llama_backbone(tmp_path_factory.mktemp("llama4_backbone"), seed=7, num_hidden_layers=4)
 
 
 @pytest.fixture(scope="session")

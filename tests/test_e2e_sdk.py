@@ -102,6 +102,7 @@ def test_compare_model_info_and_health(tiny_server, direct):
         assert c.health() is True
         info = c.model_info()
         assert (info.name, info.version, info.num_heads, info.max_tokens) == ("tiny-test", "v1", 4, 64)
+        assert info.backbone_layers == 2  # the tiny backbone's every layer: no cut
         res = c.compare("How do I bake bread?", "Mix flour.", "Sure.")
         a = direct({"prompt": "How do I bake bread?", "response": "Mix flour."})
         b = direct({"prompt": "How do I bake bread?", "response": "Sure."})

@@ -116,6 +116,26 @@ def test_frozen_heads_learn_the_rule_and_the_served_directory_reproduces_the_rep
     assert again.report["features"]["cache_hit"] is True
 
 
+def test_trainer_lbfgs_heads_on_a_layer_cut_learn_the_rule_and_serve_it(tmp_path, tiny_llama4_backbone, synth):
+    train_path, test_path = synth["train"], synth["test"]
+    cfg_kw = dict(data=str(train_path), out=str(tmp_path / "rm"), backbone=str(tiny_llama4_backbone), max_tokens=128,
+                  kind="heads", num_heads=3, head_solver="lbfgs", num_layers=3, calib_frac=0.0,
+                  feature_cache=str(tmp_path / "cache"), dev=str(test_path))
+    events = []
+    result = train(TrainConfig(**cfg_kw), progress=events.append)
+    rep = result.report
+    assert rep["train"]["accuracy"] >= 0.97 and rep["dev"]["accuracy"] >= 0.95
+    assert rep["heads"]["solver"] == "lbfgs" and rep["heads"]["chosen_by"].startswith("5-fold")
+    assert set(rep["heads"]["cv_accuracy"]) and rep["heads"]["l2"] in [float(k) for k in rep["heads"]["cv_accuracy"]]
+    steps = [e for e in events if e.event == "step" and e.phase == "train"]
+    assert [e.step for e in steps] == [1, 2, 3] and steps[-1].total == 3
+    man = read_manifest(result.out)
+    assert man.members[0].num_layers == 3
+    served = evaluate(result.out, train_path, write=False)  # through the serving engine, cut backbone
+    for key in ("accuracy", "ece", "nll", "auroc_std"):
+        assert served[key] == pytest.approx(rep["train"][key], abs=1e-4), key
+
+
 def test_lora_members_learn_the_rule_and_store_merged_deltas(tmp_path, tiny_llama_backbone, synth):
     cfg = config(tmp_path, tiny_llama_backbone, synth["train"], kind="members", num_heads=2,
                  finetune_layers=1, lora_rank=4, epochs=2, dev=str(synth["test"]))

@@ -31,6 +31,8 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kind", choices=["heads", "members"], default=d.kind,
                    help="heads: one backbone, K bootstrap heads; members: K separately fine-tuned backbones")
     p.add_argument("-k", "--num-heads", type=int, default=d.num_heads, help="K: heads or members (default %(default)s)")
+    p.add_argument("--num-layers", type=int, default=None,
+                   help="layer cut: use and serve only the backbone's first N transformer layers (default: all)")
     p.add_argument("--finetune-layers", type=int, default=d.finetune_layers,
                    help="train the last N transformer layers (0: frozen backbone, cached features; -1: all)")
     p.add_argument("--lora-rank", type=int, default=d.lora_rank, help="LoRA rank on those layers (0: full fine-tuning)")
@@ -39,6 +41,11 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
                    help="when fine-tuning the last N layers, run the frozen ones once and cache their output (default on)")
     p.add_argument("--bootstrap", action=argparse.BooleanOptionalAction, default=None,
                    help="per-head bootstrap resamples (default: on for heads, off for members)")
+    p.add_argument("--head-solver", choices=["adamw", "lbfgs"], default=d.head_solver,
+                   help="frozen backbone: adamw trains heads for --epochs; lbfgs fits each head's L2 logistic "
+                        "regression exactly (default %(default)s)")
+    p.add_argument("--head-l2", type=_l2, default=None, metavar="L2|auto",
+                   help="lbfgs: L2 strength, or auto (default): chosen by 5-fold cross-validation on train")
     p.add_argument("--epochs", type=int, default=d.epochs)
     p.add_argument("--lr", type=float, default=d.lr, help="heads learning rate (default %(default)s)")
     p.add_argument("--backbone-lr", type=float, default=d.backbone_lr, help="fine-tuned layers / LoRA learning rate")
@@ -67,6 +74,10 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model-version", dest="version", help="manifest version (default: UTC time + data hash)")
     p.add_argument("--log-json", action="store_true", help="print progress as JSON lines on stdout instead of a bar")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+
+
+def _l2(text: str) -> float | None:
+    return None if text == "auto" else float(text)
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:

@@ -21,11 +21,14 @@ class TrainConfig:
     dev: str | None = None                      # evaluated once at the end, for the report only
     kind: str = "heads"                         # heads | members
     num_heads: int = 5                          # K: heads (kind=heads) or members (kind=members)
+    num_layers: int | None = None               # layer cut: use (and serve) only the first N blocks
     finetune_layers: int = 0                    # last N layers trained; 0 = frozen backbone; -1 = all
     lora_rank: int = 0                          # > 0: LoRA of this rank on those layers, merged at the end
     lora_alpha: float | None = None             # default 2 x rank
     prefix_cache: bool = True                   # run the frozen layers once, train on their cached output
     bootstrap: bool | None = None               # per-head bootstrap resample; default on for heads, off for members
+    head_solver: str = "adamw"                  # adamw | lbfgs (frozen backbone only: exact L2 logistic fit)
+    head_l2: float | None = None                # lbfgs: L2 strength; None = chosen by 5-fold CV on train
     epochs: int = 3
     lr: float = 1e-3                            # heads
     backbone_lr: float = 3e-5                   # fine-tuned layers / LoRA
@@ -71,6 +74,16 @@ class TrainConfig:
             problems.append("lambda0 must be positive")
         if not 0 <= self.calib_frac < 0.5:
             problems.append("calib_frac must be in [0, 0.5)")
+        if self.num_layers is not None and self.num_layers < 1:
+            problems.append("num_layers must be >= 1 (or None for every layer)")
+        if self.head_solver not in ("adamw", "lbfgs"):
+            problems.append(f"head_solver must be 'adamw' or 'lbfgs', got {self.head_solver!r}")
+        if self.head_solver == "lbfgs" and self.finetune_layers != 0:
+            problems.append("head_solver=lbfgs fits heads on frozen features: it needs finetune_layers = 0")
+        if self.head_solver == "lbfgs" and self.center_coef:
+            problems.append("center_coef applies to gradient-trained heads; lbfgs heads are centred by the normalisation")
+        if self.head_l2 is not None and self.head_l2 < 0:
+            problems.append("head_l2 must be >= 0")
         if self.lora_rank < 0:
             problems.append("lora_rank must be >= 0")
         if self.lora_rank and self.finetune_layers == 0:

@@ -29,11 +29,12 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
+from rmserve.service.backbone import find_layers
 from rmserve.service.engine import plan_batches
 from rmserve.service.ensemble import atomic_save_tensors
 from rmserve.training.events import TrainingStopped
 from rmserve.training.features import backbone_fingerprint, sequences_fingerprint
-from rmserve.training.tuning import embed, find_layers
+from rmserve.training.tuning import embed
 
 log = logging.getLogger(__name__)
 

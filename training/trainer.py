@@ -40,7 +40,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from rmserve.service.backbone import Backbone, cache_dir, load_backbone
+from rmserve.service.backbone import Backbone, cache_dir, find_layers, load_backbone
 from rmserve.service.ensemble import (
     MANIFEST,
     EnsembleManifest,
@@ -57,6 +57,7 @@ from rmserve.training.data import load_pairs
 from rmserve.training.encoding import EncodedPairs, encode_pairs
 from rmserve.training.events import ProgressCallback, ProgressEvent, Reporter, TrainingStopped
 from rmserve.training.features import cached_features
+from rmserve.training.linear_heads import choose_l2, fit_bt_head
 from rmserve.training.loss import bt_loss
 from rmserve.training.metrics import pair_report
 from rmserve.training.prefix import PrefixStates
@@ -69,7 +70,7 @@ from rmserve.training.schedule import (
     lr_scale,
 )
 from rmserve.training.stats import epistemic_factor, fit_normalisation, fit_temperature
-from rmserve.training.tuning import Tuned, embed, embed_all, find_layers, make_trainable
+from rmserve.training.tuning import Tuned, embed, embed_all, make_trainable
 
 REPORT = "train_report.json"
 LOG = "train_log.jsonl"
@@ -162,7 +163,7 @@ class _Job:
 
         # 1. data, encoded exactly as serving encodes
         pairs, self.data_report = load_pairs(cfg.data, strict=cfg.strict)
-        self.backbone: Backbone = load_backbone(cfg.backbone)
+        self.backbone: Backbone = load_backbone(cfg.backbone, num_layers=cfg.num_layers)
         self.encoder = PromptEncoder(self.backbone.tokenizer, min(cfg.max_tokens, self.backbone.max_positions))
         self.data: EncodedPairs = encode_pairs(pairs, self.encoder, self.data_report, strict=cfg.strict)
         self.fingerprint = self.data.fingerprint()
@@ -184,6 +185,8 @@ class _Job:
         n_members, self.k = (1, cfg.num_heads) if cfg.kind == "heads" else (cfg.num_heads, 1)
         self.steps_per_epoch = math.ceil(math.ceil(len(self.fit) / cfg.batch_size) / cfg.grad_accum)
         self.total = n_members * cfg.epochs * self.steps_per_epoch
+        if cfg.head_solver == "lbfgs":  # one exact fit per head (plus the CV fits), no epochs
+            self.steps_per_epoch, self.total = self.k, self.k
         done = self.resumed[0]["members_done"] if self.resumed else 0
         t1 = time.monotonic()
         members: list[_Member] = []
@@ -289,6 +292,8 @@ class _Job:
         rejected = torch.as_tensor(data.rejected)
 
         embed_fn, tuned, whitening = self._inputs(seed)
+        if cfg.head_solver == "lbfgs":
+            return self._fit_exact_heads(m, seed, counts, pair_w, pair_margin, chosen, rejected, embed_fn, whitening)
         groups = [{"params": [weight, bias], "lr": cfg.lr, "weight_decay": cfg.weight_decay}]
         if tuned is not None:
             groups.append({"params": tuned.parameters(), "lr": cfg.backbone_lr, "weight_decay": 0.0})
@@ -357,6 +362,37 @@ class _Job:
             self.rep.emit(ProgressEvent("epoch", "train", step=self.step, total=self.total, member=m, epoch=epoch))
 
         return self._finish_member(m, weight, bias, tuned, whitening)
+
+    def _fit_exact_heads(self, m: int, seed: int, counts, pair_w, pair_margin, chosen, rejected, embed_fn,
+                         whitening) -> _Member:
+        """Frozen features: each head's L2 logistic regression solved exactly (training/linear_heads.py)."""
+        cfg, fit = self.cfg, torch.as_tensor(self.fit)
+        dx = (embed_fn(chosen[fit]) - embed_fn(rejected[fit])).double()
+        l2 = cfg.head_l2
+        if l2 is None:
+            choice = choose_l2(dx, pair_w.double(), seed=derive_seed(seed, "cv"))
+            l2 = choice.l2
+            self.head_info = {"solver": "lbfgs", "l2": l2, "chosen_by": f"{choice.folds}-fold CV NLL on train",
+                              "cv_accuracy": {str(g): round(v, 4) for g, v in choice.cv_accuracy.items()},
+                              "cv_nll": {str(g): round(v, 5) for g, v in choice.cv_nll.items()}}
+            self.rep.phase("train", f"L2 {l2:g} chosen by {choice.folds}-fold CV on train "
+                                    f"(CV accuracy {choice.cv_accuracy[l2]:.3f})")
+        else:
+            self.head_info = {"solver": "lbfgs", "l2": l2, "chosen_by": "--head-l2"}
+        weights = []
+        t0 = time.monotonic()
+        for j in range(self.k):
+            w = fit_bt_head(dx, counts[j].double() * pair_w.double(), l2=l2, margin=pair_margin)
+            weights.append(w.float())
+            self.step += 1
+            d = dx @ w
+            self.rep.emit(ProgressEvent(
+                "step", "train", step=self.step, total=self.total, member=m,
+                loss=round(float(torch.nn.functional.softplus(pair_margin.double() - d).mean()), 5),
+                accuracy=round(float((pair_w * (d > 0)).sum() / pair_w.sum()), 4),
+                eta_s=round((time.monotonic() - t0) / (j + 1) * (self.k - j - 1), 1),
+            ))
+        return self._finish_member(m, torch.stack(weights), torch.zeros(self.k), None, whitening)
 
     def _inputs(self, seed: int) -> tuple[Callable[[torch.Tensor], torch.Tensor], Tuned | None, tuple | None]:
         """What the heads read for sequence ids: whitened cached features, or the partly trainable backbone.
@@ -481,7 +517,8 @@ class _Job:
         backbone_ref = cfg.backbone if cfg.backbone.startswith("builtin:") else str(Path(cfg.backbone).resolve())
         specs = []
         for m, (mem, f) in enumerate(zip(members, factors, strict=True)):
-            spec = MemberSpec(name=f"member{m}", backbone=backbone_ref, pooling=self.backbone.pooling)
+            spec = MemberSpec(name=f"member{m}", backbone=backbone_ref, pooling=self.backbone.pooling,
+                              num_layers=cfg.num_layers)
             save_member(self.out, spec, MemberTensors(mem.weight, mem.bias, mem.delta, f))
             specs.append(spec)
         fit_metrics = report(self.fit, norm)
@@ -502,6 +539,7 @@ class _Job:
             "data": {**self.data_report.to_dict(), "sequences": len(data.seqs), "truncated_sequences": data.truncated,
                      "fit_pairs": len(self.fit), "calibration_pairs": len(self.calib)},
             "features": getattr(self, "feature_info", None),
+            "heads": getattr(self, "head_info", None),
             "temperature": temperature,
             "train": fit_metrics,
             "calibration_split_before_temperature": calib_before,

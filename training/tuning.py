@@ -19,19 +19,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from rmserve.service.backbone import find_layers
 from rmserve.service.engine import plan_batches
-
-
-def find_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
-    """The transformer block list: the longest ModuleList of same-type modules."""
-    best: tuple[str, nn.ModuleList] | None = None
-    for name, mod in model.named_modules():
-        same_type = isinstance(mod, nn.ModuleList) and len(mod) and len({type(m) for m in mod}) == 1
-        if same_type and (best is None or len(mod) > len(best[1])):
-            best = (name, mod)
-    if best is None:
-        raise ValueError(f"cannot find the transformer layers of {type(model).__name__}")
-    return best
 
 
 def _final_norm_params(model: nn.Module, layers_prefix: str) -> list[str]:

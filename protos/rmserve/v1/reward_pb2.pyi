@@ -197,7 +197,7 @@ class Normalization(_message.Message):
     def __init__(self, shift: _Optional[_Iterable[float]] = ..., scale: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "version", "kind", "num_members", "num_heads", "backbone", "max_tokens", "dtype", "normalization", "default_uncertainty_penalty", "has_epistemic", "max_samples_per_request")
+    __slots__ = ("name", "version", "kind", "num_members", "num_heads", "backbone", "max_tokens", "dtype", "normalization", "default_uncertainty_penalty", "has_epistemic", "max_samples_per_request", "backbone_layers")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
@@ -210,6 +210,7 @@ class ModelInfo(_message.Message):
     DEFAULT_UNCERTAINTY_PENALTY_FIELD_NUMBER: _ClassVar[int]
     HAS_EPISTEMIC_FIELD_NUMBER: _ClassVar[int]
     MAX_SAMPLES_PER_REQUEST_FIELD_NUMBER: _ClassVar[int]
+    BACKBONE_LAYERS_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: str
     kind: str
@@ -222,4 +223,5 @@ class ModelInfo(_message.Message):
     default_uncertainty_penalty: float
     has_epistemic: bool
     max_samples_per_request: int
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., kind: _Optional[str] = ..., num_members: _Optional[int] = ..., num_heads: _Optional[int] = ..., backbone: _Optional[str] = ..., max_tokens: _Optional[int] = ..., dtype: _Optional[str] = ..., normalization: _Optional[_Union[Normalization, _Mapping]] = ..., default_uncertainty_penalty: _Optional[float] = ..., has_epistemic: _Optional[bool] = ..., max_samples_per_request: _Optional[int] = ...) -> None: ...
+    backbone_layers: int
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., kind: _Optional[str] = ..., num_members: _Optional[int] = ..., num_heads: _Optional[int] = ..., backbone: _Optional[str] = ..., max_tokens: _Optional[int] = ..., dtype: _Optional[str] = ..., normalization: _Optional[_Union[Normalization, _Mapping]] = ..., default_uncertainty_penalty: _Optional[float] = ..., has_epistemic: _Optional[bool] = ..., max_samples_per_request: _Optional[int] = ..., backbone_layers: _Optional[int] = ...) -> None: ...

@@ -1,0 +1,63 @@
+"""The CPU benchmark runs end to end with a tiny model, and its variants agree on the scores.
+
+Every variant scores the same token ids (GRPO through text, which the server
+tokenises itself), so in fp32 the scores must match the baseline: a wrong last
+token, a misplaced prefix cache or other ids would show here as differences of
+the order of the score std.
+"""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "bench" / "bench_cpu.py"
+VARIANTS = {"hf-padded", "hf-best-fp32", "hf-best-bf16", "engine-fp32", "engine-bf16", "grpc-fp32", "grpc-bf16"}
+
+
+def run_bench(*args: str) -> str:
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--tiny", *args],
+                          capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc.stdout
+
+
+def table_rows(stdout: str) -> list[dict[str, str]]:
+    lines = [line for line in stdout.splitlines() if line.startswith("| ")]
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    return [dict(zip(header, (c.strip() for c in line.strip("|").split("|")), strict=True))
+            for line in lines[2:]]
+
+
+def test_tiny_cpu_benchmark_runs_every_variant_and_fp32_scores_agree(tmp_path: Path) -> None:
+    out = tmp_path / "cpu.md"
+    stdout = run_bench("--out", str(out))
+    rows = table_rows(stdout)
+    for workload in ("ppo", "grpo"):
+        got = [r for r in rows if r["workload"] == workload]
+        assert {r["key"] for r in got} == VARIANTS and len(got) == len(VARIANTS), stdout
+    diff = "max abs score diff / baseline std"
+    for r in rows:
+        rel = float(r[diff])
+        assert math.isfinite(rel) and float(r["seconds"]) > 0 and r["of ceiling"].endswith("%"), r
+        if r["dtype"] == "fp32":
+            assert rel < 1e-3, r
+        else:  # bf16 rounds, but the scores are still the same sequences'
+            assert r["dtype"] == "bf16" and rel < 0.5, r
+    assert "PPO-like:" in stdout and "GRPO-like:" in stdout and "ceiling fp32" in stdout
+    assert stdout.count("gRPC / in-process engine >= 0.9") == 4 and "n/a" not in stdout
+    assert "- ppo fp32:" in stdout and "- grpo bf16:" in stdout
+    text = out.read_text()
+    assert text.strip() in stdout and "command: `python bench/bench_cpu.py --tiny --out" in text
+    assert "torch " in text and "threads" in text
+
+
+def test_subset_runs_the_baseline_and_marks_the_rest_not_run() -> None:
+    stdout = run_bench("--workloads", "grpo", "--variants", "hf-best-fp32")
+    rows = table_rows(stdout)
+    assert [(r["workload"], r["key"]) for r in rows] == [("grpo", "hf-padded"), ("grpo", "hf-best-fp32")], stdout
+    assert float(rows[1]["max abs score diff / baseline std"]) < 1e-3
+    assert "PPO-like:" not in stdout and "n/a" in stdout and "PASS" not in stdout and "MISS" not in stdout
