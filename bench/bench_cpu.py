@@ -1,40 +1,140 @@
-"""CPU scoring throughput: Hugging Face baselines vs rmserve, side by side in one process.
+"""CPU scoring throughput: plain Hugging Face vs rmserve, side by side in one process.
 
-Run (2-core CPU, ~5 minutes):
+Run (2-core CPU, meant to stay under ~10 minutes; nothing is downloaded once
+the builtin backbone is cached):
 
     .venv/bin/python bench/bench_cpu.py --out bench/results/cpu-$(date +%F).md
 
-Variants, all on the same token ids with the embedded default's backbone
-(SmolLM2-135M-Instruct) and random heads (heads do not change the cost):
-  hf-padded   HF forward, fixed padded batches of 32 in arrival order
-              (how OpenRLHF's serve_rm batches): the baseline
-  hf-sorted   HF forward, length-sorted batches under a 4096-token budget
-  engine      rmserve's engine in process
-  grpc        rmserve end to end: SDK -> gRPC on localhost -> scheduler -> engine
+`--tiny` runs a tiny random Llama in seconds (tests/test_bench_cpu.py runs it
+so the script cannot rot); `--workloads` and `--variants` run a subset.
 
-Prints tokens/s, each variant's ratio to the baseline, gRPC as a fraction of
-the in-process engine, and the largest score difference to the baseline.
-`--tiny` runs a random tiny Llama in seconds (used by the test suite so the
-script cannot rot).
+Every variant scores the same token ids with the embedded default's backbone
+(SmolLM2-135M-Instruct) and random heads (heads do not change the cost):
+
+  hf-padded      bare HF backbone, fp32, fixed padded batches of 32 in arrival
+                 order (how OpenRLHF's serve_rm batches): the baseline, always run
+  hf-best-fp32   the best plain-HF variant, fp32. PPO: length-sorted batches under
+                 a 4096-token budget (rmserve's plan_batches). GRPO: each group's
+                 prompt encoded once (use_cache=True), its KV cache expanded to the
+                 group, only the completions run
+  hf-best-bf16   the same on the HF backbone cast with .to(torch.bfloat16)
+  engine-fp32    rmserve's ScoringEngine in process, load_model(dtype="float32")
+  engine-bf16    the same with load_model(dtype="bfloat16")
+  grpc-fp32      rmserve end to end: SDK -> gRPC on localhost -> scheduler ->
+                 engine, ServerConfig(dtype="float32"); PPO via client.score on
+                 token ids, GRPO via client.score_groups(prompt, completions)
+  grpc-bf16      the same with ServerConfig(dtype="bfloat16")
+
+Workloads: PPO-like, `--n` sequences of random token ids with lengths
+U[32, 512]; GRPO-like, `--groups` groups of one ~384-token prompt and 8
+completions of ~64 tokens. score_groups takes text, so the GRPO workload is
+random vocabulary words, and the HF variants and the engine get the token ids
+of the model's own PromptEncoder (what the server computes); the gRPC results'
+num_tokens are checked against them.
+
+Printed per workload and variant: tokens/s (PPO) or completions/s (GRPO), the
+ratio to the baseline, the largest |score - baseline score| over the baseline's
+score std, and the fraction of the ceiling. The ceiling is the matmul rate
+measured in this run (best of several 2048^3 torch.mm, fp32 and bf16) over the
+workload's useful FLOPs: 2 x non-embedding parameters x real tokens plus causal
+attention 2 x 2 x layers x hidden x sum(L^2 / 2); for GRPO the useful tokens
+are each prompt once plus the completions, and a completion of length C after
+a prompt of length P attends C x P + C^2 / 2 pairs. A variant is held to the
+ceiling of its own dtype. Then gRPC / in-process engine throughput per dtype,
+and the targets as PASS/MISS lines (information, not assertions).
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
+import gc
 import os
 import platform
 import random
+import re
+import shlex
+import subprocess
+import sys
 import tempfile
 import time
-from datetime import date
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 import torch
 
+VARIANTS = ("hf-padded", "hf-best-fp32", "hf-best-bf16", "engine-fp32", "engine-bf16", "grpc-fp32", "grpc-bf16")
+WORKLOADS = ("ppo", "grpo")
+BASELINE = "hf-padded"
+TOKEN_BUDGET = 4096   # hf-best (PPO) and rmserve's engine: padded tokens per forward
+ARRIVAL_BATCH = 32    # the baseline's fixed batch size
+NUM_HEADS = 5
 
-def build_model_dir(root: Path, tiny: bool, num_heads: int = 5) -> Path:
-    """An ensemble dir: the builtin backbone (or a tiny random one) + random heads."""
+
+@dataclass(frozen=True)
+class Sizes:
+    """Workload shapes; --tiny shrinks them so the test suite runs in seconds."""
+
+    min_len: int = 32
+    max_len: int = 512
+    prompt_len: int = 384
+    completions: int = 8
+    completion_len: int = 64
+    gemm: int = 2048
+
+
+TINY = Sizes(min_len=8, max_len=64, prompt_len=48, completions=8, completion_len=8, gemm=256)
+
+
+@dataclass
+class Group:
+    """One GRPO group: its text (what score_groups sends) and where its sequences are."""
+
+    prompt: str
+    completions: list[str]
+    members: list[int]       # indices into Workload.seqs
+    prefix_len: int          # tokens every member shares (each keeps >= 1 of its own)
+
+
+@dataclass
+class Workload:
+    name: str
+    title: str
+    seqs: list[list[int]]    # token ids in arrival order (a group's completions together)
+    groups: list[Group]      # GRPO only
+    useful_tokens: int       # what an ideal engine computes
+    attn_pairs: float        # causal (query, key) pairs an ideal engine computes
+    flops: float = 0.0
+
+    @property
+    def unit(self) -> str:
+        return "completions" if self.groups else "tok"
+
+    @property
+    def units(self) -> int:
+        """What throughput counts: completions (GRPO) or real tokens (PPO)."""
+        return len(self.seqs) if self.groups else self.useful_tokens
+
+
+@dataclass
+class Row:
+    workload: str
+    key: str
+    label: str
+    dtype: str
+    seconds: float
+    scores: np.ndarray
+
+
+# --------------------------------------------------------------------------- #
+# model and workloads
+# --------------------------------------------------------------------------- #
+
+def build_model_dir(root: Path, tiny: bool) -> Path:
+    """An ensemble dir: the builtin backbone (or a tiny random Llama) + random heads."""
     from rmserve.service.ensemble import (
         EnsembleManifest,
         MemberSpec,
@@ -44,49 +144,223 @@ def build_model_dir(root: Path, tiny: bool, num_heads: int = 5) -> Path:
     )
 
     if tiny:
-        from tokenizers import Tokenizer, models, pre_tokenizers
-        from transformers import LlamaConfig, LlamaModel, PreTrainedTokenizerFast
-
-        vocab = {"<pad>": 0, "<unk>": 1, **{f"w{i}": i for i in range(2, 1000)}}
-        tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-        tok.pre_tokenizer = pre_tokenizers.Whitespace()
-        PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>").save_pretrained(root / "backbone")
-        cfg = LlamaConfig(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024)
-        torch.manual_seed(0)
-        LlamaModel(cfg).save_pretrained(root / "backbone")
         backbone, hidden = "backbone", 64
+        _save_tiny_backbone(root / backbone, hidden)
     else:
         backbone, hidden = "builtin:smollm2-135m-instruct", 576
     g = torch.Generator().manual_seed(1)
     spec = MemberSpec(name="member0", backbone=backbone)
-    save_member(root, spec, MemberTensors(weight=torch.randn(num_heads, hidden, generator=g) / hidden**0.5,
-                                          bias=torch.zeros(num_heads)))
+    save_member(root, spec, MemberTensors(weight=torch.randn(NUM_HEADS, hidden, generator=g) / hidden**0.5,
+                                          bias=torch.zeros(NUM_HEADS)))
     write_manifest(root, EnsembleManifest(name="bench", version="bench", kind="heads", members=[spec], max_tokens=1024))
     return root
 
 
-def hf_scores(model, head_w: torch.Tensor, head_b: torch.Tensor, seqs: list[list[int]], batches: list[list[int]], pad: int) -> np.ndarray:
-    """Plain HF: right-padded batches, last token found from the attention mask."""
-    out = np.empty(len(seqs), dtype=np.float64)
-    with torch.inference_mode():
-        for idx in batches:
-            b = [seqs[i] for i in idx]
-            t = max(map(len, b))
-            ids = torch.full((len(b), t), pad)
-            mask = torch.zeros((len(b), t), dtype=torch.long)
-            for j, s in enumerate(b):
-                ids[j, : len(s)] = torch.tensor(s)
-                mask[j, : len(s)] = 1
-            h = model(input_ids=ids, attention_mask=mask).last_hidden_state
-            last = h[torch.arange(len(b)), mask.sum(1) - 1]
-            out[idx] = ((last @ head_w.T + head_b).mean(1)).double().numpy()
+def _save_tiny_backbone(out: Path, hidden: int) -> None:
+    """A random 2-layer Llama with a word-level tokenizer (words w2..w999), so text round-trips."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaModel, PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<unk>": 1, **{f"w{i}": i for i in range(2, 1000)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>").save_pretrained(out)
+    cfg = LlamaConfig(vocab_size=1000, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024)
+    torch.manual_seed(0)
+    LlamaModel(cfg).save_pretrained(out)
+
+
+def non_embedding_params(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters()) - model.get_input_embeddings().weight.numel()
+
+
+def useful_flops(model: torch.nn.Module, tokens: int, attn_pairs: float) -> float:
+    c = model.config
+    return 2.0 * non_embedding_params(model) * tokens + 2.0 * 2.0 * c.num_hidden_layers * c.hidden_size * attn_pairs
+
+
+def ppo_workload(n: int, lo: int, hi: int, vocab: int, seed: int = 0) -> Workload:
+    rng = random.Random(seed)
+    seqs = [[rng.randrange(vocab) for _ in range(rng.randint(lo, hi))] for _ in range(n)]
+    return Workload("ppo", f"PPO-like: {n} sequences, lengths U[{lo}, {hi}]", seqs, [],
+                    sum(map(len, seqs)), sum(len(s) ** 2 / 2 for s in seqs))
+
+
+def word_list(tokenizer) -> list[str]:
+    """Whole words of the vocabulary, so random text tokenises to about one token per word."""
+    vocab = tokenizer.get_vocab()
+    spaced = [t[1:] for t in vocab if t.startswith("Ġ")]  # byte-level BPE marks a leading space with Ġ
+    return sorted({w for w in (spaced or vocab) if re.fullmatch(r"[a-z][a-z0-9]{2,9}", w)})
+
+
+def _lcp(a: Sequence[int], b: Sequence[int]) -> int:
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
+
+
+def _fit_words(count: Callable[[int], int], target: int) -> int:
+    """The number of words whose text comes to `target` tokens (about one token per word)."""
+    n = target
+    for _ in range(8):
+        got = count(n)
+        if got == target:
+            break
+        n = max(1, n + target - got)
+    return n
+
+
+def _text_group(encode, words: list[str], rng: random.Random, sizes: Sizes) -> tuple[str, list[str]]:
+    """A prompt of ~prompt_len tokens (chat template included) and completions of ~completion_len each."""
+    pool = [rng.choice(words) for _ in range(2 * sizes.prompt_len)]
+    probe_a = words[0]
+    probe_b = next((w for w in words if w[0] != probe_a[0]), words[-1])
+
+    def text(n: int, source: list[str]) -> str:
+        return " ".join(source[:n])
+
+    def prompt_tokens(n: int) -> int:
+        return _lcp(encode(text(n, pool), probe_a), encode(text(n, pool), probe_b))
+
+    prompt = text(_fit_words(prompt_tokens, sizes.prompt_len), pool)
+    prefix = prompt_tokens(len(prompt.split()))
+    completions = []
+    for _ in range(sizes.completions):
+        own = [rng.choice(words) for _ in range(2 * sizes.completion_len)]
+        n = _fit_words(lambda n, own=own: len(encode(prompt, text(n, own))) - prefix, sizes.completion_len)
+        completions.append(text(n, own))
+    return prompt, completions
+
+
+def grpo_workload(encoder, tokenizer, groups: int, sizes: Sizes, seed: int = 1) -> Workload:
+    """Text groups, tokenised by the served model's PromptEncoder (the ids the server will compute)."""
+    rng = random.Random(seed)
+    words = word_list(tokenizer)
+
+    def encode(prompt: str, completion: str) -> list[int]:
+        return encoder.prompt_response(prompt, completion).ids
+
+    seqs: list[list[int]] = []
+    out: list[Group] = []
+    tokens, pairs = 0, 0.0
+    for _ in range(groups):
+        prompt, completions = _text_group(encode, words, rng, sizes)
+        ids = [encode(prompt, c) for c in completions]
+        p = min(min(_lcp(ids[0], s) for s in ids), min(map(len, ids)) - 1)
+        out.append(Group(prompt, completions, list(range(len(seqs), len(seqs) + len(ids))), p))
+        seqs += ids
+        suffixes = [len(s) - p for s in ids]
+        tokens += p + sum(suffixes)
+        pairs += p**2 / 2 + sum(c * p + c**2 / 2 for c in suffixes)
+    c_mean = (sum(map(len, seqs)) - sum(g.prefix_len * len(g.members) for g in out)) / len(seqs)
+    p_mean = sum(g.prefix_len for g in out) / len(out)
+    title = (f"GRPO-like: {groups} groups of a {p_mean:.0f}-token prompt + {sizes.completions} completions "
+             f"of {c_mean:.1f} tokens (mean)")
+    return Workload("grpo", title, seqs, out, tokens, pairs)
+
+
+# --------------------------------------------------------------------------- #
+# plain Hugging Face variants
+# --------------------------------------------------------------------------- #
+
+def _padded(batch: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    lengths = torch.tensor([len(s) for s in batch])
+    ids = torch.full((len(batch), int(lengths.max())), pad, dtype=torch.long)
+    for i, s in enumerate(batch):
+        ids[i, : len(s)] = torch.tensor(s)
+    mask = (torch.arange(ids.shape[1])[None, :] < lengths[:, None]).long()
+    return ids, mask, lengths
+
+
+def _heads(hidden: torch.Tensor, lengths: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """Mean of the heads at each row's last real token (found from lengths, not the pad id)."""
+    last = hidden[torch.arange(hidden.shape[0]), lengths - 1].float()
+    return (last @ weight.T + bias).mean(1)
+
+
+@torch.inference_mode()
+def hf_batches(model, heads, seqs: list[list[int]], batches: list[list[int]], pad: int) -> np.ndarray:
+    """Plain HF: one right-padded forward per batch of indices."""
+    out = np.empty(len(seqs))
+    for idx in batches:
+        ids, mask, lengths = _padded([seqs[i] for i in idx], pad)
+        hidden = model(input_ids=ids, attention_mask=mask).last_hidden_state
+        out[idx] = _heads(hidden, lengths, *heads).double().numpy()
     return out
 
 
-def timed(fn, repeat: int):
-    fn()  # warm-up
-    best, result = float("inf"), None
+@torch.inference_mode()
+def hf_prefix_cache(model, heads, w: Workload, pad: int) -> np.ndarray:
+    """Plain HF for GRPO: each prompt encoded once, its KV cache expanded to the group's completions."""
+    from rmserve.service.engine import _cache_kwarg
+
+    out = np.empty(len(w.seqs))
+    for g in w.groups:
+        p = g.prefix_len
+        first = model(input_ids=torch.tensor([w.seqs[g.members[0]][:p]]), use_cache=True)
+        cache = first.cache if "cache" in first else first.past_key_values  # renamed in transformers 5.2x
+        ids, mask, lengths = _padded([w.seqs[i][p:] for i in g.members], pad)
+        n, t = ids.shape
+        group_cache = copy.deepcopy(cache)
+        group_cache.batch_repeat_interleave(n)
+        hidden = model(
+            input_ids=ids, attention_mask=torch.cat([torch.ones(n, p, dtype=torch.long), mask], dim=1),
+            position_ids=(p + torch.arange(t))[None, :].expand(n, t), use_cache=True,
+            **{_cache_kwarg(model): group_cache},
+        ).last_hidden_state
+        out[g.members] = _heads(hidden, lengths, *heads).double().numpy()
+    return out
+
+
+def arrival_batches(n: int) -> list[list[int]]:
+    return [list(range(i, min(i + ARRIVAL_BATCH, n))) for i in range(0, n, ARRIVAL_BATCH)]
+
+
+def hf_best(model, heads, w: Workload, pad: int) -> np.ndarray:
+    """The best plain-HF variant: prefix cache for groups, length-sorted budgeted batches otherwise."""
+    from rmserve.service.engine import plan_batches
+
+    if w.groups:
+        return hf_prefix_cache(model, heads, w, pad)
+    return hf_batches(model, heads, w.seqs, plan_batches([len(s) for s in w.seqs], TOKEN_BUDGET, 256), pad)
+
+
+# --------------------------------------------------------------------------- #
+# rmserve variants
+# --------------------------------------------------------------------------- #
+
+def engine_scores(engine, w: Workload) -> np.ndarray:
+    """In process: the engine finds each group's shared prompt from the ids itself."""
+    return engine.score(w.seqs).mean.astype(np.float64)
+
+
+def grpc_scores(client, w: Workload) -> np.ndarray:
+    """End to end: token ids for PPO, score_groups on the text for GRPO; num_tokens checked."""
+    if w.groups:
+        calls = [(g.members, client.score_groups(g.prompt, g.completions)) for g in w.groups]
+    else:
+        calls = [(list(range(len(w.seqs))), client.score([{"token_ids": s} for s in w.seqs]))]
+    out = np.empty(len(w.seqs))
+    for idx, results in calls:
+        got = [r.num_tokens for r in results]
+        want = [len(w.seqs[i]) for i in idx]
+        if got != want or any(r.truncated for r in results):
+            raise RuntimeError(f"{w.name}: the server scored other token ids than the HF variants "
+                               f"(num_tokens {got[:4]}... vs {want[:4]}...)")
+        out[idx] = [r.reward for r in results]
+    return out
+
+
+# --------------------------------------------------------------------------- #
+# timing and the ceiling
+# --------------------------------------------------------------------------- #
+
+def timed(fn: Callable[[], np.ndarray], repeat: int) -> tuple[float, np.ndarray]:
+    """Best of `repeat` timed runs after one warm-up run."""
+    result = fn()
+    best = float("inf")
     for _ in range(repeat):
         t0 = time.perf_counter()
         result = fn()
@@ -94,79 +368,233 @@ def timed(fn, repeat: int):
     return best, result
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--tiny", action="store_true", help="tiny random model, seconds (for tests)")
-    ap.add_argument("--n", type=int, default=96, help="sequences in the PPO-like workload")
-    ap.add_argument("--min-len", type=int, default=32)
-    ap.add_argument("--max-len", type=int, default=512)
-    ap.add_argument("--repeat", type=int, default=1, help="timed runs per variant (best is kept)")
-    ap.add_argument("--out", help="also write the table (markdown) to this file")
-    args = ap.parse_args()
-    if args.tiny:
-        args.n, args.max_len = min(args.n, 24), min(args.max_len, 64)
-        args.min_len = min(args.min_len, 8)
+def matmul_rate(dtype: torch.dtype, n: int, reps: int = 5) -> float:
+    """FLOP/s of the best of `reps` n^3 torch.mm in `dtype`: the ceiling's rate, measured in this run."""
+    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+    torch.mm(a, b)
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        torch.mm(a, b)
+        best = min(best, time.perf_counter() - t0)
+    return 2.0 * n**3 / best
 
+
+# --------------------------------------------------------------------------- #
+# running the variants
+# --------------------------------------------------------------------------- #
+
+class Bench:
+    """Runs the selected variants over the workloads and keeps their rows."""
+
+    def __init__(self, workloads: list[Workload], variants: set[str], repeat: int):
+        self.workloads, self.variants, self.repeat = workloads, variants, repeat
+        self.rows: dict[tuple[str, str], Row] = {}
+
+    def run(self, key: str, label: str | Callable[[Workload], str], dtype: str,
+            fn: Callable[[Workload], np.ndarray]) -> None:
+        if key not in self.variants:
+            return
+        for w in self.workloads:
+            seconds, scores = timed(lambda w=w: fn(w), self.repeat)
+            name = label(w) if callable(label) else label
+            self.rows[(w.name, key)] = Row(w.name, key, name, dtype, seconds, scores)
+            print(f"  {w.name} {key}: {seconds:.2f} s", file=sys.stderr, flush=True)
+
+    def wants(self, *keys: str) -> bool:
+        return any(k in self.variants for k in keys)
+
+
+def hf_label(w: Workload) -> str:
+    return "hf prompt once + KV cache" if w.groups else f"hf sorted, budget {TOKEN_BUDGET}"
+
+
+def run_hf(bench: Bench, rm) -> None:
+    member = rm.members[0]
+    model, pad = member.backbone.model, member.backbone.tokenizer.pad_token_id or 0
+    heads = (member.weight, member.bias)
+    bench.run(BASELINE, f"hf padded x{ARRIVAL_BATCH}, arrival order (baseline)", "fp32",
+              lambda w: hf_batches(model, heads, w.seqs, arrival_batches(len(w.seqs)), pad))
+    bench.run("hf-best-fp32", hf_label, "fp32", lambda w: hf_best(model, heads, w, pad))
+    if bench.wants("hf-best-bf16"):
+        bf16 = copy.deepcopy(model).to(torch.bfloat16)
+        bench.run("hf-best-bf16", hf_label, "bf16", lambda w: hf_best(bf16, heads, w, pad))
+
+
+def run_engines(bench: Bench, rm, model_dir: Path) -> None:
+    from rmserve.service.engine import ScoringEngine
+    from rmserve.service.model import load_model
+
+    if bench.wants("engine-fp32"):
+        engine = ScoringEngine(rm, token_budget=TOKEN_BUDGET)
+        bench.run("engine-fp32", "rmserve engine in process", "fp32", lambda w: engine_scores(engine, w))
+    if bench.wants("engine-bf16"):
+        engine = ScoringEngine(load_model(model_dir, dtype="bfloat16"), token_budget=TOKEN_BUDGET)
+        bench.run("engine-bf16", "rmserve engine in process", "bf16", lambda w: engine_scores(engine, w))
+    gc.collect()
+
+
+def run_grpc(bench: Bench, model_dir: Path, registry: Path) -> None:
     from rmserve.client import RewardClient
     from rmserve.service.background import BackgroundServer
     from rmserve.service.config import ServerConfig
-    from rmserve.service.engine import ScoringEngine, plan_batches
-    from rmserve.service.model import load_model
 
-    tmp = Path(tempfile.mkdtemp(prefix="rmserve-bench-"))
-    model_dir = build_model_dir(tmp / "model", args.tiny)
-    rm = load_model(model_dir, dtype="float32")
-    member = rm.members[0]
-    rng = random.Random(0)
-    vocab = len(member.backbone.tokenizer)
-    seqs = [[rng.randrange(vocab) for _ in range(rng.randint(args.min_len, args.max_len))] for _ in range(args.n)]
-    tokens = sum(map(len, seqs))
-    pad = member.backbone.tokenizer.pad_token_id or 0
-    model = member.backbone.model
-    rows: list[tuple[str, float, np.ndarray]] = []
+    for dtype, short in (("float32", "fp32"), ("bfloat16", "bf16")):
+        key = f"grpc-{short}"
+        if not bench.wants(key):
+            continue
+        config = ServerConfig(model=str(model_dir), port=0, metrics_port=None, dtype=dtype, registry=str(registry))
+        server = BackgroundServer(config).start()
+        try:
+            with RewardClient(server.address, timeout=3600) as client:
+                bench.run(key, lambda w: "rmserve gRPC " + ("score_groups" if w.groups else "score"), short,
+                          lambda w, c=client: grpc_scores(c, w))
+        finally:
+            server.stop()
+        del server
+        gc.collect()
 
-    arrival = [list(range(i, min(i + 32, len(seqs)))) for i in range(0, len(seqs), 32)]
-    t, base = timed(lambda: hf_scores(model, member.weight, member.bias, seqs, arrival, pad), args.repeat)
-    rows.append(("hf-padded (baseline)", t, base))
-    sorted_batches = plan_batches([len(s) for s in seqs], 4096, 256)
-    t, s = timed(lambda: hf_scores(model, member.weight, member.bias, seqs, sorted_batches, pad), args.repeat)
-    rows.append(("hf-sorted", t, s))
-    engine = ScoringEngine(rm, token_budget=4096)
-    t, s = timed(lambda: engine.score(seqs).mean.astype(np.float64), args.repeat)
-    rows.append(("rmserve engine (in process)", t, s))
-    engine_t = t
 
-    server = BackgroundServer(ServerConfig(model=str(model_dir), port=0, metrics_port=None, dtype="float32")).start()
+# --------------------------------------------------------------------------- #
+# report
+# --------------------------------------------------------------------------- #
+
+def cpu_model() -> str:
     try:
-        with RewardClient(server.address, timeout=3600) as client:
-            samples = [{"token_ids": s} for s in seqs]
-            t, res = timed(lambda: np.array([r.reward for r in client.score(samples)], dtype=np.float64), args.repeat)
-        rows.append(("rmserve gRPC (end to end)", t, res))
-    finally:
-        server.stop()
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        return "?"
+    return next((line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name")), "?")
 
-    base_t = rows[0][1]
-    lines = [
-        f"# CPU scoring throughput ({date.today()})",
-        "",
-        f"- machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
-        f"{torch.get_num_threads()} threads; model: {'tiny random Llama' if args.tiny else 'SmolLM2-135M-Instruct backbone'} fp32",
-        f"- workload: {args.n} sequences, lengths U[{args.min_len}, {args.max_len}], {tokens} tokens; best of {args.repeat}",
-        f"- command: `python bench/bench_cpu.py{' --tiny' if args.tiny else ''} --n {args.n} --repeat {args.repeat}`",
-        "",
-        "| variant | seconds | tok/s | x baseline | max abs score diff vs baseline |",
-        "| --- | --- | --- | --- | --- |",
+
+def per_s(w: Workload, rate: float) -> str:
+    return f"{rate:,.1f} {w.unit}/s" if w.groups else f"{rate:,.0f} {w.unit}/s"
+
+
+def table(bench: Bench, rates: dict[str, float]) -> list[str]:
+    lines = ["| workload | variant | key | dtype | seconds | throughput | x baseline | max abs score diff / baseline std | of ceiling |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for w in bench.workloads:
+        base = bench.rows[(w.name, BASELINE)]
+        std = max(float(base.scores.std()), 1e-12)
+        for key in VARIANTS:
+            r = bench.rows.get((w.name, key))
+            if r is None:
+                continue
+            rel = float(np.abs(r.scores - base.scores).max()) / std
+            mfu = w.flops / r.seconds / rates[r.dtype]
+            lines.append(f"| {w.name} | {r.label} | {key} | {r.dtype} | {r.seconds:.3f} | {per_s(w, w.units / r.seconds)} | "
+                         f"{base.seconds / r.seconds:.2f} | {rel:.2e} | {mfu:.1%} |")
+    return lines
+
+
+def ratio(bench: Bench, workload: str, num: str, den: str) -> float | None:
+    """Throughput of `num` over `den` (= den's seconds over num's)."""
+    a, b = bench.rows.get((workload, num)), bench.rows.get((workload, den))
+    return None if a is None or b is None else b.seconds / a.seconds
+
+
+def target_lines(bench: Bench) -> list[str]:
+    def line(what: str, value: float | None, goal: float) -> str:
+        if value is None:
+            return f"- n/a  {what} >= {goal:g} (not run)"
+        return f"- {'PASS' if value >= goal else 'MISS'} {what} >= {goal:g}: {value:.2f}"
+
+    out = [
+        line("PPO-like rmserve gRPC bf16 x baseline", ratio(bench, "ppo", "grpc-bf16", BASELINE), 4.5),
+        line("GRPO-like rmserve score_groups bf16 x baseline", ratio(bench, "grpo", "grpc-bf16", BASELINE), 7.5),
+        line("PPO-like rmserve gRPC --dtype float32 x baseline", ratio(bench, "ppo", "grpc-fp32", BASELINE), 2.3),
     ]
-    for name, t, s in rows:
-        lines.append(f"| {name} | {t:.2f} | {tokens / t:.0f} | {base_t / t:.2f} | {np.abs(s - base).max():.2e} |")
-    grpc_t = rows[-1][1]
-    lines += ["", f"gRPC end to end / in-process engine throughput: {engine_t / grpc_t:.3f}"]
-    text = "\n".join(lines)
+    for w in bench.workloads:
+        for short in ("fp32", "bf16"):
+            out.append(line(f"{w.name} {short} gRPC / in-process engine", ratio(bench, w.name, f"grpc-{short}", f"engine-{short}"), 0.90))
+    return out
+
+
+def report(bench: Bench, rates: dict[str, float], args, argv: list[str], wall: float) -> str:
+    lines = [
+        f"# CPU scoring throughput ({datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC)",
+        "",
+        f"- machine: {platform.platform()}, {cpu_model()}, {os.cpu_count()} CPUs; torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads",
+        f"- model: {'tiny random Llama (2 layers, hidden 64)' if args.tiny else 'SmolLM2-135M-Instruct backbone'}"
+        f" + {NUM_HEADS} random heads; best of {args.repeat} after a warm-up",
+        f"- measured matmul rate ({args.sizes.gemm}^3 torch.mm, best of 5): fp32 {rates['fp32'] / 1e9:.1f} GFLOP/s, "
+        f"bf16 {rates['bf16'] / 1e9:.1f} GFLOP/s",
+        f"- command: `{shlex.join(['python', 'bench/bench_cpu.py', *argv])}`",
+        "",
+    ]
+    for w in bench.workloads:
+        ceiling = {d: rates[d] / w.flops * w.units for d in rates}  # the workload at the matmul rate
+        lines.append(f"- {w.title}; {sum(map(len, w.seqs))} tokens sent, {w.useful_tokens} useful, "
+                     f"{w.flops / 1e9:.3g} useful GFLOP; ceiling fp32 {per_s(w, ceiling['fp32'])}, "
+                     f"bf16 {per_s(w, ceiling['bf16'])}")
+    lines += ["", *table(bench, rates), "", "gRPC end to end / in-process engine throughput (same dtype):"]
+    for w in bench.workloads:
+        for short in ("fp32", "bf16"):
+            r = ratio(bench, w.name, f"grpc-{short}", f"engine-{short}")
+            if r is not None:
+                lines.append(f"- {w.name} {short}: {r:.3f}")
+    lines += ["", "Targets (information, not assertions):", *target_lines(bench), "", f"total wall time {wall:.0f} s"]
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- #
+# main
+# --------------------------------------------------------------------------- #
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tiny", action="store_true", help="tiny random Llama, seconds (for tests)")
+    ap.add_argument("--n", type=int, default=96, help="sequences in the PPO-like workload (--tiny: at most 24)")
+    ap.add_argument("--groups", type=int, default=4, help="groups in the GRPO-like workload (--tiny: at most 2)")
+    ap.add_argument("--repeat", type=int, default=1, help="timed runs per variant after one warm-up (best is kept)")
+    ap.add_argument("--workloads", nargs="+", choices=WORKLOADS, default=list(WORKLOADS))
+    ap.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS),
+                    help=f"variants to run ({BASELINE} always runs: everything is compared to it)")
+    ap.add_argument("--out", help="also write the report (markdown) to this file")
+    args = ap.parse_args(argv)
+    args.sizes = TINY if args.tiny else Sizes()
+    if args.tiny:
+        args.n, args.groups = min(args.n, 24), min(args.groups, 2)
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    t_start = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="rmserve-bench-") as tmp:
+        text = run_all(args, argv, Path(tmp), t_start)
     print(text)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(text + "\n")
+    return 0
+
+
+def run_all(args, argv: list[str], tmp: Path, t_start: float) -> str:
+    """Build the model and workloads, run every selected variant, return the report."""
+    from rmserve.service.model import load_model
+
+    model_dir = build_model_dir(tmp / "model", args.tiny)
+    rm = load_model(model_dir, dtype="float32")
+    bb = rm.members[0].backbone
+    made = {
+        "ppo": lambda: ppo_workload(args.n, args.sizes.min_len, args.sizes.max_len, len(bb.tokenizer)),
+        "grpo": lambda: grpo_workload(rm.encoder, bb.tokenizer, args.groups, args.sizes),
+    }
+    workloads = [made[name]() for name in WORKLOADS if name in args.workloads]
+    for w in workloads:
+        w.flops = useful_flops(bb.model, w.useful_tokens, w.attn_pairs)
+    rates = {"fp32": matmul_rate(torch.float32, args.sizes.gemm), "bf16": matmul_rate(torch.bfloat16, args.sizes.gemm)}
+
+    bench = Bench(workloads, {BASELINE, *args.variants}, args.repeat)
+    run_hf(bench, rm)
+    run_engines(bench, rm, model_dir)
+    run_grpc(bench, model_dir, tmp / "registry")
+    return report(bench, rates, args, argv, time.perf_counter() - t_start)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
