@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from rmserve.service import invariant_attention
 from rmserve.service.backbone import Backbone, load_backbone, quiet_transformers, wrap_backbone
 from rmserve.service.ensemble import (
     MANIFEST,
@@ -24,6 +25,7 @@ from rmserve.service.ensemble import (
     read_manifest,
     resolve_backbone_path,
 )
+from rmserve.service.precision import mixed_bf16
 from rmserve.service.tokenization import PromptEncoder
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -118,21 +120,41 @@ def load_model(
     `device`: cpu, cuda[:n] or auto (CUDA when there is one); backbones and heads move there.
     """
     path = Path(path)
+    dev = resolve_device(device)
     if (path / MANIFEST).is_file():
-        return _load_ensemble(path, dtype, max_tokens).to(resolve_device(device))
+        return _load_ensemble(path, dtype, max_tokens, dev).to(dev)
     if (path / "config.json").is_file():
-        return _load_seqcls(path, dtype, max_tokens).to(resolve_device(device))
+        return _load_seqcls(path, dtype, max_tokens, dev).to(dev)
     raise EnsembleFormatError(f"{path} is neither an rmserve ensemble (no {MANIFEST}) nor a Hugging Face checkpoint (no config.json)")
 
 
-def _load_ensemble(path: Path, dtype: str, max_tokens: int | None) -> RewardModel:
+def _load_dtype(torch_dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    """The dtype weights load in: float32 for bf16 on CPU, which serves it mixed (service/precision.py)."""
+    return torch.float32 if mixed_on(torch_dtype, device) else torch_dtype
+
+
+def mixed_on(torch_dtype: torch.dtype, device: torch.device) -> bool:
+    """bf16 on CPU runs bf16 matmuls over a float32 residual stream; on CUDA it is plain bf16."""
+    return torch_dtype == torch.bfloat16 and device.type == "cpu"
+
+
+def _finish_backbone(bb: Backbone, torch_dtype: torch.dtype, device: torch.device) -> Backbone:
+    """bf16 on CPU: bf16 matmuls, and attention that keeps scores independent of the batch."""
+    if mixed_on(torch_dtype, device):
+        mixed_bf16(bb.model)
+        invariant_attention.enable(bb.model)  # a decoder on sdpa; others keep their attention
+    return bb
+
+
+def _load_ensemble(path: Path, dtype: str, max_tokens: int | None, device: torch.device) -> RewardModel:
     man: EnsembleManifest = read_manifest(path)
     torch_dtype = _resolve_dtype(dtype, man.dtype)
     members: list[Member] = []
     for spec in man.members:
         t = load_member(path, spec)
-        bb = load_backbone(resolve_backbone_path(path, spec.backbone), dtype=torch_dtype, delta=t.delta,
-                           num_layers=spec.num_layers)
+        bb = load_backbone(resolve_backbone_path(path, spec.backbone), dtype=_load_dtype(torch_dtype, device),
+                           delta=t.delta, num_layers=spec.num_layers)
+        bb = _finish_backbone(bb, torch_dtype, device)
         if t.weight.shape[1] != bb.hidden_size:
             raise EnsembleFormatError(
                 f"member {spec.name}: heads expect hidden size {t.weight.shape[1]}, backbone has {bb.hidden_size}"
@@ -158,7 +180,7 @@ def _load_ensemble(path: Path, dtype: str, max_tokens: int | None) -> RewardMode
     )
 
 
-def _load_seqcls(path: Path, dtype: str, max_tokens: int | None) -> RewardModel:
+def _load_seqcls(path: Path, dtype: str, max_tokens: int | None, device: torch.device) -> RewardModel:
     """A `*ForSequenceClassification` checkpoint with one label is a one-head ensemble."""
     from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
@@ -172,7 +194,7 @@ def _load_seqcls(path: Path, dtype: str, max_tokens: int | None) -> RewardModel:
         )
     default = str(getattr(config, "dtype", None) or "float32").removeprefix("torch.")
     torch_dtype = _resolve_dtype(dtype, default if default in DTYPES else "float32")
-    full = AutoModelForSequenceClassification.from_pretrained(path, dtype=torch_dtype)
+    full = AutoModelForSequenceClassification.from_pretrained(path, dtype=_load_dtype(torch_dtype, device))
     head = next(
         (mod for n, mod in full.named_children() if n in ("score", "classifier") and isinstance(mod, torch.nn.Linear)),
         None,
@@ -181,7 +203,8 @@ def _load_seqcls(path: Path, dtype: str, max_tokens: int | None) -> RewardModel:
         raise EnsembleFormatError(f"{path}: its classification head is not a single linear layer; rmserve cannot read it")
     weight = head.weight.detach().float().reshape(1, -1)
     bias = head.bias.detach().float().reshape(1) if head.bias is not None else torch.zeros(1)
-    bb = wrap_backbone(full.base_model, AutoTokenizer.from_pretrained(path), str(path))
+    bb = _finish_backbone(wrap_backbone(full.base_model, AutoTokenizer.from_pretrained(path), str(path)),
+                          torch_dtype, device)
     limit = min(max_tokens or 2048, bb.max_positions)
     digest = hashlib.sha256(json.dumps(config.to_dict(), sort_keys=True, default=str).encode()).hexdigest()[:8]
     return RewardModel(

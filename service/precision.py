@@ -9,6 +9,9 @@ every nn.Linear stores its weight in bf16 and multiplies bf16 inputs with fp32
 accumulation, while the residual stream, norms, rotary embeddings, attention
 and softmax stay float32. A linear layer's output row depends only on its own
 input row, so what batching still changes is the fp32 attention's rounding.
+
+`load_model(dtype="bfloat16")` applies it on CPU (service/model.py); on CUDA,
+where bf16 is the native serving dtype, bf16 stays plain bf16.
 """
 
 from __future__ import annotations
@@ -42,13 +45,3 @@ def mixed_bf16(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> int:
         parent, _, attr = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, attr, MixedLinear(mod, dtype))
     return len(targets)
-
-
-def apply_precision(model: nn.Module, dtype: str) -> None:
-    """`float32`: as loaded. `bfloat16`: mixed_bf16 (the model must be loaded in float32)."""
-    if dtype == "bfloat16":
-        if next(model.parameters()).dtype != torch.float32:
-            raise ValueError("mixed bf16 starts from a float32 model")
-        mixed_bf16(model)
-    elif dtype != "float32":
-        raise ValueError(f"apply_precision: unknown recipe {dtype!r}")

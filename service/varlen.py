@@ -32,7 +32,9 @@ ATTN_NAME = "rmserve_varlen"
 
 # Attention implementations a model may be switched from: ours computes exactly
 # what sdpa computes, so a model on eager (chosen for softcapping, say) stays there.
-SWITCHABLE = ("sdpa", ATTN_NAME)
+# The batch-invariant attention (invariant_attention.py) packs too, so it is kept as is.
+INVARIANT_NAME = "rmserve_invariant"
+SWITCHABLE = ("sdpa", ATTN_NAME, INVARIANT_NAME)
 
 
 def _sdpa_forward():
@@ -164,6 +166,8 @@ def enable_packing(model: torch.nn.Module) -> bool:
     """Switch `model` to ATTN_NAME if it supports packing; False (model untouched) if not."""
     if not supports_packing(model):
         return False
+    if model.config._attn_implementation == INVARIANT_NAME:
+        return True
     if model.config._attn_implementation != ATTN_NAME:
         model.set_attn_implementation(register())
     return model.config._attn_implementation == ATTN_NAME

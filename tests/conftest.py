@@ -148,6 +148,27 @@ def tiny_bert_seqcls(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def smollm2_ensemble(tmp_path_factory) -> Path:
+    """The embedded default's backbone (SmolLM2-135M, fetched and converted once) with 3 random heads."""
+    import torch
+
+    from rmserve.service.ensemble import (
+        EnsembleManifest,
+        MemberSpec,
+        MemberTensors,
+        save_member,
+        write_manifest,
+    )
+
+    out = tmp_path_factory.mktemp("smollm2_ensemble")
+    spec = MemberSpec(name="member0", backbone="builtin:smollm2-135m-instruct")
+    g = torch.Generator().manual_seed(0)
+    save_member(out, spec, MemberTensors(weight=torch.randn(3, 576, generator=g) / 24, bias=torch.zeros(3)))
+    write_manifest(out, EnsembleManifest(name="t", version="t", kind="heads", members=[spec], max_tokens=512))
+    return out
+
+
+@pytest.fixture(scope="session")
 def tiny_ensemble(tmp_path_factory) -> Path:
     return make_tiny_ensemble(tmp_path_factory.mktemp("ensemble"))
 

@@ -222,21 +222,9 @@ def test_cpu_keeps_the_configured_budget():
     assert engine.token_budget == 777
 
 
-def test_packing_on_the_embedded_backbone(tmp_path):
+def test_packing_on_the_embedded_backbone(smollm2_ensemble):
     """SmolLM2 (the default's backbone): packed scores equal padded ones in fp32."""
-    from rmserve.service.ensemble import (
-        EnsembleManifest,
-        MemberSpec,
-        MemberTensors,
-        save_member,
-        write_manifest,
-    )
-
-    spec = MemberSpec(name="member0", backbone="builtin:smollm2-135m-instruct")
-    g = torch.Generator().manual_seed(0)
-    save_member(tmp_path, spec, MemberTensors(weight=torch.randn(2, 576, generator=g) / 24, bias=torch.zeros(2)))
-    write_manifest(tmp_path, EnsembleManifest(name="t", version="t", kind="heads", members=[spec], max_tokens=512))
-    model = load_model(tmp_path)
+    model = load_model(smollm2_ensemble)
     seqs = random_seqs(5, lo=3, hi=24, seed=7)
     padded = ScoringEngine(model, packing="off", min_shared_prefix=0).score(seqs)
     packed = ScoringEngine(model, packing="on", min_shared_prefix=0).score(seqs)

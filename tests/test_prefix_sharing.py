@@ -58,23 +58,9 @@ def test_shared_prefix_scores_equal_the_unshared_path(tiny_ensemble):
     assert shared.stats.real_tokens == sum(map(len, seqs)) - 3 * 4 * 30  # each prompt encoded once
 
 
-def test_shared_prefix_on_the_embedded_backbone(tmp_path):
+def test_shared_prefix_on_the_embedded_backbone(smollm2_ensemble):
     """SmolLM2 (the default's backbone, fetched and converted once) with random heads."""
-    import torch
-
-    from rmserve.service.ensemble import (
-        EnsembleManifest,
-        MemberSpec,
-        MemberTensors,
-        save_member,
-        write_manifest,
-    )
-
-    spec = MemberSpec(name="member0", backbone="builtin:smollm2-135m-instruct")
-    g = torch.Generator().manual_seed(0)
-    save_member(tmp_path, spec, MemberTensors(weight=torch.randn(3, 576, generator=g) / 24, bias=torch.zeros(3)))
-    write_manifest(tmp_path, EnsembleManifest(name="t", version="t", kind="heads", members=[spec], max_tokens=512))
-    model = load_model(tmp_path)
+    model = load_model(smollm2_ensemble)
     enc = model.encoder
     prompts = ["How do I bake bread at home? Give me the steps.", "What is the capital of France?"]
     completions = ["Mix flour and water.", "Knead, rest, bake at 220C.", "I don't know."]

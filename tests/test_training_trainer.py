@@ -129,6 +129,9 @@ def test_trainer_lbfgs_heads_on_a_layer_cut_learn_the_rule_and_serve_it(tmp_path
     assert set(rep["heads"]["cv_accuracy"]) and rep["heads"]["l2"] in [float(k) for k in rep["heads"]["cv_accuracy"]]
     steps = [e for e in events if e.event == "step" and e.phase == "train"]
     assert [e.step for e in steps] == [1, 2, 3] and steps[-1].total == 3
+    # no held-out slice: the temperature is fitted on out-of-fold rewards of all training pairs
+    assert rep["calibration_split"] is None and rep["cross_fitted"]["pairs"] == 96
+    assert rep["temperature"] != 1.0 and 0.5 < rep["cross_fitted"]["accuracy"] <= 1.0
     man = read_manifest(result.out)
     assert man.members[0].num_layers == 3
     served = evaluate(result.out, train_path, write=False)  # through the serving engine, cut backbone

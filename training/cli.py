@@ -156,6 +156,7 @@ def run_train(args: argparse.Namespace) -> int:
         r = result.report
         print(f"wrote {result.out} (version {result.manifest.version}); temperature {r['temperature']:.3f}")
         for key, title in (("train", "train (pairs trained on)"), ("calibration_split", "held-out slice of train"),
+                           ("cross_fitted", "train, out-of-fold (5-fold cross-fitted heads)"),
                            ("dev", f"dev: {cfg.dev}")):
             if r.get(key):
                 print("\n" + format_report(r[key], title))
@@ -169,6 +170,8 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--token-budget", type=int, default=4096)
     p.add_argument("--strict", action="store_true")
     p.add_argument("--json", action="store_true", help="print the report as JSON instead of a table")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="serving precision to evaluate in (default: the model's own, as `rmserve serve` serves it)")
     p.add_argument("--threads", type=int, default=None)
 
 
@@ -181,7 +184,7 @@ def run_eval(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     try:
         report = evaluate(args.model, args.data, strict=args.strict, token_budget=args.token_budget,
-                          report_path=args.report)
+                          report_path=args.report, dtype=args.dtype)
     except _USER_ERRORS as e:
         print(f"rmserve eval: {e}", file=sys.stderr)
         return 2

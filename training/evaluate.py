@@ -39,6 +39,7 @@ def evaluate(
     report_path: str | Path | None = None,
     write: bool = True,
     progress: Callable[[int, int], None] | None = None,
+    dtype: str = "auto",
 ) -> dict[str, Any]:
     """Score every pair of `data` with `model` (a directory or a loaded model) -> report dict.
 
@@ -46,7 +47,7 @@ def evaluate(
     directory) unless write=False or the model was passed already loaded with no path.
     """
     t0 = time.monotonic()
-    rm = model if isinstance(model, RewardModel) else load_model(model)
+    rm = model if isinstance(model, RewardModel) else load_model(model, dtype=dtype)
     pairs, data_report = load_pairs(data, strict=strict)
     enc = encode_pairs(pairs, rm.encoder, data_report, strict=strict)
     engine = ScoringEngine(rm, token_budget=token_budget)
@@ -71,7 +72,7 @@ def evaluate(
         epistemic_rejected=None if epistemic is None else epistemic[enc.rejected],
     )
     report.update({
-        "model": {"name": rm.name, "version": rm.version, "source": rm.source, "kind": rm.kind},
+        "model": {"name": rm.name, "version": rm.version, "source": rm.source, "kind": rm.kind, "dtype": rm.dtype_name},
         "data": str(data),
         "data_report": {**data_report.to_dict(), "sequences": len(enc.seqs), "truncated_sequences": enc.truncated},
         "seconds": round(time.monotonic() - t0, 3),

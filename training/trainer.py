@@ -57,7 +57,7 @@ from rmserve.training.data import load_pairs
 from rmserve.training.encoding import EncodedPairs, encode_pairs
 from rmserve.training.events import ProgressCallback, ProgressEvent, Reporter, TrainingStopped
 from rmserve.training.features import cached_features
-from rmserve.training.linear_heads import choose_l2, fit_bt_head
+from rmserve.training.linear_heads import choose_l2, cross_fitted_rewards, fit_bt_head
 from rmserve.training.loss import bt_loss
 from rmserve.training.metrics import pair_report
 from rmserve.training.prefix import PrefixStates
@@ -368,9 +368,10 @@ class _Job:
         """Frozen features: each head's L2 logistic regression solved exactly (training/linear_heads.py)."""
         cfg, fit = self.cfg, torch.as_tensor(self.fit)
         dx = (embed_fn(chosen[fit]) - embed_fn(rejected[fit])).double()
+        sources = [self.data.source[i] for i in self.fit]  # folds by source row: a ranked list stays together
         l2 = cfg.head_l2
         if l2 is None:
-            choice = choose_l2(dx, pair_w.double(), seed=derive_seed(seed, "cv"))
+            choice = choose_l2(dx, pair_w.double(), seed=derive_seed(seed, "cv"), groups=sources)
             l2 = choice.l2
             self.head_info = {"solver": "lbfgs", "l2": l2, "chosen_by": f"{choice.folds}-fold CV NLL on train",
                               "cv_accuracy": {str(g): round(v, 4) for g, v in choice.cv_accuracy.items()},
@@ -379,6 +380,15 @@ class _Job:
                                     f"(CV accuracy {choice.cv_accuracy[l2]:.3f})")
         else:
             self.head_info = {"solver": "lbfgs", "l2": l2, "chosen_by": "--head-l2"}
+        if not len(self.calib):  # no held-out slice: the temperature comes from out-of-fold margins
+            self.rep.phase("train", "out-of-fold rewards on train (5 folds) for the temperature")
+            fit = torch.as_tensor(self.fit)
+            seqs = torch.unique(torch.cat([chosen[fit], rejected[fit]]))
+            where = torch.full((len(self.data.seqs),), -1, dtype=torch.long)
+            where[seqs] = torch.arange(len(seqs))
+            self.cross_fitted = cross_fitted_rewards(
+                embed_fn(seqs), where[chosen[fit]], where[rejected[fit]], counts.double() * pair_w.double(),
+                l2=l2, margin=pair_margin, seed=derive_seed(seed, "cv"), groups=sources)
         weights = []
         t0 = time.monotonic()
         for j in range(self.k):
@@ -506,11 +516,17 @@ class _Job:
             return pair_report(values[c[idx]], values[r[idx]], w[idx], head_names=names,
                                epistemic_chosen=epi[c[idx]].numpy(), epistemic_rejected=epi[r[idx]].numpy())
 
-        temperature, calib_before = 1.0, None
+        temperature, calib_before, cross_fitted = 1.0, None, None
         if len(self.calib):
             calib_before = report(self.calib, norm)
             d = norm[c[self.calib]].mean(1) - norm[r[self.calib]].mean(1)
             temperature = fit_temperature(d, w[self.calib])
+        elif getattr(self, "cross_fitted", None) is not None:
+            rc_oof, rr_oof = (t.numpy() for t in self.cross_fitted)
+            temperature = fit_temperature(rc_oof.mean(1) - rr_oof.mean(1), w[self.fit])
+            cross_fitted = pair_report(rc_oof / temperature, rr_oof / temperature, w[self.fit], head_names=names)
+            cross_fitted["temperature_fitted_here"] = True
+        if temperature != 1.0:
             scale = [s * temperature for s in scale]
             norm = norm / temperature
 
@@ -544,6 +560,7 @@ class _Job:
             "train": fit_metrics,
             "calibration_split_before_temperature": calib_before,
             "calibration_split": calib_metrics,
+            "cross_fitted": cross_fitted,
             "dev": None,
         }
         if cfg.dev:

@@ -5,6 +5,7 @@ Recipes on the default backbone (SmolLM2-135M), a random unit-norm head:
   bf16       every weight and activation bfloat16 (what `.to(bfloat16)` gives)
   autocast   torch.autocast(cpu, bfloat16) over fp32 weights
   mixed      linear weights stored bf16, matmuls bf16 (fp32 accumulate), residual/norms/attention fp32
+  mixed_inv  mixed + the batch-invariant blocked attention (what `--dtype bfloat16` serves on CPU)
 Batchings: each sequence alone, length-sorted padded batches, arrival-order padded batches of 32.
 Prints, per recipe, max |score difference| between batchings / score std, and tokens/s of the sorted path.
 """
@@ -18,9 +19,10 @@ import time
 
 import torch
 
+from rmserve.service import invariant_attention
 from rmserve.service.backbone import load_backbone
 from rmserve.service.engine import plan_batches
-from rmserve.service.precision import apply_precision
+from rmserve.service.precision import mixed_bf16
 
 
 def last_hidden(model, seqs, batches, pad, ctx):
@@ -41,7 +43,8 @@ def last_hidden(model, seqs, batches, pad, ctx):
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=48)
-    ap.add_argument("--recipes", nargs="+", default=["fp32", "bf16", "autocast", "mixed"])
+    ap.add_argument("--recipes", nargs="+", default=["fp32", "bf16", "autocast", "mixed", "mixed_inv"])
+    ap.add_argument("--speed-only", action="store_true", help="time the sorted batches only (no invariance check)")
     a = ap.parse_args()
     torch.set_num_threads(2)
     rng = random.Random(0)
@@ -52,13 +55,17 @@ def main() -> None:
         "sorted": plan_batches([len(s) for s in seqs], 4096, 256),
         "arrival32": [list(range(i, min(i + 32, len(seqs)))) for i in range(0, len(seqs), 32)],
     }
+    if a.speed_only:
+        batchings = {"sorted": batchings["sorted"]}
     tokens = sum(len(s) for s in seqs)
     ref = None
     for recipe in a.recipes:
         bb = load_backbone("builtin:smollm2-135m-instruct",
                            dtype=torch.bfloat16 if recipe == "bf16" else torch.float32)
-        if recipe == "mixed":
-            apply_precision(bb.model, "bfloat16")
+        if recipe in ("mixed", "mixed_inv"):
+            mixed_bf16(bb.model)
+        if recipe == "mixed_inv":
+            invariant_attention.enable(bb.model)
         ctx = (lambda: torch.autocast("cpu", torch.bfloat16)) if recipe == "autocast" else contextlib.nullcontext
         scores, secs = {}, {}
         for name, batches in batchings.items():
@@ -66,6 +73,9 @@ def main() -> None:
             scores[name] = last_hidden(bb.model, seqs, batches, 0, ctx) @ w
             secs[name] = time.perf_counter() - t0
         std = float(scores["sorted"].std())
+        if a.speed_only:
+            print(f"{recipe:9s} sorted {tokens / secs['sorted']:.0f} tok/s", flush=True)
+            continue
         diff = max(float((scores[x] - scores[y]).abs().max()) for x in scores for y in scores)
         vs_fp32 = "" if ref is None else f", max diff vs fp32 {float((scores['sorted'] - ref).abs().max()) / std:.4f} x std"
         if ref is None:

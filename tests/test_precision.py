@@ -1,0 +1,61 @@
+"""Served precision: `--dtype bfloat16` on CPU is bf16 matmuls over a float32 residual stream,
+and a sample's score must not depend on what it is batched with (GRPO's group-relative
+advantages would inherit that noise)."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from rmserve.service.engine import ScoringEngine
+from rmserve.service.model import load_model
+from rmserve.service.precision import MixedLinear
+
+
+def batchings(model, seqs: list[list[int]]) -> dict[str, np.ndarray]:
+    """Rewards [N, K] of the same sequences: alone, padded batches, one packed stream, prefix-shared groups."""
+    out = {"alone": np.concatenate([ScoringEngine(model, min_shared_prefix=0).score([s]).rewards for s in seqs])}
+    out["padded"] = ScoringEngine(model, packing="off", min_shared_prefix=0).score(seqs).rewards
+    out["packed"] = ScoringEngine(model, packing="on", min_shared_prefix=0).score(seqs).rewards
+    out["grouped"] = ScoringEngine(model, packing="off", min_shared_prefix=16).score(seqs).rewards
+    return out
+
+
+def workload(vocab: int, seed: int) -> list[list[int]]:
+    """Loose sequences of mixed lengths plus two GRPO-like groups (one prompt, several completions)."""
+    rng = random.Random(seed)
+    tok = lambda n: [rng.randrange(1, vocab) for _ in range(n)]  # noqa: E731
+    seqs = [tok(rng.randint(4, 120)) for _ in range(8)]
+    for _ in range(2):
+        prompt = tok(rng.randint(40, 90))
+        seqs += [prompt + tok(rng.randint(3, 30)) for _ in range(4)]
+    rng.shuffle(seqs)
+    return seqs
+
+
+def test_bfloat16_on_cpu_is_bf16_matmuls_over_a_float32_stream(tiny_ensemble):
+    model = load_model(tiny_ensemble, dtype="bfloat16")
+    net = model.members[0].backbone.model
+    linears = [m for m in net.modules() if isinstance(m, MixedLinear)]
+    assert model.dtype_name == "bfloat16" and len(linears) == 2 * 7  # q k v o gate up down, 2 layers
+    assert all(m.weight.dtype == torch.bfloat16 for m in linears)
+    assert not any(type(m) is torch.nn.Linear for m in net.modules())
+    assert net.embed_tokens.weight.dtype == torch.float32 and net.norm.weight.dtype == torch.float32
+    seqs = workload(200, seed=1)
+    exact = ScoringEngine(load_model(tiny_ensemble, dtype="float32")).score(seqs).rewards
+    mixed = ScoringEngine(model).score(seqs).rewards
+    std = float(exact.std())
+    assert 0 < np.abs(mixed - exact).max() < 0.05 * std  # really bf16 (not equal), and close
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_scores_do_not_depend_on_the_batch_on_the_embedded_backbone(smollm2_ensemble, dtype):
+    model = load_model(smollm2_ensemble, dtype=dtype)
+    seqs = workload(len(model.encoder.tokenizer), seed=2)
+    out = batchings(model, seqs)
+    std = float(out["padded"].std(0).mean())
+    worst = max(float(np.abs(out[a] - out[b]).max()) for a in out for b in out)
+    assert worst < (1e-4 if dtype == "float32" else 0.02) * std, (worst, std)
