@@ -382,7 +382,6 @@ class _Job:
             self.head_info = {"solver": "lbfgs", "l2": l2, "chosen_by": "--head-l2"}
         if not len(self.calib):  # no held-out slice: the temperature comes from out-of-fold margins
             self.rep.phase("train", "out-of-fold rewards on train (5 folds) for the temperature")
-            fit = torch.as_tensor(self.fit)
             seqs = torch.unique(torch.cat([chosen[fit], rejected[fit]]))
             where = torch.full((len(self.data.seqs),), -1, dtype=torch.long)
             where[seqs] = torch.arange(len(seqs))
