@@ -22,7 +22,8 @@ Every variant scores the same token ids with the embedded default's backbone
   engine-bf16    the same with load_model(dtype="bfloat16")
   grpc-fp32      rmserve end to end: SDK -> gRPC on localhost -> scheduler ->
                  engine, ServerConfig(dtype="float32"); PPO via client.score on
-                 token ids, GRPO via client.score_groups(prompt, completions)
+                 token ids, GRPO via client.score_groups_many (all groups of a step
+                 in one call, as the TRL adapter sends them)
   grpc-bf16      the same with ServerConfig(dtype="bfloat16")
 
 Workloads: PPO-like, `--n` sequences of random token ids with lengths
@@ -337,9 +338,11 @@ def engine_scores(engine, w: Workload) -> np.ndarray:
 
 
 def grpc_scores(client, w: Workload) -> np.ndarray:
-    """End to end: token ids for PPO, score_groups on the text for GRPO; num_tokens checked."""
+    """End to end: token ids for PPO; for GRPO every group of the step in one call, as a trainer
+    (and the TRL adapter) sends them, like the engine gets them; num_tokens checked."""
     if w.groups:
-        calls = [(g.members, client.score_groups(g.prompt, g.completions)) for g in w.groups]
+        results = client.score_groups_many([(g.prompt, g.completions) for g in w.groups])
+        calls = [(g.members, r) for g, r in zip(w.groups, results, strict=True)]
     else:
         calls = [(list(range(len(w.seqs))), client.score([{"token_ids": s} for s in w.seqs]))]
     out = np.empty(len(w.seqs))
