@@ -157,20 +157,9 @@ def _mask(*args, attention_mask: torch.Tensor | None = None, **kwargs):
     return attention_mask
 
 
-_registered = False
-
-
 def register() -> str:
     """Register the attention and its mask function under ATTN_NAME (idempotent); returns the name."""
-    global _registered
-    if not _registered:
-        from transformers import AttentionInterface
-        from transformers.masking_utils import AttentionMaskInterface
-
-        AttentionInterface.register(ATTN_NAME, invariant_attention_forward)
-        AttentionMaskInterface.register(ATTN_NAME, _mask)
-        _registered = True
-    return ATTN_NAME
+    return varlen.register_attention(ATTN_NAME, invariant_attention_forward, _mask)
 
 
 def enable(model: torch.nn.Module) -> bool:

@@ -135,20 +135,24 @@ def _mask(*args, attention_mask: torch.Tensor | None = None, **kwargs):
     return sdpa_mask(*args, attention_mask=attention_mask, **kwargs)
 
 
-_registered = False
+_registered: set[str] = set()
 
 
-def register() -> str:
-    """Register the attention and mask functions under ATTN_NAME (idempotent); returns the name."""
-    global _registered
-    if not _registered:
+def register_attention(name: str, attention, mask) -> str:
+    """Register an attention function and its mask function with transformers (idempotent)."""
+    if name not in _registered:
         from transformers import AttentionInterface
         from transformers.masking_utils import AttentionMaskInterface
 
-        AttentionInterface.register(ATTN_NAME, varlen_attention_forward)
-        AttentionMaskInterface.register(ATTN_NAME, _mask)
-        _registered = True
-    return ATTN_NAME
+        AttentionInterface.register(name, attention)
+        AttentionMaskInterface.register(name, mask)
+        _registered.add(name)
+    return name
+
+
+def register() -> str:
+    """Register the varlen attention and its mask function under ATTN_NAME; returns the name."""
+    return register_attention(ATTN_NAME, varlen_attention_forward, _mask)
 
 
 def supports_packing(model: torch.nn.Module) -> bool:
