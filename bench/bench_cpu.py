@@ -48,8 +48,9 @@ and the targets as PASS/MISS lines (information, not assertions).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
-import gc
+import dataclasses
 import os
 import platform
 import random
@@ -360,15 +361,12 @@ def grpc_scores(client, w: Workload) -> np.ndarray:
 # timing and the ceiling
 # --------------------------------------------------------------------------- #
 
-def timed(fn: Callable[[], np.ndarray], repeat: int) -> tuple[float, np.ndarray]:
-    """Best of `repeat` timed runs after one warm-up run."""
-    result = fn()
-    best = float("inf")
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        result = fn()
-        best = min(best, time.perf_counter() - t0)
-    return best, result
+def warmup_slice(w: Workload) -> Workload:
+    """The first group (GRPO) or 16 sequences (PPO): enough to initialise kernels, a fraction of the cost."""
+    if w.groups:
+        g = w.groups[0]
+        return dataclasses.replace(w, seqs=w.seqs[: len(g.members)], groups=[g])
+    return dataclasses.replace(w, seqs=w.seqs[:16])
 
 
 def matmul_rate(dtype: torch.dtype, n: int, reps: int = 5) -> float:
@@ -388,21 +386,42 @@ def matmul_rate(dtype: torch.dtype, n: int, reps: int = 5) -> float:
 # --------------------------------------------------------------------------- #
 
 class Bench:
-    """Runs the selected variants over the workloads and keeps their rows."""
+    """Collects the selected variants, then times them in interleaved rounds.
+
+    This machine's speed drifts by up to 2x within minutes (neighbours on the
+    host), so variants timed one after the other are not comparable: every
+    round runs every (workload, variant) once, in the same order, and a row keeps
+    its best round. Each variant first runs a warm-up slice (kernel JIT, caches).
+    """
 
     def __init__(self, workloads: list[Workload], variants: set[str], repeat: int):
         self.workloads, self.variants, self.repeat = workloads, variants, repeat
         self.rows: dict[tuple[str, str], Row] = {}
+        self._todo: list[tuple[Workload, str, str, str, Callable[[Workload], np.ndarray]]] = []
 
     def run(self, key: str, label: str | Callable[[Workload], str], dtype: str,
             fn: Callable[[Workload], np.ndarray]) -> None:
+        """Register a variant (timed later, by measure())."""
         if key not in self.variants:
             return
         for w in self.workloads:
-            seconds, scores = timed(lambda w=w: fn(w), self.repeat)
-            name = label(w) if callable(label) else label
+            self._todo.append((w, key, label(w) if callable(label) else label, dtype, fn))
+
+    def measure(self) -> None:
+        for w, _, _, _, fn in self._todo:
+            fn(warmup_slice(w))
+        best: dict[tuple[str, str], tuple[float, np.ndarray]] = {}
+        for r in range(self.repeat):
+            for w, key, _, _, fn in self._todo:
+                t0 = time.perf_counter()
+                scores = fn(w)
+                seconds = time.perf_counter() - t0
+                if (w.name, key) not in best or seconds < best[(w.name, key)][0]:
+                    best[(w.name, key)] = (seconds, scores)
+                print(f"  round {r + 1}/{self.repeat} {w.name} {key}: {seconds:.2f} s", file=sys.stderr, flush=True)
+        for w, key, name, dtype, _ in self._todo:
+            seconds, scores = best[(w.name, key)]
             self.rows[(w.name, key)] = Row(w.name, key, name, dtype, seconds, scores)
-            print(f"  {w.name} {key}: {seconds:.2f} s", file=sys.stderr, flush=True)
 
     def wants(self, *keys: str) -> bool:
         return any(k in self.variants for k in keys)
@@ -429,15 +448,15 @@ def run_engines(bench: Bench, rm, model_dir: Path) -> None:
     from rmserve.service.model import load_model
 
     if bench.wants("engine-fp32"):
-        engine = ScoringEngine(rm, token_budget=TOKEN_BUDGET)
-        bench.run("engine-fp32", "rmserve engine in process", "fp32", lambda w: engine_scores(engine, w))
+        fp32 = ScoringEngine(rm, token_budget=TOKEN_BUDGET)
+        bench.run("engine-fp32", "rmserve engine in process", "fp32", lambda w: engine_scores(fp32, w))
     if bench.wants("engine-bf16"):
-        engine = ScoringEngine(load_model(model_dir, dtype="bfloat16"), token_budget=TOKEN_BUDGET)
-        bench.run("engine-bf16", "rmserve engine in process", "bf16", lambda w: engine_scores(engine, w))
-    gc.collect()
+        bf16 = ScoringEngine(load_model(model_dir, dtype="bfloat16"), token_budget=TOKEN_BUDGET)
+        bench.run("engine-bf16", "rmserve engine in process", "bf16", lambda w: engine_scores(bf16, w))
 
 
-def run_grpc(bench: Bench, model_dir: Path, registry: Path) -> None:
+def run_grpc(bench: Bench, model_dir: Path, registry: Path, servers: contextlib.ExitStack) -> None:
+    """Start a server per dtype (stopped when `servers` closes, after the rounds) and register it."""
     from rmserve.client import RewardClient
     from rmserve.service.background import BackgroundServer
     from rmserve.service.config import ServerConfig
@@ -448,14 +467,10 @@ def run_grpc(bench: Bench, model_dir: Path, registry: Path) -> None:
             continue
         config = ServerConfig(model=str(model_dir), port=0, metrics_port=None, dtype=dtype, registry=str(registry))
         server = BackgroundServer(config).start()
-        try:
-            with RewardClient(server.address, timeout=3600) as client:
-                bench.run(key, lambda w: "rmserve gRPC " + ("score_groups" if w.groups else "score"), short,
-                          lambda w, c=client: grpc_scores(c, w))
-        finally:
-            server.stop()
-        del server
-        gc.collect()
+        servers.callback(server.stop)
+        client = servers.enter_context(RewardClient(server.address, timeout=3600))
+        bench.run(key, lambda w: "rmserve gRPC " + ("score_groups" if w.groups else "score"), short,
+                  lambda w, c=client: grpc_scores(c, w))
 
 
 # --------------------------------------------------------------------------- #
@@ -521,7 +536,8 @@ def report(bench: Bench, rates: dict[str, float], args, argv: list[str], wall: f
         f"- machine: {platform.platform()}, {cpu_model()}, {os.cpu_count()} CPUs; torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads",
         f"- model: {'tiny random Llama (2 layers, hidden 64)' if args.tiny else 'SmolLM2-135M-Instruct backbone'}"
-        f" + {NUM_HEADS} random heads; best of {args.repeat} after a warm-up",
+        f" + {NUM_HEADS} random heads; best of {args.repeat} interleaved round(s) (every variant once per round) "
+        f"after a warm-up slice",
         f"- measured matmul rate ({args.sizes.gemm}^3 torch.mm, best of 5): fp32 {rates['fp32'] / 1e9:.1f} GFLOP/s, "
         f"bf16 {rates['bf16'] / 1e9:.1f} GFLOP/s",
         f"- command: `{shlex.join(['python', 'bench/bench_cpu.py', *argv])}`",
@@ -551,7 +567,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--tiny", action="store_true", help="tiny random Llama, seconds (for tests)")
     ap.add_argument("--n", type=int, default=96, help="sequences in the PPO-like workload (--tiny: at most 24)")
     ap.add_argument("--groups", type=int, default=4, help="groups in the GRPO-like workload (--tiny: at most 2)")
-    ap.add_argument("--repeat", type=int, default=1, help="timed runs per variant after one warm-up (best is kept)")
+    ap.add_argument("--repeat", type=int, default=1, help="interleaved timed rounds, each running every variant once (best is kept)")
     ap.add_argument("--workloads", nargs="+", choices=WORKLOADS, default=list(WORKLOADS))
     ap.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS),
                     help=f"variants to run ({BASELINE} always runs: everything is compared to it)")
@@ -595,7 +611,9 @@ def run_all(args, argv: list[str], tmp: Path, t_start: float) -> str:
     bench = Bench(workloads, {BASELINE, *args.variants}, args.repeat)
     run_hf(bench, rm)
     run_engines(bench, rm, model_dir)
-    run_grpc(bench, model_dir, tmp / "registry")
+    with contextlib.ExitStack() as servers:
+        run_grpc(bench, model_dir, tmp / "registry", servers)
+        bench.measure()
     return report(bench, rates, args, argv, time.perf_counter() - t_start)
 
 
