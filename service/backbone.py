@@ -155,8 +155,8 @@ def cut_layers(model: torch.nn.Module, num_layers: int) -> None:
     prefix, blocks = find_layers(model)
     if not 1 <= num_layers <= len(blocks):
         raise ValueError(f"num_layers must be in [1, {len(blocks)}] for this backbone, got {num_layers}")
-    parent = model.get_submodule(prefix.rpartition(".")[0]) if "." in prefix else model
-    setattr(parent, prefix.rpartition(".")[2], torch.nn.ModuleList(list(blocks)[:num_layers]))
+    parent, _, attr = prefix.rpartition(".")
+    setattr(model.get_submodule(parent), attr, torch.nn.ModuleList(list(blocks)[:num_layers]))
     model.config.num_hidden_layers = num_layers
     if isinstance(getattr(model.config, "layer_types", None), list):
         model.config.layer_types = model.config.layer_types[:num_layers]

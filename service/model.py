@@ -73,9 +73,8 @@ class RewardModel:
 
     @property
     def backbone_layers(self) -> int:
-        """Transformer blocks the (first) backbone runs: its layer cut, or all of them."""
-        bb = self.members[0].backbone
-        return bb.num_layers or int(bb.model.config.num_hidden_layers)
+        """Transformer blocks the (first) backbone runs (a layer cut sets the config too)."""
+        return int(self.members[0].backbone.model.config.num_hidden_layers)
 
     @property
     def device(self) -> torch.device:

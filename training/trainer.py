@@ -397,7 +397,7 @@ class _Job:
             d = dx @ w
             self.rep.emit(ProgressEvent(
                 "step", "train", step=self.step, total=self.total, member=m,
-                loss=round(float(torch.nn.functional.softplus(pair_margin.double() - d).mean()), 5),
+                loss=round(float((pair_w * torch.nn.functional.softplus(pair_margin - d.float())).sum() / pair_w.sum()), 5),
                 accuracy=round(float((pair_w * (d > 0)).sum() / pair_w.sum()), 4),
                 eta_s=round((time.monotonic() - t0) / (j + 1) * (self.k - j - 1), 1),
             ))
@@ -524,7 +524,6 @@ class _Job:
             rc_oof, rr_oof = (t.numpy() for t in self.cross_fitted)
             temperature = fit_temperature(rc_oof.mean(1) - rr_oof.mean(1), w[self.fit])
             cross_fitted = pair_report(rc_oof / temperature, rr_oof / temperature, w[self.fit], head_names=names)
-            cross_fitted["temperature_fitted_here"] = True
         if temperature != 1.0:
             scale = [s * temperature for s in scale]
             norm = norm / temperature
