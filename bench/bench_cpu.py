@@ -20,6 +20,9 @@ Every variant scores the same token ids with the embedded default's backbone
   hf-best-bf16   the same on the HF backbone cast with .to(torch.bfloat16)
   engine-fp32    rmserve's ScoringEngine in process, load_model(dtype="float32")
   engine-bf16    the same with load_model(dtype="bfloat16")
+  engine-packed-fp32, engine-packed-bf16
+                 the same with packing="on" (one token stream per batch instead of
+                 padded rows); not run unless asked for with --variants
   grpc-fp32      rmserve end to end: SDK -> gRPC on localhost -> scheduler ->
                  engine, ServerConfig(dtype="float32"); PPO via client.score on
                  token ids, GRPO via client.score_groups_many (all groups of a step
@@ -68,7 +71,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-VARIANTS = ("hf-padded", "hf-best-fp32", "hf-best-bf16", "engine-fp32", "engine-bf16", "grpc-fp32", "grpc-bf16")
+VARIANTS = ("hf-padded", "hf-best-fp32", "hf-best-bf16", "engine-fp32", "engine-bf16", "grpc-fp32", "grpc-bf16",
+            "engine-packed-fp32", "engine-packed-bf16")
+DEFAULT_VARIANTS = VARIANTS[:7]   # the packed rows answer one question (packed vs padded on CPU): ask for them
 WORKLOADS = ("ppo", "grpo")
 BASELINE = "hf-padded"
 TOKEN_BUDGET = 4096   # hf-best (PPO) and rmserve's engine: padded tokens per forward
@@ -447,12 +452,13 @@ def run_engines(bench: Bench, rm, model_dir: Path) -> None:
     from rmserve.service.engine import ScoringEngine
     from rmserve.service.model import load_model
 
-    if bench.wants("engine-fp32"):
-        fp32 = ScoringEngine(rm, token_budget=TOKEN_BUDGET)
-        bench.run("engine-fp32", "rmserve engine in process", "fp32", lambda w: engine_scores(fp32, w))
-    if bench.wants("engine-bf16"):
-        bf16 = ScoringEngine(load_model(model_dir, dtype="bfloat16"), token_budget=TOKEN_BUDGET)
-        bench.run("engine-bf16", "rmserve engine in process", "bf16", lambda w: engine_scores(bf16, w))
+    models = {"fp32": lambda: rm, "bf16": lambda: load_model(model_dir, dtype="bfloat16")}
+    for short, model in models.items():
+        for packing, key, label in (("off", f"engine-{short}", "rmserve engine in process"),
+                                    ("on", f"engine-packed-{short}", "rmserve engine in process, packed")):
+            if bench.wants(key):
+                engine = ScoringEngine(model(), token_budget=TOKEN_BUDGET, packing=packing)
+                bench.run(key, label, short, lambda w, e=engine: engine_scores(e, w))
 
 
 def run_grpc(bench: Bench, model_dir: Path, registry: Path, servers: contextlib.ExitStack) -> None:
@@ -554,6 +560,11 @@ def report(bench: Bench, rates: dict[str, float], args, argv: list[str], wall: f
             r = ratio(bench, w.name, f"grpc-{short}", f"engine-{short}")
             if r is not None:
                 lines.append(f"- {w.name} {short}: {r:.3f}")
+    packed = [(w.name, short, r) for w in bench.workloads for short in ("fp32", "bf16")
+              if (r := ratio(bench, w.name, f"engine-packed-{short}", f"engine-{short}")) is not None]
+    if packed:
+        lines += ["", "Packed / padded engine throughput (same dtype):"]
+        lines += [f"- {name} {short}: {r:.3f}" for name, short, r in packed]
     lines += ["", "Targets (information, not assertions):", *target_lines(bench), "", f"total wall time {wall:.0f} s"]
     return "\n".join(lines)
 
@@ -569,7 +580,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--groups", type=int, default=4, help="groups in the GRPO-like workload (--tiny: at most 2)")
     ap.add_argument("--repeat", type=int, default=1, help="interleaved timed rounds, each running every variant once (best is kept)")
     ap.add_argument("--workloads", nargs="+", choices=WORKLOADS, default=list(WORKLOADS))
-    ap.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS),
+    ap.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(DEFAULT_VARIANTS),
                     help=f"variants to run ({BASELINE} always runs: everything is compared to it)")
     ap.add_argument("--out", help="also write the report (markdown) to this file")
     args = ap.parse_args(argv)

@@ -8,16 +8,17 @@ different order; the 1e-7 differences flip bf16 roundings in the next layer and
 layers are already invariant (oneDNN's bf16 GEMM gives a row the same bits
 for any row count), so attention is the one place to fix.
 
-How: every query row is computed from the same fixed-shape pieces whatever
-the call. Queries go in blocks of BLOCK rows, keys in chunks of BLOCK at
-absolute positions 0, BLOCK, 2·BLOCK, ...; each (block, chunk) is one
-[BLOCK, d] x [d, BLOCK] matmul, and an online softmax folds the chunks in
-increasing order. A chunk a row cannot see is an exact no-op (its scores are
--inf, its weight exp(-inf) = 0, the rescale exp(0) = 1), so a row's bits depend
-only on its own sequence: the same whether the row sits in a padded batch, a
-packed stream, alone, or after a KV cache. Float32 throughout; causal, with
-optional sliding window. Costs about twice sdpa's attention FLOPs (whole
-blocks), a few percent of a forward.
+How: a row's bits must depend only on its absolute position and its own
+sequence. Queries go in blocks of BLOCK rows at absolute positions 0, BLOCK,
+2·BLOCK, ... (a KV-cache call is padded in front to that grid), and block i is
+one sdpa call over keys [0, (i+1)·BLOCK), with a mask for causality, the
+sequence's length and an optional sliding window. The call's shapes, and with
+them the kernel's blocking and reduction order, are then a function of i
+alone; keys a row cannot see get weight exactly 0. So a row computes the same
+bits in a padded batch, a packed stream, alone, or after a KV cache
+(tests/test_invariant_attention.py checks it bit for bit). The same FLOPs as
+causal attention up to the block edge and, measured, as fast as one masked
+sdpa call over the padded batch (bench/results/).
 
 Registered in transformers' AttentionInterface under ATTN_NAME, with a mask
 function that hands the 2-D padding mask through untouched (right padding:
@@ -29,6 +30,7 @@ from __future__ import annotations
 import itertools
 
 import torch
+import torch.nn.functional as F
 
 from rmserve.service import varlen
 
@@ -46,50 +48,38 @@ def block_attention(
     scaling: float,
     window: int | None = None,
 ) -> torch.Tensor:
-    """Causal attention of N rows of queries over their own keys, in fixed blocks.
+    """Causal attention of N rows of queries over their own keys, one fixed-shape call per query block.
 
     q [N, Hq, Tq, d] at absolute positions q_offset .. q_offset + Tq - 1 (the
     same in every row); k, v [N, Hkv, Tk, d] at positions 0..Tk-1, of which the
-    first k_len [N] are valid. -> [N, Hq, Tq, d] float32.
+    first k_len [N] are valid. -> [N, Hq, Tq, d] in q's dtype.
     """
     n, hq, tq, d = q.shape
     hkv, tk = k.shape[1], k.shape[2]
-    nq, nk = -(-tq // BLOCK), -(-tk // BLOCK)
-    q = _pad(q.float(), 2, nq * BLOCK).view(n, hq, nq, BLOCK, d) * scaling
-    # padded query rows (past Tq) only ever see keys their block already sees; they are cut off at the end
-    pos = (q_offset + torch.arange(nq * BLOCK, device=q.device)).view(1, 1, nq, BLOCK, 1)
-    last = q_offset + BLOCK * torch.arange(nq) + BLOCK - 1          # each query block's last position
-    k = _pad(k.float(), 2, nk * BLOCK).repeat_interleave(hq // hkv, dim=1)
-    v = _pad(v.float(), 2, nk * BLOCK).repeat_interleave(hq // hkv, dim=1)
-    m = torch.full((n, hq, nq, BLOCK, 1), float("-inf"), device=q.device)
-    denom = torch.zeros_like(m)
-    acc = torch.zeros((n, hq, nq, BLOCK, d), device=q.device)
-    offsets = torch.arange(BLOCK, device=q.device)
-    valid_len = k_len.view(n, 1, 1, 1, 1)
-    for c in range(nk):
-        # query blocks that can see chunk c: skipping the others is exact (for them it is a no-op)
-        b0 = int(torch.searchsorted(last, c * BLOCK))
-        if b0 == nq:
-            break
-        kc = k[:, :, None, c * BLOCK : (c + 1) * BLOCK]               # [N, Hq, 1, B, d]
-        vc = v[:, :, None, c * BLOCK : (c + 1) * BLOCK]
-        s = q[:, :, b0:] @ kc.transpose(-1, -2)                         # [N, Hq, nq - b0, B, B]
-        j = (c * BLOCK + offsets).view(1, 1, 1, 1, BLOCK)
-        p_ = pos[:, :, b0:]
-        visible = (j <= p_) & (j < valid_len)
+    lead = q_offset % BLOCK               # blocks start at absolute multiples of BLOCK, also after a KV cache
+    first = q_offset - lead
+    nq = -(-(lead + tq) // BLOCK)
+    span = first + nq * BLOCK             # keys the last block's rows may need
+    q = F.pad(q, (0, 0, lead, nq * BLOCK - lead - tq))
+    k = F.pad(k, (0, 0, 0, max(0, span - tk)))
+    v = F.pad(v, (0, 0, 0, max(0, span - tk)))
+    out = q.new_empty(n, hq, nq * BLOCK, d)
+    valid_len = k_len.view(n, 1, 1, 1)
+    rows = torch.arange(BLOCK, device=q.device).view(BLOCK, 1)
+    for i in range(nq):
+        end = first + (i + 1) * BLOCK
+        pos = first + i * BLOCK + rows
+        j = torch.arange(end, device=q.device).view(1, end)
+        # [N, 1, BLOCK, end]. A padding row past its window sees no key: torch's sdpa gives it zeros,
+        # not NaN (a NaN there would reach real rows as 0 x NaN in the next layer; the tests would see it)
+        visible = (j <= pos) & (j < valid_len)
         if window is not None:
-            visible &= j > p_ - window
-        s.masked_fill_(~visible, float("-inf"))
-        m_old = m[:, :, b0:]
-        m_new = torch.maximum(m_old, s.amax(-1, keepdim=True))
-        # a row that has seen no key yet (a window's early chunks) keeps m = -inf: subtract 0 there, not -inf
-        m_sub = m_new.masked_fill(m_new == float("-inf"), 0.0)
-        s.sub_(m_sub).exp_()
-        alpha = (m_old - m_sub).exp_()
-        denom[:, :, b0:] = denom[:, :, b0:] * alpha + s.sum(-1, keepdim=True)
-        acc[:, :, b0:] = acc[:, :, b0:] * alpha + s @ vc
-        m[:, :, b0:] = m_new
-    return (acc / denom).view(n, hq, nq * BLOCK, d)[:, :, :tq]
+            visible &= j > pos - window
+        block = slice(i * BLOCK, (i + 1) * BLOCK)
+        out[:, :, block] = F.scaled_dot_product_attention(
+            q[:, :, block], k[:, :, :end], v[:, :, :end], attn_mask=visible, scale=scaling, enable_gqa=hq != hkv
+        )
+    return out[:, :, lead : lead + tq]
 
 
 def _pad(t: torch.Tensor, dim: int, size: int) -> torch.Tensor:

@@ -3,12 +3,19 @@
 Plain `.to(bfloat16)` rounds the residual stream, the norms and attention to
 8 mantissa bits, and then a sample's score depends on what it is batched with
 (padding changes reduction lengths, the change survives as a different
-rounding, and 30 layers amplify it: ~0.14 x the score std on SmolLM2). The
-matmuls are what bf16 speeds up, so `mixed_bf16` keeps only them in bf16:
-every nn.Linear stores its weight in bf16 and multiplies bf16 inputs with fp32
-accumulation, while the residual stream, norms, rotary embeddings, attention
-and softmax stay float32. A linear layer's output row depends only on its own
-input row, so what batching still changes is the fp32 attention's rounding.
+rounding, and 30 layers amplify it: ~0.08 x the score std on SmolLM2), and it
+moves scores ~0.15 x std from float32. The matmuls are what bf16 speeds up,
+so `mixed_bf16` keeps only them in bf16: every nn.Linear stores its weight in
+bf16 and multiplies bf16 inputs with fp32 accumulation, while the residual
+stream, norms, rotary embeddings, attention and softmax stay float32 (0.05 x
+std from float32). A linear layer's output row depends only on its own input
+row, so what batching still changes is attention's rounding, which
+service/invariant_attention.py makes batch-independent.
+
+Tried and not taken: returning the GEMM's bf16 output as it comes (type
+promotion restores float32 at the residual add) is 8% faster but moves scores
+0.080 x std from float32 instead of 0.049, because the MLP's act(gate) * up
+then rounds to bf16 twice (bench/results/bf16-invariance-2026-12-02.md).
 
 `load_model(dtype="bfloat16")` applies it on CPU (service/model.py); on CUDA,
 where bf16 is the native serving dtype, bf16 stays plain bf16.

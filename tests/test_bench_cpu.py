@@ -61,3 +61,12 @@ def test_subset_runs_the_baseline_and_marks_the_rest_not_run() -> None:
     assert [(r["workload"], r["key"]) for r in rows] == [("grpo", "hf-padded"), ("grpo", "hf-best-fp32")], stdout
     assert float(rows[1]["max abs score diff / baseline std"]) < 1e-3
     assert "PPO-like:" not in stdout and "n/a" in stdout and "PASS" not in stdout and "MISS" not in stdout
+
+
+def test_packed_engine_rows_score_the_same_and_report_their_ratio() -> None:
+    stdout = run_bench("--workloads", "ppo", "--variants", "engine-fp32", "engine-packed-fp32", "engine-packed-bf16")
+    rows = {r["key"]: r for r in table_rows(stdout)}
+    assert set(rows) == {"hf-padded", "engine-fp32", "engine-packed-fp32", "engine-packed-bf16"}, stdout
+    assert float(rows["engine-packed-fp32"]["max abs score diff / baseline std"]) < 1e-3
+    assert float(rows["engine-packed-bf16"]["max abs score diff / baseline std"]) < 0.5
+    assert "Packed / padded engine throughput (same dtype):" in stdout and "- ppo fp32: " in stdout

@@ -292,3 +292,25 @@ def test_a_switched_model_serves_unpacked_calls_exactly_like_sdpa(arch):
     assert varlen.enable_packing(net)
     for a, b in zip(before, run(), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHS))
+def test_mixed_bf16_serves_every_architecture_over_a_float32_stream(arch):
+    """bf16 linears (returning bf16) over a float32 residual stream, invariant attention: the
+    stream stays float32 through type promotion, and scores stay near float32 and batch-free."""
+    from rmserve.service import invariant_attention
+    from rmserve.service.precision import mixed_bf16
+
+    seqs = random_seqs(12, hi=90, seed=5)
+    exact = alone(tiny_model(arch), seqs)
+    model = tiny_model(arch)
+    net = model.members[0].backbone.model
+    assert mixed_bf16(net) == 7 * COMMON["num_hidden_layers"] and invariant_attention.enable(net)
+    with torch.inference_mode():
+        hidden = net(input_ids=torch.tensor([seqs[0]]), output_hidden_states=True).hidden_states
+    assert all(h.dtype == torch.float32 for h in hidden)
+    mixed = alone(model, seqs)
+    assert np.isfinite(mixed).all() and 0 < np.abs(mixed - exact).max() < 0.05 * exact.std()
+    for packing in ("on", "off"):
+        batched = ScoringEngine(model, packing=packing, token_budget=300, min_shared_prefix=0).score(seqs)
+        assert np.abs(batched.rewards - mixed).max() <= 1e-5 * mixed.std(), packing

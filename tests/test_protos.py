@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import filecmp
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -11,7 +12,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_committed_stubs_are_fresh(tmp_path):
-    subprocess.run(["bash", str(ROOT / "scripts" / "gen_protos.sh"), str(tmp_path)], check=True, cwd=ROOT)
+    env = {**os.environ, "PYTHON": sys.executable}  # the interpreter running the tests has grpc_tools
+    subprocess.run(["bash", str(ROOT / "scripts" / "gen_protos.sh"), str(tmp_path)], check=True, cwd=ROOT, env=env)
     committed = ROOT / "protos" / "rmserve" / "v1"
     fresh = tmp_path / "rmserve" / "v1"
     names = sorted(p.name for p in fresh.iterdir())

@@ -5,7 +5,8 @@ Recipes on the default backbone (SmolLM2-135M), a random unit-norm head:
   bf16       every weight and activation bfloat16 (what `.to(bfloat16)` gives)
   autocast   torch.autocast(cpu, bfloat16) over fp32 weights
   mixed      linear weights stored bf16, matmuls bf16 (fp32 accumulate), residual/norms/attention fp32
-  mixed_inv  mixed + the batch-invariant blocked attention (what `--dtype bfloat16` serves on CPU)
+  mixed_inv  mixed + the batch-invariant blocked attention
+  bf16_inv   bf16 + the batch-invariant blocked attention
 Batchings: each sequence alone, length-sorted padded batches, arrival-order padded batches of 32.
 Prints, per recipe, max |score difference| between batchings / score std, and tokens/s of the sorted path.
 """
@@ -61,10 +62,10 @@ def main() -> None:
     ref = None
     for recipe in a.recipes:
         bb = load_backbone("builtin:smollm2-135m-instruct",
-                           dtype=torch.bfloat16 if recipe == "bf16" else torch.float32)
+                           dtype=torch.bfloat16 if recipe.startswith("bf16") else torch.float32)
         if recipe in ("mixed", "mixed_inv"):
             mixed_bf16(bb.model)
-        if recipe == "mixed_inv":
+        if recipe.endswith("_inv"):
             invariant_attention.enable(bb.model)
         ctx = (lambda: torch.autocast("cpu", torch.bfloat16)) if recipe == "autocast" else contextlib.nullcontext
         scores, secs = {}, {}
