@@ -18,11 +18,12 @@ Every variant scores the same token ids with the embedded default's backbone
                  prompt encoded once (use_cache=True), its KV cache expanded to the
                  group, only the completions run
   hf-best-bf16   the same on the HF backbone cast with .to(torch.bfloat16)
-  engine-fp32    rmserve's ScoringEngine in process, load_model(dtype="float32")
-  engine-bf16    the same with load_model(dtype="bfloat16")
-  engine-packed-fp32, engine-packed-bf16
-                 the same with packing="on" (one token stream per batch instead of
-                 padded rows); not run unless asked for with --variants
+  engine-fp32    rmserve's ScoringEngine in process, load_model(dtype="float32"),
+                 packing="auto" (what the server runs: packed in fp32 on CPU)
+  engine-bf16    the same with load_model(dtype="bfloat16") (padded on CPU)
+  engine-packed-fp32, engine-padded-fp32, engine-packed-bf16, engine-padded-bf16
+                 the engine with packing forced "on" (one token stream per batch)
+                 or "off" (length-sorted padded rows); run when named in --variants
   grpc-fp32      rmserve end to end: SDK -> gRPC on localhost -> scheduler ->
                  engine, ServerConfig(dtype="float32"); PPO via client.score on
                  token ids, GRPO via client.score_groups_many (all groups of a step
@@ -72,8 +73,8 @@ import numpy as np
 import torch
 
 VARIANTS = ("hf-padded", "hf-best-fp32", "hf-best-bf16", "engine-fp32", "engine-bf16", "grpc-fp32", "grpc-bf16",
-            "engine-packed-fp32", "engine-packed-bf16")
-DEFAULT_VARIANTS = VARIANTS[:7]   # the packed rows answer one question (packed vs padded on CPU): ask for them
+            "engine-packed-fp32", "engine-padded-fp32", "engine-packed-bf16", "engine-padded-bf16")
+DEFAULT_VARIANTS = VARIANTS[:7]   # the forced-layout rows answer one question (packed vs padded): ask for them
 WORKLOADS = ("ppo", "grpo")
 BASELINE = "hf-padded"
 TOKEN_BUDGET = 4096   # hf-best (PPO) and rmserve's engine: padded tokens per forward
@@ -453,11 +454,15 @@ def run_engines(bench: Bench, rm, model_dir: Path) -> None:
     from rmserve.service.model import load_model
 
     models = {"fp32": lambda: rm, "bf16": lambda: load_model(model_dir, dtype="bfloat16")}
+    layouts = (("auto", "", "rmserve engine in process"), ("on", "packed-", "rmserve engine in process, packed"),
+               ("off", "padded-", "rmserve engine in process, padded"))
     for short, model in models.items():
-        for packing, key, label in (("off", f"engine-{short}", "rmserve engine in process"),
-                                    ("on", f"engine-packed-{short}", "rmserve engine in process, packed")):
-            if bench.wants(key):
-                engine = ScoringEngine(model(), token_budget=TOKEN_BUDGET, packing=packing)
+        wanted = [(p, f"engine-{infix}{short}", label) for p, infix, label in layouts
+                  if bench.wants(f"engine-{infix}{short}")]
+        if wanted:
+            m = model()
+            for packing, key, label in wanted:
+                engine = ScoringEngine(m, token_budget=TOKEN_BUDGET, packing=packing)
                 bench.run(key, label, short, lambda w, e=engine: engine_scores(e, w))
 
 
@@ -561,7 +566,7 @@ def report(bench: Bench, rates: dict[str, float], args, argv: list[str], wall: f
             if r is not None:
                 lines.append(f"- {w.name} {short}: {r:.3f}")
     packed = [(w.name, short, r) for w in bench.workloads for short in ("fp32", "bf16")
-              if (r := ratio(bench, w.name, f"engine-packed-{short}", f"engine-{short}")) is not None]
+              if (r := ratio(bench, w.name, f"engine-packed-{short}", f"engine-padded-{short}")) is not None]
     if packed:
         lines += ["", "Packed / padded engine throughput (same dtype):"]
         lines += [f"- {name} {short}: {r:.3f}" for name, short, r in packed]

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import platform
-import random
 import tempfile
 import time
 from collections import defaultdict
@@ -49,20 +48,31 @@ def family(name: str) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
-    ap.add_argument("--n", type=int, default=96)
+    ap.add_argument("--workload", default="ppo", choices=["ppo", "grpo"],
+                    help="bench_cpu.py's PPO-like sequences or its GRPO-like groups (prefix shared)")
+    ap.add_argument("--n", type=int, default=96, help="PPO-like sequences")
+    ap.add_argument("--groups", type=int, default=4, help="GRPO-like groups")
     ap.add_argument("--out")
     a = ap.parse_args()
 
-    from bench_cpu import build_model_dir  # the same model the benchmark serves
+    from bench_cpu import (  # the benchmark's model and data
+        Sizes,
+        build_model_dir,
+        grpo_workload,
+        ppo_workload,
+    )
 
     from rmserve.service.engine import ScoringEngine
     from rmserve.service.model import load_model
 
     model_dir = build_model_dir(Path(tempfile.mkdtemp(prefix="rmserve-profile-")) / "model", tiny=False)
     rm = load_model(model_dir, dtype=a.dtype)
-    rng = random.Random(0)
-    vocab = len(rm.members[0].backbone.tokenizer)
-    seqs = [[rng.randrange(vocab) for _ in range(rng.randint(32, 512))] for _ in range(a.n)]
+    tok = rm.members[0].backbone.tokenizer
+    if a.workload == "ppo":
+        w = ppo_workload(a.n, 32, 512, len(tok))
+    else:
+        w = grpo_workload(rm.encoder, tok, a.groups, Sizes())
+    seqs = w.seqs
     engine = ScoringEngine(rm, token_budget=4096)
     engine.score(seqs[:8])  # warm-up
     t0 = time.perf_counter()
@@ -81,9 +91,10 @@ def main() -> None:
         f"# CPU forward profile, {a.dtype} ({date.today()})",
         "",
         f"- machine: {platform.machine()}, torch {torch.__version__}, {torch.get_num_threads()} threads; "
-        f"SmolLM2-135M backbone (30 layers), {a.n} sequences U[32, 512], {tokens} tokens",
-        f"- command: `python bench/profile_cpu.py --dtype {a.dtype}`",
-        f"- wall time under the profiler: {wall:.1f} s ({tokens / wall:.0f} tok/s); aten self time {total:.1f} s",
+        f"SmolLM2-135M backbone (30 layers), {w.title}; {tokens} tokens sent",
+        f"- command: `python bench/profile_cpu.py --dtype {a.dtype} --workload {a.workload}`",
+        f"- wall time under the profiler: {wall:.1f} s ({tokens / wall:.0f} tok/s sent, {w.useful_tokens / wall:.0f} "
+        f"useful); aten self time {total:.1f} s",
         "",
         "| op family | seconds | share |",
         "| --- | --- | --- |",

@@ -1,14 +1,16 @@
 """The scoring engine: token ids in, per-sample rewards and uncertainty out.
 
-Two ways to batch, one per kind of machine (docs/engine.md has the measurements):
+Two ways to batch (docs/engine.md has the measurements):
 
-- padded (CPU default): sequences sorted by length and cut into right-padded
-  batches under a token budget (padded tokens counted), so little compute goes
-  to padding. On CPU the forward is compute-bound and no varlen kernel pays.
-- packed (CUDA default): sequences concatenated into one token stream
-  `[1, T_total]`, positions restarting at 0 per sequence, and varlen attention
-  (service/varlen.py) that never crosses a sequence boundary. No padding at all,
-  and the budget counts real tokens.
+- packed (the default wherever it measured fastest: CUDA, and CPU in float32):
+  sequences concatenated into one token stream `[1, T_total]`, positions
+  restarting at 0 per sequence, and varlen attention (service/varlen.py) that
+  never crosses a sequence boundary. No padding at all, and the budget counts
+  real tokens.
+- padded (CPU bf16, encoders, models not on sdpa): sequences sorted by length
+  and cut into right-padded batches under a token budget (padded tokens
+  counted), so little compute goes to padding. CPU bf16 runs the batch-invariant
+  attention, which works on rows, so packing there only adds a gather.
 
 Either way, one backbone forward per batch and then one `last_token_scores`
 launch that gathers the last real token (from lengths or cu_seqlens, never from
@@ -170,7 +172,7 @@ class ScoringEngine:
     this many leading tokens (a GRPO group's prompt) have that prefix encoded
     once; 0 turns sharing off. `device`: where to run (default: the model's
     device; the model is moved there if it lives elsewhere). `packing`: "auto"
-    packs on CUDA and pads on CPU (what measured fastest on each), "on"/"off" force it.
+    packs wherever it measured fastest (CUDA; CPU unless bf16, see _auto_packs), "on"/"off" force it.
     """
 
     def __init__(
@@ -198,9 +200,9 @@ class ScoringEngine:
         self.packing = packing
         self.memory_fraction = memory_fraction
         self._budget_sized = self.device.type != "cuda" or memory_fraction is None
-        want = packing == "on" or (packing == "auto" and self.device.type == "cuda")
         self._packed: dict[int, bool] = {}
         for m in model.members:
+            want = packing == "on" or (packing == "auto" and self._auto_packs(m))
             ok = want and m.backbone.pooling == "last" and varlen.enable_packing(m.backbone.model)
             if packing == "on" and not ok:
                 raise ValueError(
@@ -209,6 +211,14 @@ class ScoringEngine:
                     f"attn={getattr(m.backbone.model.config, '_attn_implementation', None)})"
                 )
             self._packed[id(m)] = ok
+
+    def _auto_packs(self, m: Member) -> bool:
+        """What packing="auto" picks: packed on CUDA, and on CPU unless the member runs the
+        batch-invariant attention (CPU bf16), which gathers a packed stream back into padded
+        rows. Measured on CPU, packed / padded throughput: 1.10 in fp32, 0.88 in bf16
+        (bench/results/cpu-2026-12-02-r2.md)."""
+        attn = getattr(m.backbone.model.config, "_attn_implementation", None)
+        return self.device.type == "cuda" or attn != varlen.INVARIANT_NAME
 
     def packs(self, member: Member) -> bool:
         """Whether `member` runs packed (padding-free) batches."""

@@ -117,14 +117,19 @@ def test_no_attention_crosses_a_sequence_boundary():
     assert not np.allclose(after.rewards[2], before.rewards[2])
 
 
-def test_packing_auto_pads_on_cpu_and_on_rejects_encoders(tiny_bert_seqcls):
+def test_packing_auto_packs_fp32_on_cpu_pads_bf16_and_on_rejects_encoders(tiny_bert_seqcls, tiny_ensemble):
     model = tiny_model("llama")
     engine = ScoringEngine(model)
-    assert engine.device.type == "cpu" and not engine.packs(model.members[0])
+    assert engine.device.type == "cpu" and engine.packs(model.members[0])
     out = engine.score(random_seqs(8, seed=3))
-    assert out.stats.padded_tokens >= out.stats.real_tokens
+    assert out.stats.padded_tokens == out.stats.real_tokens
+    bf16 = load_model(tiny_ensemble, dtype="bfloat16")  # the batch-invariant attention works on rows
+    out = ScoringEngine(bf16, min_shared_prefix=0).score(random_seqs(8, seed=3))
+    assert not ScoringEngine(bf16).packs(bf16.members[0]) and out.stats.padded_tokens > out.stats.real_tokens
+    encoder = load_model(tiny_bert_seqcls)
+    assert not ScoringEngine(encoder).packs(encoder.members[0])
     with pytest.raises(ValueError, match="packing"):
-        ScoringEngine(load_model(tiny_bert_seqcls), packing="on")
+        ScoringEngine(encoder, packing="on")
     with pytest.raises(ValueError, match="auto, on or off"):
         ScoringEngine(model, packing="yes")
 
