@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,6 +28,8 @@ from rmserve.service.ensemble import (
 )
 from rmserve.service.precision import mixed_bf16
 from rmserve.service.tokenization import PromptEncoder
+
+log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -97,10 +100,21 @@ def _fold(weight: torch.Tensor, bias: torch.Tensor, shift: list[float], scale: l
     return weight / s[:, None], (bias - torch.tensor(shift, dtype=torch.float32)) / s
 
 
-def _resolve_dtype(dtype: str, default: str) -> torch.dtype:
+def native_bf16_cpu() -> bool:
+    """Whether this CPU multiplies bf16 natively (AVX512-BF16 or AMX). Elsewhere oneDNN emulates
+    bf16 matmuls, slower than float32 ones."""
+    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+
+
+def _resolve_dtype(dtype: str, default: str, device: torch.device) -> torch.dtype:
+    """`auto` serves the model's own dtype, except a bf16 model on a CPU without native bf16:
+    float32 there (same scores within bf16's error, and faster)."""
     name = default if dtype == "auto" else dtype
     if name not in DTYPES:
         raise ValueError(f"dtype must be auto or one of {sorted(DTYPES)}, got {name!r}")
+    if dtype == "auto" and name == "bfloat16" and device.type == "cpu" and not native_bf16_cpu():
+        log.info("the model serves bfloat16, but this CPU has no native bf16 matmul: serving float32")
+        return torch.float32
     return DTYPES[name]
 
 
@@ -147,7 +161,7 @@ def _finish_backbone(bb: Backbone, torch_dtype: torch.dtype, device: torch.devic
 
 def _load_ensemble(path: Path, dtype: str, max_tokens: int | None, device: torch.device) -> RewardModel:
     man: EnsembleManifest = read_manifest(path)
-    torch_dtype = _resolve_dtype(dtype, man.dtype)
+    torch_dtype = _resolve_dtype(dtype, man.dtype, device)
     members: list[Member] = []
     for spec in man.members:
         t = load_member(path, spec)
@@ -192,7 +206,7 @@ def _load_seqcls(path: Path, dtype: str, max_tokens: int | None, device: torch.d
             f"(got architectures={archs}, num_labels={config.num_labels})"
         )
     default = str(getattr(config, "dtype", None) or "float32").removeprefix("torch.")
-    torch_dtype = _resolve_dtype(dtype, default if default in DTYPES else "float32")
+    torch_dtype = _resolve_dtype(dtype, default if default in DTYPES else "float32", device)
     full = AutoModelForSequenceClassification.from_pretrained(path, dtype=_load_dtype(torch_dtype, device))
     head = next(
         (mod for n, mod in full.named_children() if n in ("score", "classifier") and isinstance(mod, torch.nn.Linear)),

@@ -41,10 +41,12 @@ def test_serve_without_model_serves_the_default(server_factory):
 
 @pytest.mark.skipif(not DEV.is_file(), reason="shared/data is not beside the checkout")
 def test_eval_on_dev_reproduces_the_committed_report():
+    from rmserve.service.ensemble import read_manifest
     from rmserve.training.evaluate import evaluate
 
     committed = json.loads((DEFAULT_MODEL_DIR / "eval_dev.json").read_text())
-    report = evaluate(str(DEFAULT_MODEL_DIR), str(DEV), write=False)
+    assert committed["model"]["dtype"] == read_manifest(DEFAULT_MODEL_DIR).dtype  # the report is of what is served
+    report = evaluate(str(DEFAULT_MODEL_DIR), str(DEV), write=False, dtype=committed["model"]["dtype"])
     assert report["pairs"] == committed["pairs"]
     assert report["accuracy"] == pytest.approx(committed["accuracy"], abs=1e-9)
     assert report["ece"] == pytest.approx(committed["ece"], abs=1e-3)

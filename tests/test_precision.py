@@ -59,3 +59,22 @@ def test_scores_do_not_depend_on_the_batch_on_the_embedded_backbone(smollm2_ense
     std = float(out["padded"].std(0).mean())
     worst = max(float(np.abs(out[a] - out[b]).max()) for a in out for b in out)
     assert worst < (1e-4 if dtype == "float32" else 0.02) * std, (worst, std)
+
+
+def test_auto_serves_a_bf16_manifest_in_bf16_only_on_a_cpu_with_native_bf16(tiny_ensemble, tmp_path, monkeypatch):
+    import json
+    import shutil
+
+    from rmserve.service import model as model_mod
+
+    bf16_dir = tmp_path / "bf16"
+    shutil.copytree(tiny_ensemble, bf16_dir)
+    manifest = json.loads((bf16_dir / "manifest.json").read_text())
+    (bf16_dir / "manifest.json").write_text(json.dumps({**manifest, "dtype": "bfloat16"}))
+    monkeypatch.setattr(model_mod, "native_bf16_cpu", lambda: False)
+    assert load_model(bf16_dir).dtype_name == "float32"                     # emulated bf16 would be slower
+    assert load_model(bf16_dir, dtype="bfloat16").dtype_name == "bfloat16"  # an explicit choice stands
+    monkeypatch.setattr(model_mod, "native_bf16_cpu", lambda: True)
+    rm = load_model(bf16_dir)
+    assert rm.dtype_name == "bfloat16"
+    assert any(isinstance(m, MixedLinear) for m in rm.members[0].backbone.model.modules())

@@ -30,13 +30,16 @@ def test_train_then_eval_from_the_command_line(tmp_path, tiny_llama_backbone, ca
     args = parser().parse_args([
         "train", "--data", str(data), "--out", str(out), "--backbone", str(tiny_llama_backbone), "-k", "2",
         "--epochs", "2", "--lr", "0.01", "--max-tokens", "96", "--feature-cache", str(tmp_path / "cache"), "--log-json",
+        "--serve-dtype", "bfloat16",
     ])
     assert run_train(args) == 0
     lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
     assert lines[0]["event"] == "start" and lines[-1]["event"] == "done"
-    assert lines[-1]["report"]["train"]["pairs"] == 32 and (out / "manifest.json").is_file()
+    assert lines[-1]["report"]["train"]["pairs"] == 32
+    assert json.loads((out / "manifest.json").read_text())["dtype"] == "bfloat16"
 
-    assert run_eval(parser().parse_args(["eval", str(out), "--data", str(data)])) == 0
+    # evaluated in float32, as training scored it (the manifest's bf16 is what `serve` would use)
+    assert run_eval(parser().parse_args(["eval", str(out), "--data", str(data), "--dtype", "float32"])) == 0
     printed = capsys.readouterr().out
     assert "accuracy" in printed and "ECE (20 bins)" in printed
     report = json.loads((out / "eval_train.json").read_text())

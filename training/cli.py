@@ -55,6 +55,9 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--grad-accum", type=int, default=d.grad_accum, help="micro-batches per optimizer step")
     p.add_argument("--max-grad-norm", type=float, default=d.max_grad_norm)
     p.add_argument("--max-tokens", type=int, default=d.max_tokens, help="per-sample token limit, as served (prompt cut from the left)")
+    p.add_argument("--serve-dtype", default=d.serve_dtype, choices=["float32", "bfloat16", "float16"],
+                   help="serving precision written to the manifest (what `rmserve serve --dtype auto` uses; "
+                        "bfloat16 falls back to float32 on CPUs without native bf16); check it with `rmserve eval --dtype`")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--center-coef", type=float, default=d.center_coef, help="reward centring coefficient x mean (r_c + r_r)^2")
     p.add_argument("--lambda0", type=float, default=d.lambda0, help="epistemic prior: M = lambda0 I + sum e e^T")

@@ -38,6 +38,7 @@ class TrainConfig:
     grad_accum: int = 1
     max_grad_norm: float = 1.0                  # 0 disables clipping
     max_tokens: int = 1024                      # serving limit written to the manifest; training encodes with it
+    serve_dtype: str = "float32"                # serving dtype written to the manifest (what --dtype auto serves)
     seed: int = 0
     center_coef: float = 0.0
     lambda0: float = 1.0                        # epistemic prior: M = lambda0 I + sum e e^T
@@ -76,6 +77,8 @@ class TrainConfig:
             problems.append("calib_frac must be in [0, 0.5)")
         if self.num_layers is not None and self.num_layers < 1:
             problems.append("num_layers must be >= 1 (or None for every layer)")
+        if self.serve_dtype not in ("float32", "bfloat16", "float16"):
+            problems.append(f"serve_dtype must be float32, bfloat16 or float16, got {self.serve_dtype!r}")
         if self.head_solver not in ("adamw", "lbfgs"):
             problems.append(f"head_solver must be 'adamw' or 'lbfgs', got {self.head_solver!r}")
         if self.head_solver == "lbfgs" and self.finetune_layers != 0:

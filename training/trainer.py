@@ -543,7 +543,7 @@ class _Job:
         manifest = EnsembleManifest(
             name=cfg.name or self.out.resolve().name, version=version, kind=cfg.kind, members=specs,
             shift=list(shift), scale=list(scale), uncertainty_penalty=cfg.uncertainty_penalty,
-            max_tokens=self.encoder.max_tokens, dtype="float32", chat_template=True,
+            max_tokens=self.encoder.max_tokens, dtype=cfg.serve_dtype, chat_template=True,
             training=self._metadata(temperature, fit_metrics, calib_metrics),
         )
         write_manifest(self.out, manifest)  # last: the directory is complete from here on
