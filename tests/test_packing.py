@@ -301,8 +301,8 @@ def test_a_switched_model_serves_unpacked_calls_exactly_like_sdpa(arch):
 
 @pytest.mark.parametrize("arch", sorted(ARCHS))
 def test_mixed_bf16_serves_every_architecture_over_a_float32_stream(arch):
-    """bf16 linears (returning bf16) over a float32 residual stream, invariant attention: the
-    stream stays float32 through type promotion, and scores stay near float32 and batch-free."""
+    """bf16 linears over a float32 residual stream with the invariant attention, on every
+    architecture: the stream stays float32, and scores stay near float32 and batch-free."""
     from rmserve.service import invariant_attention
     from rmserve.service.precision import mixed_bf16
 

@@ -14,7 +14,7 @@ import signal
 import sys
 from typing import Any
 
-from rmserve.training.config import TrainConfig
+from rmserve.training.config import SERVE_DTYPES, TrainConfig
 from rmserve.training.data import DataError
 from rmserve.training.events import ProgressEvent, TrainingStopped
 from rmserve.training.metrics import format_report
@@ -55,7 +55,7 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--grad-accum", type=int, default=d.grad_accum, help="micro-batches per optimizer step")
     p.add_argument("--max-grad-norm", type=float, default=d.max_grad_norm)
     p.add_argument("--max-tokens", type=int, default=d.max_tokens, help="per-sample token limit, as served (prompt cut from the left)")
-    p.add_argument("--serve-dtype", default=d.serve_dtype, choices=["float32", "bfloat16", "float16"],
+    p.add_argument("--serve-dtype", default=d.serve_dtype, choices=SERVE_DTYPES,
                    help="serving precision written to the manifest (what `rmserve serve --dtype auto` uses; "
                         "bfloat16 falls back to float32 on CPUs without native bf16); check it with `rmserve eval --dtype`")
     p.add_argument("--seed", type=int, default=d.seed)

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
+SERVE_DTYPES = ("float32", "bfloat16", "float16")  # what a manifest may name (service/model.py DTYPES)
+
 # Fields that may change between a run and its resumption: they do not change what is trained
 # (the data itself is checked by its fingerprint, not its path).
 RESUMABLE_CHANGES = frozenset({
@@ -77,8 +79,8 @@ class TrainConfig:
             problems.append("calib_frac must be in [0, 0.5)")
         if self.num_layers is not None and self.num_layers < 1:
             problems.append("num_layers must be >= 1 (or None for every layer)")
-        if self.serve_dtype not in ("float32", "bfloat16", "float16"):
-            problems.append(f"serve_dtype must be float32, bfloat16 or float16, got {self.serve_dtype!r}")
+        if self.serve_dtype not in SERVE_DTYPES:
+            problems.append(f"serve_dtype must be one of {', '.join(SERVE_DTYPES)}, got {self.serve_dtype!r}")
         if self.head_solver not in ("adamw", "lbfgs"):
             problems.append(f"head_solver must be 'adamw' or 'lbfgs', got {self.head_solver!r}")
         if self.head_solver == "lbfgs" and self.finetune_layers != 0:
