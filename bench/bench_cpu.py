@@ -72,6 +72,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from rmserve.service.engine.padding import pad_token_id, right_pad
+
 VARIANTS = ("hf-padded", "hf-best-fp32", "hf-best-bf16", "engine-fp32", "engine-bf16", "grpc-fp32", "grpc-bf16",
             "engine-packed-fp32", "engine-padded-fp32", "engine-packed-bf16", "engine-padded-bf16")
 DEFAULT_VARIANTS = VARIANTS[:7]   # the forced-layout rows answer one question (packed vs padded): ask for them
@@ -143,7 +145,7 @@ class Row:
 
 def build_model_dir(root: Path, tiny: bool) -> Path:
     """An ensemble dir: the builtin backbone (or a tiny random Llama) + random heads."""
-    from rmserve.service.ensemble import (
+    from rmserve.service.engine.ensemble import (
         EnsembleManifest,
         MemberSpec,
         MemberTensors,
@@ -274,12 +276,7 @@ def grpo_workload(encoder, tokenizer, groups: int, sizes: Sizes, seed: int = 1) 
 # --------------------------------------------------------------------------- #
 
 def _padded(batch: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    lengths = torch.tensor([len(s) for s in batch])
-    ids = torch.full((len(batch), int(lengths.max())), pad, dtype=torch.long)
-    for i, s in enumerate(batch):
-        ids[i, : len(s)] = torch.tensor(s)
-    mask = (torch.arange(ids.shape[1])[None, :] < lengths[:, None]).long()
-    return ids, mask, lengths
+    return right_pad(batch, pad)
 
 
 def _heads(hidden: torch.Tensor, lengths: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
@@ -302,7 +299,7 @@ def hf_batches(model, heads, seqs: list[list[int]], batches: list[list[int]], pa
 @torch.inference_mode()
 def hf_prefix_cache(model, heads, w: Workload, pad: int) -> np.ndarray:
     """Plain HF for GRPO: each prompt encoded once, its KV cache expanded to the group's completions."""
-    from rmserve.service.engine import _cache_kwarg
+    from rmserve.service.engine.scoring import _cache_kwarg
 
     out = np.empty(len(w.seqs))
     for g in w.groups:
@@ -328,7 +325,7 @@ def arrival_batches(n: int) -> list[list[int]]:
 
 def hf_best(model, heads, w: Workload, pad: int) -> np.ndarray:
     """The best plain-HF variant: prefix cache for groups, length-sorted budgeted batches otherwise."""
-    from rmserve.service.engine import plan_batches
+    from rmserve.service.engine.scoring import plan_batches
 
     if w.groups:
         return hf_prefix_cache(model, heads, w, pad)
@@ -439,7 +436,7 @@ def hf_label(w: Workload) -> str:
 
 def run_hf(bench: Bench, rm) -> None:
     member = rm.members[0]
-    model, pad = member.backbone.model, member.backbone.tokenizer.pad_token_id or 0
+    model, pad = member.backbone.model, pad_token_id(member.backbone.tokenizer)
     heads = (member.weight, member.bias)
     bench.run(BASELINE, f"hf padded x{ARRIVAL_BATCH}, arrival order (baseline)", "fp32",
               lambda w: hf_batches(model, heads, w.seqs, arrival_batches(len(w.seqs)), pad))
@@ -450,8 +447,8 @@ def run_hf(bench: Bench, rm) -> None:
 
 
 def run_engines(bench: Bench, rm, model_dir: Path) -> None:
-    from rmserve.service.engine import ScoringEngine
-    from rmserve.service.model import load_model
+    from rmserve.service.engine.model import load_model
+    from rmserve.service.engine.scoring import ScoringEngine
 
     models = {"fp32": lambda: rm, "bf16": lambda: load_model(model_dir, dtype="bfloat16")}
     layouts = (("auto", "", "rmserve engine in process"), ("on", "packed-", "rmserve engine in process, packed"),
@@ -610,7 +607,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def run_all(args, argv: list[str], tmp: Path, t_start: float) -> str:
     """Build the model and workloads, run every selected variant, return the report."""
-    from rmserve.service.model import load_model
+    from rmserve.service.engine.model import load_model
 
     model_dir = build_model_dir(tmp / "model", args.tiny)
     rm = load_model(model_dir, dtype="float32")

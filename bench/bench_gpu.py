@@ -161,8 +161,8 @@ def hf_scores(model, weight: torch.Tensor, bias: torch.Tensor, seqs: list[list[i
 
 def reward_model(model, weight: torch.Tensor, bias: torch.Tensor, dtype: torch.dtype):
     """The bare model + heads as an rmserve RewardModel (tokenizer-free: the pad id is all it reads)."""
-    from rmserve.service.backbone import wrap_backbone
-    from rmserve.service.model import Member, RewardModel
+    from rmserve.service.engine.backbone import wrap_backbone
+    from rmserve.service.engine.model import Member, RewardModel
 
     bb = wrap_backbone(model, SimpleNamespace(pad_token_id=0), "bench-llama")
     k = weight.shape[0]
@@ -209,7 +209,7 @@ def matmul_rate(device: torch.device, dtype: torch.dtype, n: int) -> float:
 # --------------------------------------------------------------------------- #
 
 def run_model(size: str, args, device: torch.device, dtype: torch.dtype) -> list[Row]:
-    from rmserve.service.engine import ScoringEngine, plan_batches
+    from rmserve.service.engine.scoring import ScoringEngine, plan_batches
 
     tiny = size == "tiny"
     model = build_model(size, device, dtype)

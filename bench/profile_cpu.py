@@ -62,8 +62,8 @@ def main() -> None:
         ppo_workload,
     )
 
-    from rmserve.service.engine import ScoringEngine
-    from rmserve.service.model import load_model
+    from rmserve.service.engine.model import load_model
+    from rmserve.service.engine.scoring import ScoringEngine
 
     model_dir = build_model_dir(Path(tempfile.mkdtemp(prefix="rmserve-profile-")) / "model", tiny=False)
     rm = load_model(model_dir, dtype=a.dtype)

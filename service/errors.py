@@ -1,21 +1,34 @@
-"""Domain errors, and the one table that maps them to gRPC status codes.
+"""Server errors, and the one table that maps every rmserve error to a gRPC status.
 
-The engine, scheduler and tokenizer raise these; only the server turns them
-into statuses (through `grpc_status`), so every caller sees the same code for
-the same problem.
+The model layer raises plain exceptions (`rmserve.service.engine.errors`); the
+scheduler, registry, auth and admin raise the ones below. Only this module
+turns either kind into a status (`grpc_status`), so every caller sees the same
+code for the same problem, whichever service or path raised it.
 """
 
 from __future__ import annotations
 
 import grpc
 
+from rmserve.service.engine.errors import (
+    EngineOutOfMemory,
+    EnsembleFormatError,
+    InvalidInput,
+    RMServeError,
+)
 
-class RMServeError(Exception):
-    """Base of everything rmserve raises on purpose; the message is for the user."""
-
-
-class InvalidInput(RMServeError):
-    """The request itself is wrong: fixing the request fixes it."""
+__all__ = [
+    "DeadlineExceeded",
+    "InvalidInput",
+    "NotFound",
+    "NotReady",
+    "PermissionDenied",
+    "QueueFull",
+    "RMServeError",
+    "Unauthenticated",
+    "Unavailable",
+    "grpc_status",
+]
 
 
 class QueueFull(RMServeError):
@@ -53,8 +66,10 @@ class Unauthenticated(RMServeError):
 _CODES: dict[type[BaseException], grpc.StatusCode] = {
     InvalidInput: grpc.StatusCode.INVALID_ARGUMENT,
     QueueFull: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    EngineOutOfMemory: grpc.StatusCode.RESOURCE_EXHAUSTED,
     DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
     NotReady: grpc.StatusCode.FAILED_PRECONDITION,
+    EnsembleFormatError: grpc.StatusCode.FAILED_PRECONDITION,
     Unavailable: grpc.StatusCode.UNAVAILABLE,
     NotFound: grpc.StatusCode.NOT_FOUND,
     PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,

@@ -3,19 +3,23 @@
 Why a process: training saturates every core it gets and holds the GIL in
 Python-heavy stretches; in a separate process at `nice` 10 with half the cores,
 scoring keeps its latency (the engine thread wins the CPU when both want it).
-The child reports `ProgressEvent` dicts on a queue; a reader thread in the
-server fans them out to whoever is listening (the Train stream), and the job's
-own history is kept so a finished job can still be described.
+The child is the training package's own entry point (`python -m
+rmserve.training.job`, see training/job.py): the server imports nothing of the
+trainer. The config goes to its stdin as JSON; it reports `ProgressEvent` dicts
+as JSON lines on its stdout; a reader thread in the server fans them out to
+whoever is listening (the Train stream), and the job's own history is kept so a
+finished job can still be described.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import json
 import logging
-import multiprocessing as mp
 import os
 import shutil
+import subprocess
+import sys
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -25,25 +29,6 @@ from typing import Any
 from rmserve.service.errors import InvalidInput, NotReady
 
 log = logging.getLogger("rmserve.jobs")
-
-
-def _child(config: dict[str, Any], events: mp.Queue, threads: int) -> None:
-    """Entry point of the training process (spawned: a clean interpreter)."""
-    with contextlib.suppress(OSError):
-        os.nice(10)
-    import torch
-
-    torch.set_num_threads(threads)
-    from rmserve.training.config import TrainConfig
-    from rmserve.training.trainer import train
-
-    try:
-        cfg = TrainConfig(**config)
-        train(cfg, progress=lambda e: events.put(e.to_dict()))
-    except Exception as e:  # reported to the server, which reports it to the caller
-        events.put({"event": "error", "phase": "", "message": f"{type(e).__name__}: {e}"})
-    finally:
-        events.put(None)
 
 
 @dataclass
@@ -64,6 +49,7 @@ class JobRunner:
         self._on_success = on_success  # coroutine function, run on the loop when a job succeeds
         self.current: TrainingJob | None = None
         self._listeners: set[asyncio.Queue] = set()
+        self._proc: subprocess.Popen | None = None
 
     @property
     def busy(self) -> bool:
@@ -79,19 +65,27 @@ class JobRunner:
         loop = asyncio.get_running_loop()
         job = TrainingJob(version=version, staging=staging, final=final, activate=activate)
         self.current = job
-        ctx = mp.get_context("spawn")
-        events: mp.Queue = ctx.Queue()
         threads = max(1, (os.cpu_count() or 2) // 2)
-        proc = ctx.Process(target=_child, args=({**config, "out": str(staging), "version": version}, events, threads),
-                           name=f"rmserve-train-{version}", daemon=True)
-        proc.start()
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "rmserve.training.job"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            env={**os.environ, "RMSERVE_TRAIN_THREADS": str(threads)}, text=True,
+        )
+        assert proc.stdin is not None and proc.stdout is not None
+        self._proc = proc
+        proc.stdin.write(json.dumps({**config, "out": str(staging), "version": version}))
+        proc.stdin.close()
         log.info("training job %s started (pid %d)", version, proc.pid)
 
         def relay() -> None:
-            while (event := events.get()) is not None:
+            for line in proc.stdout:
+                try:
+                    event = json.loads(line)
+                except json.JSONDecodeError:  # not ours: the job writes only events to stdout
+                    log.warning("training job %s wrote a non-event line: %r", version, line[:200])
+                    continue
                 loop.call_soon_threadsafe(self._publish, job, event)
-            proc.join()
-            loop.call_soon_threadsafe(lambda: asyncio.ensure_future(self._finish(job, proc.exitcode)))
+            exitcode = proc.wait()
+            loop.call_soon_threadsafe(lambda: asyncio.ensure_future(self._finish(job, exitcode)))
 
         threading.Thread(target=relay, name=f"rmserve-train-relay-{version}", daemon=True).start()
         return job
@@ -121,6 +115,18 @@ class JobRunner:
         job.done.set()
         for q in self._listeners:
             q.put_nowait(None)
+
+    def stop(self, timeout_s: float = 5.0) -> None:
+        """Ends a running job's process (server shutdown): its staging directory is
+        removed when the relay sees it exit, so no half-written version remains."""
+        proc = self._proc
+        if proc is None or proc.poll() is not None:
+            return
+        proc.terminate()
+        try:
+            proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
 
     def publish(self, job: TrainingJob, event: dict[str, Any]) -> None:
         """Server-side events (e.g. 'activated') join the job's stream."""

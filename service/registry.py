@@ -20,7 +20,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from rmserve.service.ensemble import MANIFEST, atomic_write_bytes, read_manifest
+from rmserve.service.engine.ensemble import MANIFEST, atomic_write_bytes, read_manifest
 from rmserve.service.errors import InvalidInput, NotFound
 
 _VERSION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")

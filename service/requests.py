@@ -10,8 +10,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from rmserve.service.engine.tokenization import Encoded, PromptEncoder
 from rmserve.service.errors import InvalidInput
-from rmserve.service.tokenization import Encoded, PromptEncoder
 from rmserve.v1 import reward_pb2 as pb
 
 

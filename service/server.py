@@ -27,10 +27,11 @@ from grpc_reflection.v1alpha import reflection
 
 from rmserve.service.admin import AdminServicer
 from rmserve.service.auth import ApiKeyInterceptor, load_api_keys
-from rmserve.service.backbone import cache_dir
 from rmserve.service.config import DEFAULT_MODEL_DIR, ServerConfig
-from rmserve.service.engine import ScoringEngine
-from rmserve.service.ensemble import MANIFEST
+from rmserve.service.engine.backbone import cache_dir
+from rmserve.service.engine.ensemble import MANIFEST
+from rmserve.service.engine.model import RewardModel, load_model
+from rmserve.service.engine.scoring import ScoringEngine
 from rmserve.service.errors import (
     InvalidInput,
     NotReady,
@@ -40,7 +41,6 @@ from rmserve.service.errors import (
     grpc_status,
 )
 from rmserve.service.metrics import Metrics
-from rmserve.service.model import RewardModel, load_model
 from rmserve.service.registry import Registry
 from rmserve.service.requests import Row, encode_groups, encode_samples, result_pb
 from rmserve.service.scheduler import Scheduler
@@ -379,6 +379,7 @@ class RewardServer:
         self._server: grpc.aio.Server | None = None
         self._metrics_http = None
         self._loaded: asyncio.Future | None = None
+        self.admin: AdminServicer | None = None
 
     async def start(self) -> None:
         registry = Registry(self.config.registry or cache_dir() / "registry")
@@ -441,6 +442,8 @@ class RewardServer:
         if self._server is not None:
             await self._server.stop(self.config.grace_s if grace is None else grace)
         await self.state.scheduler.stop()
+        if self.admin is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self.admin.jobs.stop)
         if self._loaded is not None and not self._loaded.done():
             self._loaded.cancel()
         if self._metrics_http is not None:

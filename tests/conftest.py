@@ -100,7 +100,7 @@ def make_tiny_ensemble(out: Path, *, num_heads: int = 4, with_epistemic: bool = 
     """A 'heads' ensemble over a tiny Llama backbone with random (but fixed) heads."""
     import torch
 
-    from rmserve.service.ensemble import (
+    from rmserve.service.engine.ensemble import (
         EnsembleManifest,
         MemberSpec,
         MemberTensors,
@@ -152,7 +152,7 @@ def smollm2_ensemble(tmp_path_factory) -> Path:
     """The embedded default's backbone (SmolLM2-135M, fetched and converted once) with 3 random heads."""
     import torch
 
-    from rmserve.service.ensemble import (
+    from rmserve.service.engine.ensemble import (
         EnsembleManifest,
         MemberSpec,
         MemberTensors,

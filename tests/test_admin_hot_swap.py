@@ -13,7 +13,7 @@ import grpc
 import pytest
 
 from rmserve.client import RewardClient, RewardServiceError
-from rmserve.service.ensemble import read_manifest
+from rmserve.service.engine.ensemble import read_manifest
 
 WORDS = ["fox", "dog", "bread", "flour", "water", "salt", "yeast", "quick", "brown", "lazy", "hello", "today"]
 

@@ -20,7 +20,7 @@ pytestmark = pytest.mark.skipif(
 
 def test_serve_without_model_serves_the_default(server_factory):
     from rmserve.client import RewardClient
-    from rmserve.service.ensemble import read_manifest
+    from rmserve.service.engine.ensemble import read_manifest
 
     server = server_factory(None)
     manifest = read_manifest(DEFAULT_MODEL_DIR)
@@ -41,7 +41,7 @@ def test_serve_without_model_serves_the_default(server_factory):
 
 @pytest.mark.skipif(not DEV.is_file(), reason="shared/data is not beside the checkout")
 def test_eval_on_dev_reproduces_the_committed_report():
-    from rmserve.service.ensemble import read_manifest
+    from rmserve.service.engine.ensemble import read_manifest
     from rmserve.training.evaluate import evaluate
 
     committed = json.loads((DEFAULT_MODEL_DIR / "eval_dev.json").read_text())

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from transformers import AutoModel, AutoTokenizer
 
 from rmserve.client import AsyncRewardClient, InvalidRequestError, RewardClient
-from rmserve.service.ensemble import read_manifest
+from rmserve.service.engine.ensemble import read_manifest
 
 PROMPTS = ["How do I bake bread?", "hello there", "Numbers 0123 and punctuation!", "Can you help me?"]
 RESPONSES = ["Mix flour, water and yeast.", "hi, how can I help you today?", "I cannot help with that.", "Sure."]

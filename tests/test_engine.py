@@ -10,9 +10,9 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModel, AutoModelForSequenceClassification
 
-from rmserve.service.engine import ScoringEngine, plan_batches
-from rmserve.service.ensemble import read_manifest
-from rmserve.service.model import load_model
+from rmserve.service.engine.ensemble import read_manifest
+from rmserve.service.engine.model import load_model
+from rmserve.service.engine.scoring import ScoringEngine, plan_batches
 
 
 def random_seqs(n: int, vocab: int, lo: int = 1, hi: int = 40, seed: int = 0) -> list[list[int]]:

@@ -1,4 +1,4 @@
-"""Batch-invariant attention (service/invariant_attention.py): right, and bit-for-bit the same
+"""Batch-invariant attention (service/engine/invariant_attention.py): right, and bit-for-bit the same
 for a sequence whatever it is batched with."""
 
 from __future__ import annotations
@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from rmserve.service import invariant_attention as inv
-from rmserve.service.engine import ScoringEngine
-from rmserve.service.model import load_model
+from rmserve.service.engine import invariant_attention as inv
+from rmserve.service.engine.model import load_model
+from rmserve.service.engine.scoring import ScoringEngine
 
 
 def reference(q, k, v, q_pos, k_len, scaling, window=None):

@@ -10,16 +10,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rmserve.service.backbone import load_backbone
-from rmserve.service.engine import ScoringEngine
-from rmserve.service.ensemble import (
+from rmserve.service.engine.backbone import load_backbone
+from rmserve.service.engine.ensemble import (
     EnsembleManifest,
     MemberSpec,
     MemberTensors,
     save_member,
     write_manifest,
 )
-from rmserve.service.model import load_model
+from rmserve.service.engine.model import load_model
+from rmserve.service.engine.scoring import ScoringEngine
 
 
 @torch.inference_mode()

@@ -15,16 +15,16 @@ import numpy as np
 import pytest
 import torch
 
-from rmserve.service import varlen
-from rmserve.service.backbone import wrap_backbone
-from rmserve.service.engine import (
+from rmserve.service.engine import varlen
+from rmserve.service.engine.backbone import wrap_backbone
+from rmserve.service.engine.model import Member, RewardModel, load_model
+from rmserve.service.engine.scoring import (
     EngineOutOfMemory,
     ScoringEngine,
     budget_from_memory,
     is_oom,
     plan_packed,
 )
-from rmserve.service.model import Member, RewardModel, load_model
 
 VOCAB = 300
 COMMON = dict(
@@ -277,7 +277,7 @@ def test_the_cuda_branch_calls_varlen_attn_as_documented(monkeypatch, arch):
 @pytest.mark.parametrize("arch", ["llama", "mistral"])
 def test_a_switched_model_serves_unpacked_calls_exactly_like_sdpa(arch):
     """Padded batches, a KV cache with and without a mask, a window longer than the sequence."""
-    from rmserve.service.engine import _cache_kwarg
+    from rmserve.service.engine.scoring import _cache_kwarg
 
     net = tiny_model(arch).members[0].backbone.model
     ids = torch.randint(1, VOCAB, (2, 40), generator=torch.Generator().manual_seed(9))
@@ -303,8 +303,8 @@ def test_a_switched_model_serves_unpacked_calls_exactly_like_sdpa(arch):
 def test_mixed_bf16_serves_every_architecture_over_a_float32_stream(arch):
     """bf16 linears over a float32 residual stream with the invariant attention, on every
     architecture: the stream stays float32, and scores stay near float32 and batch-free."""
-    from rmserve.service import invariant_attention
-    from rmserve.service.precision import mixed_bf16
+    from rmserve.service.engine import invariant_attention
+    from rmserve.service.engine.precision import mixed_bf16
 
     seqs = random_seqs(12, hi=90, seed=5)
     exact = alone(tiny_model(arch), seqs)

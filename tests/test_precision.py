@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from rmserve.service.engine import ScoringEngine
-from rmserve.service.model import load_model
-from rmserve.service.precision import MixedLinear
+from rmserve.service.engine.model import load_model
+from rmserve.service.engine.precision import MixedLinear
+from rmserve.service.engine.scoring import ScoringEngine
 
 
 def batchings(model, seqs: list[list[int]]) -> dict[str, np.ndarray]:
@@ -65,7 +65,7 @@ def test_auto_serves_a_bf16_manifest_in_bf16_only_on_a_cpu_with_native_bf16(tiny
     import json
     import shutil
 
-    from rmserve.service import model as model_mod
+    from rmserve.service.engine import model as model_mod
 
     bf16_dir = tmp_path / "bf16"
     shutil.copytree(tiny_ensemble, bf16_dir)

@@ -6,9 +6,9 @@ import random
 
 import numpy as np
 
-from rmserve.service.engine import ScoringEngine
-from rmserve.service.model import load_model
-from rmserve.service.prefix import find_prefix_groups
+from rmserve.service.engine.model import load_model
+from rmserve.service.engine.prefix import find_prefix_groups
+from rmserve.service.engine.scoring import ScoringEngine
 
 
 def grpo_batch(n_prompts: int, n_completions: int, prompt_len: int, seed: int, system: list[int] | None = None):

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from transformers import AutoTokenizer
 
+from rmserve.service.engine.tokenization import PromptEncoder
 from rmserve.service.errors import InvalidInput
-from rmserve.service.tokenization import PromptEncoder
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from transformers import AutoTokenizer
 
-from rmserve.service.tokenization import PromptEncoder
+from rmserve.service.engine.tokenization import PromptEncoder
 from rmserve.training.data import DataError, load_pairs, parse_hh
 from rmserve.training.encoding import encode_pairs
 

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 
-from rmserve.service.ensemble import atomic_save_tensors, atomic_write_bytes
+from rmserve.service.engine.ensemble import atomic_save_tensors, atomic_write_bytes
 
 STATE = "state.json"
 FORMAT = "rmserve-train-checkpoint/1"

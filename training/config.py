@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
-SERVE_DTYPES = ("float32", "bfloat16", "float16")  # what a manifest may name (service/model.py DTYPES)
+SERVE_DTYPES = ("float32", "bfloat16", "float16")  # what a manifest may name (service/engine/model.py DTYPES)
 
 # Fields that may change between a run and its resumption: they do not change what is trained
 # (the data itself is checked by its fingerprint, not its path).

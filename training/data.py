@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from rmserve.service.tokenization import ROLES
+from rmserve.service.engine.tokenization import ROLES
 
 Message = dict[str, str]
 

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from rmserve.service.errors import InvalidInput
-from rmserve.service.tokenization import PromptEncoder
+from rmserve.service.engine.errors import InvalidInput
+from rmserve.service.engine.tokenization import PromptEncoder
 from rmserve.training.data import DataError, DataReport, Message, Pair
 
 

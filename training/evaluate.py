@@ -16,9 +16,9 @@ from typing import Any
 
 import numpy as np
 
-from rmserve.service.engine import ScoringEngine
-from rmserve.service.ensemble import atomic_write_bytes
-from rmserve.service.model import RewardModel, load_model
+from rmserve.service.engine.ensemble import atomic_write_bytes
+from rmserve.service.engine.model import RewardModel, load_model
+from rmserve.service.engine.scoring import ScoringEngine
 from rmserve.training.data import load_pairs
 from rmserve.training.encoding import encode_pairs
 from rmserve.training.metrics import format_report, pair_report

@@ -20,11 +20,11 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
-from rmserve.service.backbone import Backbone
-from rmserve.service.engine import ScoringEngine
-from rmserve.service.ensemble import atomic_save_tensors
-from rmserve.service.model import Member, RewardModel
-from rmserve.service.tokenization import PromptEncoder
+from rmserve.service.engine.backbone import Backbone
+from rmserve.service.engine.ensemble import atomic_save_tensors
+from rmserve.service.engine.model import Member, RewardModel
+from rmserve.service.engine.scoring import ScoringEngine
+from rmserve.service.engine.tokenization import PromptEncoder
 from rmserve.training.events import TrainingStopped
 
 log = logging.getLogger(__name__)

@@ -40,8 +40,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from rmserve.service.backbone import Backbone, cache_dir, find_layers, load_backbone
-from rmserve.service.ensemble import (
+from rmserve.service.engine.backbone import Backbone, cache_dir, find_layers, load_backbone
+from rmserve.service.engine.ensemble import (
     MANIFEST,
     EnsembleManifest,
     MemberSpec,
@@ -50,17 +50,18 @@ from rmserve.service.ensemble import (
     save_member,
     write_manifest,
 )
-from rmserve.service.tokenization import PromptEncoder
-from rmserve.training import checkpoint, prefix
+from rmserve.service.engine.padding import pad_token_id
+from rmserve.service.engine.tokenization import PromptEncoder
+from rmserve.training import checkpoint, frozen_states
 from rmserve.training.config import TrainConfig
 from rmserve.training.data import load_pairs
 from rmserve.training.encoding import EncodedPairs, encode_pairs
 from rmserve.training.events import ProgressCallback, ProgressEvent, Reporter, TrainingStopped
 from rmserve.training.features import cached_features
+from rmserve.training.frozen_states import FrozenStates
 from rmserve.training.linear_heads import choose_l2, cross_fitted_rewards, fit_bt_head
 from rmserve.training.loss import bt_loss
 from rmserve.training.metrics import pair_report
-from rmserve.training.prefix import PrefixStates
 from rmserve.training.schedule import (
     bootstrap_counts,
     calibration_split,
@@ -247,7 +248,7 @@ class _Job:
     def _cache_dir(self) -> Path | None:
         return None if self.cfg.feature_cache == "" else Path(self.cfg.feature_cache or cache_dir() / "features")
 
-    def _prefix_states(self) -> PrefixStates | None:
+    def _prefix_states(self) -> FrozenStates | None:
         cfg, model = self.cfg, self.backbone.model
         n_blocks = len(find_layers(model)[1])
         first = n_blocks - min(cfg.finetune_layers, n_blocks) if cfg.finetune_layers > 0 else 0
@@ -257,12 +258,12 @@ class _Job:
             return None
         t0 = time.monotonic()
         model.to(self.device)
-        seqs, pad = self.data.seqs, self.backbone.tokenizer.pad_token_id or 0
+        seqs, pad = self.data.seqs, pad_token_id(self.backbone.tokenizer)
         self.rep.phase("features", f"hidden states entering layer {first} of {n_blocks} for {len(seqs)} sequences")
-        states, key, hit = prefix.cached(model, seqs, first, cache_dir=self._cache_dir(), pad_id=pad,
+        states, key, hit = frozen_states.cached(model, seqs, first, cache_dir=self._cache_dir(), pad_id=pad,
                                          token_budget=cfg.token_budget, progress=self._progress("features", t0),
                                          should_stop=self.should_stop)
-        problem = prefix.check(model, states, seqs, list(range(min(2, len(seqs)))), pad_id=pad)
+        problem = frozen_states.check(model, states, seqs, list(range(min(2, len(seqs)))), pad_id=pad)
         secs = time.monotonic() - t0
         self.timing["prefix_s"] = secs
         self.feature_info = {"prefix_first_layer": first, "cache_key": key, "cache_hit": hit,
@@ -422,12 +423,12 @@ class _Job:
         tuned = make_trainable(self.backbone.model, layers=cfg.finetune_layers, lora_rank=cfg.lora_rank,
                                lora_alpha=cfg.lora_alpha, seed=derive_seed(seed, "lora"))
         tuned.model.to(self.device)
-        pad = self.backbone.tokenizer.pad_token_id or 0
+        pad = pad_token_id(self.backbone.tokenizer)
         model, states, device, pooling = tuned.model, self.prefix, self.device, self.backbone.pooling
 
         def embed_fn(ids: torch.Tensor) -> torch.Tensor:
             if states is not None:  # only the trained layers run
-                return prefix.embed_from(model, states, ids.tolist(), pooling="last", device=device, amp=True)
+                return frozen_states.embed_from(model, states, ids.tolist(), pooling="last", device=device, amp=True)
             return embed(model, [data.seqs[i] for i in ids.tolist()], pad_id=pad, pooling=pooling,
                          device=device, amp=True)
 
@@ -445,9 +446,9 @@ class _Job:
         t0 = time.monotonic()
         self.rep.phase("finalize", f"member {m}: embeddings of {len(self.data.seqs)} training sequences")
         if self.prefix is not None:
-            emb = prefix.embed_all_from(tuned.base, self.prefix, device=self.device, token_budget=cfg.token_budget)
+            emb = frozen_states.embed_all_from(tuned.base, self.prefix, device=self.device, token_budget=cfg.token_budget)
         else:
-            emb = embed_all(tuned.base, self.data.seqs, pad_id=self.backbone.tokenizer.pad_token_id or 0,
+            emb = embed_all(tuned.base, self.data.seqs, pad_id=pad_token_id(self.backbone.tokenizer),
                             pooling=self.backbone.pooling, device=self.device, token_budget=cfg.token_budget)
         self.timing["embeddings_s"] = self.timing.get("embeddings_s", 0.0) + time.monotonic() - t0
         tuned.restore()

@@ -19,8 +19,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from rmserve.service.backbone import find_layers
-from rmserve.service.engine import plan_batches
+from rmserve.service.engine.backbone import find_layers
+from rmserve.service.engine.padding import right_pad
+from rmserve.service.engine.scoring import plan_batches
 
 
 def _final_norm_params(model: nn.Module, layers_prefix: str) -> list[str]:
@@ -119,13 +120,7 @@ def embed(
 
     `amp`: bf16 autocast, for training on GPU only (CPU trains in fp32, as it serves).
     """
-    lengths = torch.tensor([len(s) for s in seqs], device=device)
-    t = int(lengths.max())
-    ids = torch.full((len(seqs), t), pad_id, dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, : len(s)] = torch.tensor(s)
-    ids = ids.to(device)
-    mask = (torch.arange(t, device=device)[None, :] < lengths[:, None]).long()
+    ids, mask, lengths = right_pad(seqs, pad_id, device)
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp and device.type == "cuda"):
         out = model(input_ids=ids, attention_mask=mask)
     if pooling == "cls":

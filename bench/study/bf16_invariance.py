@@ -20,10 +20,10 @@ import time
 
 import torch
 
-from rmserve.service import invariant_attention
-from rmserve.service.backbone import load_backbone
-from rmserve.service.engine import plan_batches
-from rmserve.service.precision import mixed_bf16
+from rmserve.service.engine import invariant_attention
+from rmserve.service.engine.backbone import load_backbone
+from rmserve.service.engine.precision import mixed_bf16
+from rmserve.service.engine.scoring import plan_batches
 
 
 def last_hidden(model, seqs, batches, pad, ctx):

@@ -12,8 +12,8 @@ import argparse
 
 import numpy as np
 
-from rmserve.service.engine import ScoringEngine
-from rmserve.service.model import load_model
+from rmserve.service.engine.model import load_model
+from rmserve.service.engine.scoring import ScoringEngine
 from rmserve.training.data import load_pairs
 from rmserve.training.encoding import encode_pairs
 from rmserve.training.metrics import pair_report

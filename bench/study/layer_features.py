@@ -15,9 +15,10 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
-from rmserve.service.backbone import load_backbone
-from rmserve.service.engine import plan_batches
-from rmserve.service.tokenization import PromptEncoder
+from rmserve.service.engine.backbone import load_backbone
+from rmserve.service.engine.padding import pad_token_id
+from rmserve.service.engine.scoring import plan_batches
+from rmserve.service.engine.tokenization import PromptEncoder
 from rmserve.training.data import load_pairs
 from rmserve.training.encoding import encode_pairs
 
@@ -61,7 +62,7 @@ def main() -> None:
         lens = [len(s) for s in data.seqs]
         print(f"{path}: {len(data)} pairs, {len(data.seqs)} seqs, tokens {sum(lens)} "
               f"(mean {np.mean(lens):.0f}, max {max(lens)}), truncated {data.truncated}", flush=True)
-        feats = all_layers(bb.model, data.seqs, bb.tokenizer.pad_token_id or 0)
+        feats = all_layers(bb.model, data.seqs, pad_token_id(bb.tokenizer))
         save_file({"features": feats.contiguous(), "chosen": torch.as_tensor(data.chosen),
                    "rejected": torch.as_tensor(data.rejected), "weight": torch.as_tensor(data.weight)},
                   str(Path(a.out) / f"{Path(path).stem}.safetensors"))

@@ -32,7 +32,7 @@ import itertools
 import torch
 import torch.nn.functional as F
 
-from rmserve.service import varlen
+from rmserve.service.engine import varlen
 
 ATTN_NAME = varlen.INVARIANT_NAME
 BLOCK = 64

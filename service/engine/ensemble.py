@@ -33,12 +33,10 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from rmserve.service.engine.errors import EnsembleFormatError
+
 FORMAT = "rmserve-ensemble/1"
 MANIFEST = "manifest.json"
-
-
-class EnsembleFormatError(ValueError):
-    """The directory is not a loadable ensemble; the message says what is wrong."""
 
 
 @dataclass

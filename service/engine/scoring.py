@@ -4,7 +4,7 @@ Two ways to batch (docs/engine.md has the measurements):
 
 - packed (the default wherever it measured fastest: CUDA, and CPU in float32):
   sequences concatenated into one token stream `[1, T_total]`, positions
-  restarting at 0 per sequence, and varlen attention (service/varlen.py) that
+  restarting at 0 per sequence, and varlen attention (service/engine/varlen.py) that
   never crosses a sequence boundary. No padding at all, and the budget counts
   real tokens.
 - padded (CPU bf16, encoders, models not on sdpa): sequences sorted by length
@@ -39,9 +39,11 @@ import numpy as np
 import torch
 
 from rmserve.kernels import last_token_scores
-from rmserve.service import varlen
-from rmserve.service.model import Member, RewardModel
-from rmserve.service.prefix import PrefixGroup, find_prefix_groups
+from rmserve.service.engine import varlen
+from rmserve.service.engine.errors import EngineOutOfMemory
+from rmserve.service.engine.model import Member, RewardModel
+from rmserve.service.engine.padding import pad_token_id, right_pad
+from rmserve.service.engine.prefix import PrefixGroup, find_prefix_groups
 
 log = logging.getLogger(__name__)
 
@@ -65,10 +67,6 @@ class EngineOutput:
     min: np.ndarray                  # [N]
     epistemic: np.ndarray | None     # [N]
     stats: BatchStats = field(default_factory=BatchStats)
-
-
-class EngineOutOfMemory(RuntimeError):
-    """One sequence alone does not fit in memory: splitting cannot help."""
 
 
 def is_oom(err: BaseException) -> bool:
@@ -375,17 +373,13 @@ class ScoringEngine:
         suffixes = [seqs[i][p:] for i in g.members]
         stats.real_tokens += p
         stats.padded_tokens += p
-        pad = m.backbone.tokenizer.pad_token_id or 0
+        pad = pad_token_id(m.backbone.tokenizer)
 
         def run(sub: list[int]) -> None:
             batch = [suffixes[i] for i in sub]
-            lengths = torch.tensor([len(s) for s in batch])
-            t = int(lengths.max())
-            ids = torch.full((len(batch), t), pad, dtype=torch.long)
-            for i, s in enumerate(batch):
-                ids[i, : len(s)] = torch.tensor(s)
-            mask = torch.cat([torch.ones(len(batch), p, dtype=torch.long),
-                              (torch.arange(t)[None, :] < lengths[:, None]).long()], dim=1)
+            ids, suffix_mask, lengths = right_pad(batch, pad)
+            t = ids.shape[1]
+            mask = torch.cat([torch.ones(len(batch), p, dtype=torch.long), suffix_mask], dim=1)
             group_cache = copy.deepcopy(cache)
             group_cache.batch_repeat_interleave(len(batch))
             out = m.backbone.model(
@@ -402,13 +396,7 @@ class ScoringEngine:
 
     def _forward(self, m: Member, batch: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         """Right-padded forward. Returns (hidden [B, T, H], lengths [B]) on the engine's device."""
-        lengths = torch.tensor([len(s) for s in batch])
-        t = int(lengths.max())
-        pad = m.backbone.tokenizer.pad_token_id or 0
-        ids = torch.full((len(batch), t), pad, dtype=torch.long)
-        for i, s in enumerate(batch):
-            ids[i, : len(s)] = torch.tensor(s)
-        mask = (torch.arange(t)[None, :] < lengths[:, None]).long()
+        ids, mask, lengths = right_pad(batch, pad_token_id(m.backbone.tokenizer))
         out = m.backbone.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device))
         if m.backbone.pooling == "cls":
             pooled = out.pooler_output if getattr(out, "pooler_output", None) is not None else out.last_hidden_state[:, 0]

@@ -10,14 +10,14 @@ bf16 and multiplies bf16 inputs with fp32 accumulation, while the residual
 stream, norms, rotary embeddings, attention and softmax stay float32 (0.05 x
 std from float32). A linear layer's output row depends only on its own input
 row, so what batching still changes is attention's rounding, which
-service/invariant_attention.py makes batch-independent.
+service/engine/invariant_attention.py makes batch-independent.
 
 Tried and not taken: returning the GEMM's bf16 output as it comes (type
 promotion restores float32 at the residual add) is 8% faster but moves scores
 0.080 x std from float32 instead of 0.049, because the MLP's act(gate) * up
 then rounds to bf16 twice (bench/results/bf16-invariance-2026-12-02.md).
 
-`load_model(dtype="bfloat16")` applies it on CPU (service/model.py); on CUDA,
+`load_model(dtype="bfloat16")` applies it on CPU (service/engine/model.py); on CUDA,
 where bf16 is the native serving dtype, bf16 stays plain bf16.
 """
 

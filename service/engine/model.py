@@ -15,9 +15,14 @@ from pathlib import Path
 
 import torch
 
-from rmserve.service import invariant_attention
-from rmserve.service.backbone import Backbone, load_backbone, quiet_transformers, wrap_backbone
-from rmserve.service.ensemble import (
+from rmserve.service.engine import invariant_attention
+from rmserve.service.engine.backbone import (
+    Backbone,
+    load_backbone,
+    quiet_transformers,
+    wrap_backbone,
+)
+from rmserve.service.engine.ensemble import (
     MANIFEST,
     EnsembleFormatError,
     EnsembleManifest,
@@ -26,8 +31,8 @@ from rmserve.service.ensemble import (
     read_manifest,
     resolve_backbone_path,
 )
-from rmserve.service.precision import mixed_bf16
-from rmserve.service.tokenization import PromptEncoder
+from rmserve.service.engine.precision import mixed_bf16
+from rmserve.service.engine.tokenization import PromptEncoder
 
 log = logging.getLogger(__name__)
 
@@ -142,7 +147,7 @@ def load_model(
 
 
 def _load_dtype(torch_dtype: torch.dtype, device: torch.device) -> torch.dtype:
-    """The dtype weights load in: float32 for bf16 on CPU, which serves it mixed (service/precision.py)."""
+    """The dtype weights load in: float32 for bf16 on CPU, which serves it mixed (service/engine/precision.py)."""
     return torch.float32 if mixed_on(torch_dtype, device) else torch_dtype
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from rmserve.service.errors import InvalidInput
+from rmserve.service.engine.errors import InvalidInput
 
 ROLES = frozenset({"system", "user", "assistant", "tool"})
 

@@ -29,9 +29,10 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from rmserve.service.backbone import find_layers
-from rmserve.service.engine import plan_batches
-from rmserve.service.ensemble import atomic_save_tensors
+from rmserve.service.engine.backbone import find_layers
+from rmserve.service.engine.ensemble import atomic_save_tensors
+from rmserve.service.engine.padding import right_pad
+from rmserve.service.engine.scoring import plan_batches
 from rmserve.training.events import TrainingStopped
 from rmserve.training.features import backbone_fingerprint, sequences_fingerprint
 from rmserve.training.tuning import embed
@@ -49,7 +50,7 @@ class _Passthrough(nn.Module):
 
 
 @dataclass
-class PrefixStates:
+class FrozenStates:
     states: torch.Tensor     # [total tokens, H] float32, sequences back to back
     offsets: torch.Tensor    # [N + 1]
     first_layer: int         # index of the first trained block
@@ -87,7 +88,7 @@ def cached(
     token_budget: int = 4096,
     progress: Callable[[int, int], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
-) -> tuple[PrefixStates, str, bool]:
+) -> tuple[FrozenStates, str, bool]:
     """`compute`, read from / written to `cache_dir` (key: backbone weights, token ids, layer)."""
     key = hashlib.sha256(
         f"{backbone_fingerprint(model)}{sequences_fingerprint(seqs)}prefix{first_layer}".encode()
@@ -97,7 +98,7 @@ def cached(
         try:
             t = load_file(path)
             if t["offsets"].shape == (len(seqs) + 1,) and t["states"].shape[0] == int(t["offsets"][-1]):
-                return PrefixStates(t["states"], t["offsets"], first_layer), key, True
+                return FrozenStates(t["states"], t["offsets"], first_layer), key, True
         except Exception as e:  # a corrupt cache file is recomputed, never trusted
             log.warning("ignoring unreadable prefix cache %s: %s", path, e)
     states = compute(model, seqs, first_layer, pad_id=pad_id, token_budget=token_budget,
@@ -117,7 +118,7 @@ def compute(
     token_budget: int = 4096,
     progress: Callable[[int, int], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
-) -> PrefixStates:
+) -> FrozenStates:
     """States entering block `first_layer` for every sequence; blocks from there on never run."""
     _, blocks = find_layers(model)
     lengths = [len(s) for s in seqs]
@@ -136,14 +137,9 @@ def compute(
         for idx in plan_batches(lengths, token_budget, 256):
             if should_stop is not None and should_stop():
                 raise TrainingStopped("stopped while caching the frozen layers")
-            t = max(lengths[i] for i in idx)
-            ids = torch.full((len(idx), t), pad_id, dtype=torch.long)
-            for row, i in enumerate(idx):
-                ids[row, : lengths[i]] = torch.tensor(seqs[i])
-            mask = (torch.arange(t)[None, :] < torch.tensor([lengths[i] for i in idx])[:, None]).long()
-            dev = next(model.parameters()).device
+            ids, mask, _ = right_pad([seqs[i] for i in idx], pad_id, next(model.parameters()).device)
             with suppress(_Stop):
-                model(input_ids=ids.to(dev), attention_mask=mask.to(dev))
+                model(input_ids=ids, attention_mask=mask)
             h = captured.pop("h").float().cpu()
             for row, i in enumerate(idx):
                 states[offsets[i] : offsets[i + 1]] = h[row, : lengths[i]]
@@ -152,41 +148,41 @@ def compute(
                 progress(done, len(seqs))
     finally:
         handle.remove()
-    return PrefixStates(states, offsets, first_layer)
+    return FrozenStates(states, offsets, first_layer)
 
 
 def embed_from(
-    model: nn.Module, prefix: PrefixStates, ids: list[int], *, pooling: str, device: torch.device, amp: bool = False
+    model: nn.Module, states: FrozenStates, ids: list[int], *, pooling: str, device: torch.device, amp: bool = False
 ) -> torch.Tensor:
-    """Last-token embeddings [B, H] running only the blocks from `prefix.first_layer` on."""
+    """Last-token embeddings [B, H] running only the blocks from `states.first_layer` on."""
     if pooling != "last":
         raise ValueError("the prefix cache supports last-token pooling (decoders) only")
-    x, lengths = prefix.padded(ids, device)
+    x, lengths = states.padded(ids, device)
     mask = (torch.arange(x.shape[1], device=device)[None, :] < lengths[:, None]).long()
-    with skipping(model, prefix.first_layer), torch.autocast(device.type, dtype=torch.bfloat16,
+    with skipping(model, states.first_layer), torch.autocast(device.type, dtype=torch.bfloat16,
                                                             enabled=amp and device.type == "cuda"):
         out = model(inputs_embeds=x, attention_mask=mask)
     return out.last_hidden_state[torch.arange(len(ids), device=device), lengths - 1].float()
 
 
 @torch.no_grad()
-def embed_all_from(model: nn.Module, prefix: PrefixStates, *, device: torch.device, token_budget: int = 4096) -> torch.Tensor:
+def embed_all_from(model: nn.Module, states: FrozenStates, *, device: torch.device, token_budget: int = 4096) -> torch.Tensor:
     """Embeddings [N, H] of every cached sequence in fp32, batched like the engine, on CPU."""
-    n = len(prefix.offsets) - 1
-    lengths = (prefix.offsets[1:] - prefix.offsets[:-1]).tolist()
+    n = len(states.offsets) - 1
+    lengths = (states.offsets[1:] - states.offsets[:-1]).tolist()
     out = torch.empty(n, model.config.hidden_size)
     for idx in plan_batches(lengths, token_budget, 256):
-        out[idx] = embed_from(model, prefix, idx, pooling="last", device=device).cpu()
+        out[idx] = embed_from(model, states, idx, pooling="last", device=device).cpu()
     return out
 
 
 @torch.no_grad()
-def check(model: nn.Module, prefix: PrefixStates, seqs: list[list[int]], ids: list[int], *, pad_id: int) -> str | None:
+def check(model: nn.Module, states: FrozenStates, seqs: list[list[int]], ids: list[int], *, pad_id: int) -> str | None:
     """None if the cached path reproduces full forwards on `ids`, else why not."""
     device = next(model.parameters()).device
     try:
         full = embed(model, [seqs[i] for i in ids], pad_id=pad_id, pooling="last", device=device)
-        via = embed_from(model, prefix, ids, pooling="last", device=device)
+        via = embed_from(model, states, ids, pooling="last", device=device)
     except Exception as e:  # an architecture whose blocks cannot be skipped this way
         return f"{type(e).__name__}: {e}"
     err = float((full - via).abs().max())
