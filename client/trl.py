@@ -163,13 +163,18 @@ class RewardFunc:
     ) -> list[float | None]:
         """One reward per (prompt, completion), in order; logs uncertainty through TRL's hooks.
 
-        An empty completion (a policy may emit EOS at once) has no response to
-        score: it gets `empty_reward`, which by default is None, TRL's "this
-        reward does not apply" (TRL then sums the other reward functions).
+        An empty completion (a policy may emit EOS at once) is scored like any
+        other: the reward model says how bad an empty answer is, so a policy that
+        learns to stop at once is penalised. With `empty_reward` set, empty
+        completions are not sent and get that value instead (None would be TRL's
+        "not applicable", which leaves them unpenalised by this function).
         """
         if len(prompts) != len(completions):
             raise ValueError(f"{len(prompts)} prompts but {len(completions)} completions")
-        keep = [i for i, c in enumerate(completions) if _completion_text(c).strip()]
+        keep = [
+            i for i, c in enumerate(completions)
+            if self.empty_reward is None or _completion_text(c).strip()
+        ]
         if not keep:
             return [self.empty_reward] * len(completions)
         step = getattr(trainer_state, "global_step", None)
@@ -238,7 +243,8 @@ def as_trl_reward_func(
     `num_generations`) are scored with ScoreGroups. `run_id` tags the scores for
     the server's run monitor (default: $RMSERVE_RUN_ID, else a random id);
     `client_kwargs` go to `RewardClient` when an address is given. Empty
-    completions are not sent; they get `empty_reward` (None: TRL's "not applicable").
+    completions are scored like any other; set `empty_reward` to give them a
+    fixed reward instead (they are then not sent).
     """
     return RewardFunc(
         client_or_address,

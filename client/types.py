@@ -17,7 +17,7 @@ __all__ = ["CompareResult", "ModelInfo", "ScoreArrays", "ScoreResult", "ScoreRes
 
 @dataclass(frozen=True)
 class ScoreResult:
-    """The ensemble's score for one sample (see DESIGN.md, "What a score carries")."""
+    """The ensemble's score for one sample (README.md, "API": each field defined)."""
 
     reward: float
     """Mean over heads, after normalisation."""

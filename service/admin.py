@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 from rmserve.service.errors import InvalidInput, NotReady
 from rmserve.service.jobs import JobRunner, TrainingJob
 from rmserve.service.registry import Registry
+from rmserve.service.rpc import call_with_status, unary
 from rmserve.v1 import admin_pb2 as apb
 from rmserve.v1 import admin_pb2_grpc as apb_grpc
 
@@ -87,8 +88,6 @@ class AdminServicer(apb_grpc.AdminServiceServicer):
         return cfg
 
     async def Train(self, request: apb.TrainRequest, context):
-        from rmserve.service.server import call_with_status
-
         async def start() -> tuple[TrainingJob, Any]:
             cfg = self._config(request)
             version = self.registry.new_version()
@@ -103,7 +102,7 @@ class AdminServicer(apb_grpc.AdminServiceServicer):
                 raise
             return job, listener
 
-        job, listener = await call_with_status(self.state, "Train", context, start)
+        job, listener = await call_with_status(self.state.metrics, "Train", context, start, request)
         try:
             yield apb.TrainProgress(event="start", version=job.version, message="training job started")
             while (event := await listener.get()) is not None:
@@ -119,32 +118,24 @@ class AdminServicer(apb_grpc.AdminServiceServicer):
             self.jobs.publish(job, {"event": "activated", "phase": "", "message": f"serving {job.version} "
                                     f"(loaded and warmed in {time.perf_counter() - t0:.1f} s)"})
 
-    async def ListModels(self, request, context) -> apb.ListModelsResponse:
-        from rmserve.service.server import call_with_status
+    @unary("ListModels")
+    async def ListModels(self, request: apb.ListModelsRequest, context) -> apb.ListModelsResponse:
+        active = self.state.slot.version if self.state.slot else ""
+        return apb.ListModelsResponse(
+            models=[
+                apb.ModelVersion(version=v.version, name=v.name, created_unix=v.created, active=v.version == active,
+                                 report_json=json.dumps(v.report) if v.report else "")
+                for v in self.registry.list()
+            ],
+            active_version=active,
+        )
 
-        async def run():
-            active = self.state.slot.version if self.state.slot else ""
-            return apb.ListModelsResponse(
-                models=[
-                    apb.ModelVersion(version=v.version, name=v.name, created_unix=v.created, active=v.version == active,
-                                     report_json=json.dumps(v.report) if v.report else "")
-                    for v in self.registry.list()
-                ],
-                active_version=active,
-            )
-
-        return await call_with_status(self.state, "ListModels", context, run)
-
+    @unary("ActivateModel")
     async def ActivateModel(self, request: apb.ActivateModelRequest, context) -> apb.ActivateModelResponse:
-        from rmserve.service.server import call_with_status
-
-        async def run():
-            target = self.registry.get(request.version)
-            previous = self.state.slot.version if self.state.slot else ""
-            t0 = time.perf_counter()
-            await self.state.activate(target.path)
-            self.registry.set_active(target.version)
-            return apb.ActivateModelResponse(version=target.version, previous_version=previous,
-                                             load_seconds=time.perf_counter() - t0)
-
-        return await call_with_status(self.state, "ActivateModel", context, run)
+        target = self.registry.get(request.version)
+        previous = self.state.slot.version if self.state.slot else ""
+        t0 = time.perf_counter()
+        await self.state.activate(target.path)
+        self.registry.set_active(target.version)
+        return apb.ActivateModelResponse(version=target.version, previous_version=previous,
+                                         load_seconds=time.perf_counter() - t0)

@@ -18,7 +18,8 @@ from pathlib import Path
 
 import grpc
 
-from rmserve.service.errors import PermissionDenied, Unauthenticated, grpc_status
+from rmserve.service.errors import PermissionDenied, Unauthenticated
+from rmserve.service.rpc import refusing_handler
 
 SCOPES = frozenset({"score", "label", "admin"})
 
@@ -66,25 +67,6 @@ def check(keys: dict[str, frozenset[str]], method: str, metadata) -> None:
         raise PermissionDenied(f"this API key lacks the '{scope}' scope that {method} needs")
 
 
-def _deny(exc: Exception, streaming_request: bool, streaming_response: bool) -> grpc.RpcMethodHandler:
-    code, message = grpc_status(exc)
-
-    async def abort(request, context):
-        await context.abort(code, message)
-
-    async def abort_stream(request, context):
-        await context.abort(code, message)
-        yield  # pragma: no cover - makes this an async generator
-
-    if streaming_request and streaming_response:
-        return grpc.stream_stream_rpc_method_handler(abort_stream)
-    if streaming_response:
-        return grpc.unary_stream_rpc_method_handler(abort_stream)
-    if streaming_request:
-        return grpc.stream_unary_rpc_method_handler(abort)
-    return grpc.unary_unary_rpc_method_handler(abort)
-
-
 class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
     def __init__(self, keys: dict[str, frozenset[str]]):
         self.keys = keys
@@ -100,5 +82,5 @@ class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
             handler = await continuation(details)
             if handler is None:
                 return None
-            return _deny(e, handler.request_streaming, handler.response_streaming)
+            return refusing_handler(e, handler)
         return await continuation(details)

@@ -2,8 +2,8 @@
 
 Data flow per RPC: validate + tokenize on the tokenizer threads -> scheduler
 (batches across callers) -> engine on its own thread -> results. The event
-loop only moves messages. Errors become gRPC statuses in `_rpc` alone, through
-errors.grpc_status.
+loop only moves messages. Errors become gRPC statuses in service/rpc.py alone,
+through errors.grpc_status.
 """
 
 from __future__ import annotations
@@ -14,15 +14,11 @@ import functools
 import logging
 import math
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
 import numpy as np
-from google.protobuf.message import DecodeError
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_health.v1._async import HealthServicer
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from rmserve.service.admin import AdminServicer
@@ -32,20 +28,13 @@ from rmserve.service.engine.backbone import cache_dir
 from rmserve.service.engine.ensemble import MANIFEST
 from rmserve.service.engine.model import RewardModel, load_model
 from rmserve.service.engine.scoring import ScoringEngine
-from rmserve.service.errors import (
-    InvalidInput,
-    NotReady,
-    QueueFull,
-    RMServeError,
-    Unavailable,
-    grpc_status,
-)
+from rmserve.service.errors import InvalidInput, NotReady, Unavailable
 from rmserve.service.metrics import Metrics
 from rmserve.service.registry import Registry
 from rmserve.service.requests import Row, encode_groups, encode_samples, result_pb
+from rmserve.service.rpc import Malformed, add_service, chunk_error, unary
 from rmserve.service.scheduler import Scheduler
 from rmserve.v1 import admin_pb2 as apb
-from rmserve.v1 import admin_pb2_grpc as apb_grpc
 from rmserve.v1 import reward_pb2 as pb
 from rmserve.v1 import reward_pb2_grpc as pb_grpc
 
@@ -82,73 +71,6 @@ def resolve_model_path(model: str | None, registry: Registry | None = None) -> P
             "(see README, 'The embedded default model')."
         )
     return DEFAULT_MODEL_DIR
-
-
-@dataclass(frozen=True)
-class Malformed:
-    """A request whose bytes did not parse; the handler answers INVALID_ARGUMENT."""
-
-    message_type: str
-    error: str
-
-    def reject(self) -> InvalidInput:
-        return InvalidInput(f"malformed {self.message_type}: the request bytes do not parse ({self.error})")
-
-
-def _lenient(cls):
-    """Deserializer that turns a parse failure into a value, so the servicer can
-    answer INVALID_ARGUMENT instead of grpc's generic INTERNAL."""
-
-    def parse(data: bytes):
-        try:
-            return cls.FromString(data)
-        except DecodeError as e:
-            return Malformed(cls.DESCRIPTOR.name, str(e))
-
-    return parse
-
-
-async def call_with_status(state: ServingState, method: str, context: grpc.aio.ServicerContext, fn, request=None):
-    """Runs `fn()` for an RPC: counts and times it, and maps every exception to a
-    status. The one place where errors become gRPC codes."""
-    m = state.metrics
-    t0 = time.perf_counter()
-    code = grpc.StatusCode.OK
-    m.in_flight.inc()
-    try:
-        if isinstance(request, Malformed):
-            raise request.reject()
-        return await fn()
-    except asyncio.CancelledError:
-        code = grpc.StatusCode.CANCELLED
-        raise
-    except Exception as e:
-        if isinstance(e, grpc.aio.AbortError):
-            raise
-        code, message = grpc_status(e)
-        if isinstance(e, QueueFull):
-            context.set_trailing_metadata((("grpc-retry-pushback-ms", str(int(e.retry_after_s * 1000))),))
-        if not isinstance(e, RMServeError):
-            log.exception("%s failed", method)
-        await context.abort(code, message)
-    finally:
-        m.in_flight.dec()
-        m.requests.labels(method, code.name).inc()
-        if code == grpc.StatusCode.OK:
-            m.latency.labels(method).observe(time.perf_counter() - t0)
-
-
-def _rpc(method: str):
-    """Decorator form of call_with_status for unary servicer methods."""
-
-    def deco(fn: Callable):
-        @functools.wraps(fn)
-        async def wrapper(self: RewardServicer, request, context: grpc.aio.ServicerContext):
-            return await call_with_status(self.state, method, context, lambda: fn(self, request, context), request)
-
-        return wrapper
-
-    return deco
 
 
 class ServingState:
@@ -257,7 +179,7 @@ class RewardServicer(pb_grpc.RewardServiceServicer):
     def _observe(self, results: list[pb.ScoreResult]) -> None:
         self.state.metrics.scored([r.reward for r in results], [r.std for r in results], sum(r.truncated for r in results))
 
-    @_rpc("Score")
+    @unary("Score")
     async def Score(self, request: pb.ScoreRequest, context) -> pb.ScoreResponse:
         results, version = await self._score(request.samples, request.options, context)
         return pb.ScoreResponse(results=results, model_version=version)
@@ -274,10 +196,8 @@ class RewardServicer(pb_grpc.RewardServiceServicer):
                 code = grpc.StatusCode.OK
                 return pb.ScoreStreamResponse(results=results, model_version=version)
             except Exception as e:
-                code, message = grpc_status(e)
-                if not isinstance(e, RMServeError):
-                    log.exception("ScoreStream chunk failed")
-                return pb.ScoreStreamResponse(error=pb.ChunkError(code=code.value[0], message=message))
+                code, error = chunk_error(e)
+                return pb.ScoreStreamResponse(error=error)
             finally:
                 metrics.requests.labels("ScoreStream.chunk", code.name).inc()
                 if code == grpc.StatusCode.OK:
@@ -286,10 +206,10 @@ class RewardServicer(pb_grpc.RewardServiceServicer):
         async def reader():
             async for req in request_iterator:
                 if isinstance(req, Malformed):
-                    err = req.reject()
-                    metrics.requests.labels("ScoreStream.chunk", grpc.StatusCode.INVALID_ARGUMENT.name).inc()
+                    code, error = chunk_error(req.reject())
+                    metrics.requests.labels("ScoreStream.chunk", code.name).inc()
                     done = asyncio.get_running_loop().create_future()
-                    done.set_result(pb.ScoreStreamResponse(error=pb.ChunkError(code=grpc.StatusCode.INVALID_ARGUMENT.value[0], message=str(err))))
+                    done.set_result(pb.ScoreStreamResponse(error=error))
                     await pending.put(done)
                     continue
                 await pending.put(asyncio.ensure_future(one(req)))
@@ -303,7 +223,7 @@ class RewardServicer(pb_grpc.RewardServiceServicer):
         finally:
             read_task.cancel()
 
-    @_rpc("ScoreGroups")
+    @unary("ScoreGroups")
     async def ScoreGroups(self, request: pb.ScoreGroupsRequest, context) -> pb.ScoreGroupsResponse:
         slot = self.state.live_slot()
         lam = _lam(request.options, slot.model)
@@ -318,7 +238,7 @@ class RewardServicer(pb_grpc.RewardServiceServicer):
             out.append(pb.GroupResult(id=g_pb.id, results=res))
         return pb.ScoreGroupsResponse(groups=out, model_version=slot.version)
 
-    @_rpc("Compare")
+    @unary("Compare")
     async def Compare(self, request: pb.CompareRequest, context) -> pb.CompareResponse:
         group = pb.Group(completions=[request.response_a, request.response_b])
         if request.WhichOneof("prompt") == "prompt_messages":
@@ -340,7 +260,7 @@ class RewardServicer(pb_grpc.RewardServiceServicer):
             model_version=slot.version,
         )
 
-    @_rpc("GetModelInfo")
+    @unary("GetModelInfo")
     async def GetModelInfo(self, request, context) -> pb.ModelInfo:
         m = self.state.live_slot().model
         return pb.ModelInfo(
@@ -353,27 +273,13 @@ class RewardServicer(pb_grpc.RewardServiceServicer):
         )
 
 
-def add_reward_service(servicer: RewardServicer, server: grpc.aio.Server) -> None:
-    """Like the generated add_RewardServiceServicer_to_server, with lenient parsing."""
-    u, ss = grpc.unary_unary_rpc_method_handler, grpc.stream_stream_rpc_method_handler
-    handlers = {
-        "Score": u(servicer.Score, _lenient(pb.ScoreRequest), pb.ScoreResponse.SerializeToString),
-        "ScoreStream": ss(servicer.ScoreStream, _lenient(pb.ScoreStreamRequest), pb.ScoreStreamResponse.SerializeToString),
-        "ScoreGroups": u(servicer.ScoreGroups, _lenient(pb.ScoreGroupsRequest), pb.ScoreGroupsResponse.SerializeToString),
-        "Compare": u(servicer.Compare, _lenient(pb.CompareRequest), pb.CompareResponse.SerializeToString),
-        "GetModelInfo": u(servicer.GetModelInfo, _lenient(pb.GetModelInfoRequest), pb.ModelInfo.SerializeToString),
-    }
-    assert set(handlers) == set(pb.DESCRIPTOR.services_by_name["RewardService"].methods_by_name)
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
-
-
 class RewardServer:
     """Lifecycle: start (listening, NOT_SERVING) -> model loaded and warmed (SERVING) -> stop."""
 
     def __init__(self, config: ServerConfig):
         self.config = config
         self.state = ServingState(config)
-        self.health = HealthServicer()
+        self.health = health.aio.HealthServicer()
         self.port: int | None = None
         self.metrics_port: int | None = None
         self._server: grpc.aio.Server | None = None
@@ -390,9 +296,9 @@ class RewardServer:
             ("grpc.max_receive_message_length", limit),
             ("grpc.max_send_message_length", limit),
         ])
-        add_reward_service(RewardServicer(self.state), self._server)
+        add_service(self._server, pb.DESCRIPTOR.services_by_name["RewardService"], RewardServicer(self.state))
         self.admin = AdminServicer(self.state, registry, self.config.data_roots)
-        apb_grpc.add_AdminServiceServicer_to_server(self.admin, self._server)
+        add_service(self._server, apb.DESCRIPTOR.services_by_name["AdminService"], self.admin)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
         reflection.enable_server_reflection(
             (SERVICE_NAME, ADMIN_SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,

@@ -163,11 +163,36 @@ def test_trl_reward_func_against_the_real_server(tiny_server, direct):
     completions = ["Sure.", "", "hi, how can I help you today?", "I cannot help with that."]
     got = f(prompts, completions, trainer_state=State(), log_metric=metrics.__setitem__, log_extra=extra.__setitem__)
     f.close()
-    assert got[1] is None
-    for i in (0, 2, 3):
+    for i in range(4):  # the empty completion is scored too: a policy that stops at once is judged
         want = direct({"prompt": prompts[i], "response": completions[i]}, lam=0.5)["conservative"]
         assert got[i] == pytest.approx(want, abs=1e-4)
-    stds = [direct({"prompt": prompts[i], "response": completions[i]})["std"] for i in (0, 2, 3)]
-    assert metrics["rmserve/std"] == pytest.approx(sum(stds) / 3, abs=1e-4)
+    stds = [direct({"prompt": prompts[i], "response": completions[i]})["std"] for i in range(4)]
+    assert metrics["rmserve/std"] == pytest.approx(sum(stds) / 4, abs=1e-4)
     assert extra["rmserve_std"] == pytest.approx(stds, abs=1e-4)
     assert "rmserve/epistemic" in metrics
+
+    # opt-in override: empty completions get a fixed reward and are not sent
+    f = as_trl_reward_func(tiny_server.address, empty_reward=-5.0, run_id="e2e")
+    got = f(prompts, completions, trainer_state=State())
+    f.close()
+    assert got[1] == -5.0
+    assert got[0] == pytest.approx(direct({"prompt": prompts[0], "response": completions[0]})["reward"], abs=1e-4)
+
+
+@pytest.mark.parametrize("sample", [
+    {"prompt": "hello there", "response": ""},
+    {"messages": [{"role": "system", "content": ""}, {"role": "user", "content": "hello there"},
+                  {"role": "assistant", "content": ""}]},
+    {"messages": [{"role": "user", "content": ""}, {"role": "assistant", "content": "hi"}]},
+])
+def test_empty_content_is_scored_like_its_rendered_token_ids(tiny_server, direct, sample):
+    """An empty response (or system/user turn) is rendered by the chat template and scored;
+    its reward equals scoring the rendered token ids directly, and the plain-HF computation."""
+    msgs = sample.get("messages") or [{"role": "user", "content": sample["prompt"]},
+                                      {"role": "assistant", "content": sample["response"]}]
+    ids = direct.tok(direct.tok.apply_chat_template(msgs, tokenize=False), add_special_tokens=False)["input_ids"]
+    with RewardClient(tiny_server.address, timeout=60) as c:
+        res, via_ids = c.score([sample, {"token_ids": ids}])
+    assert math.isfinite(res.reward) and res.num_tokens == len(ids)
+    assert res.reward == pytest.approx(via_ids.reward, abs=1e-5)
+    check([res], [sample], direct)

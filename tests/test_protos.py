@@ -30,3 +30,24 @@ def test_bare_folder_names_are_not_importable_from_an_install(tmp_path):
     )
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_the_wheel_ships_every_package_the_type_markers_and_the_default_model(tmp_path):
+    """What `pip install rmserve` gets: each mapped folder's modules (the model layer
+    included), py.typed markers, the default model's files; no bare top-level names."""
+    import zipfile
+
+    root = Path(__file__).resolve().parents[1]
+    subprocess.run([sys.executable, "-m", "pip", "wheel", str(root), "--no-deps", "--no-build-isolation", "-q",
+                    "-w", str(tmp_path)], check=True, capture_output=True)
+    (wheel,) = tmp_path.glob("rmserve-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    for folder, package in (("service/engine", "rmserve/service/engine"), ("service", "rmserve/service"),
+                            ("training", "rmserve/training"), ("client", "rmserve/client"),
+                            ("kernels", "rmserve/kernels")):
+        for f in (root / folder).glob("*.py"):
+            assert f"{package}/{f.name}" in names, f"{folder}/{f.name} is not in the wheel"
+    for marker in ("rmserve/py.typed", "rmserve/client/py.typed", "rmserve/service/py.typed"):
+        assert marker in names
+    assert "rmserve/service/default_model/manifest.json" in names
+    assert not [n for n in names if n.split("/")[0] in {"service", "client", "kernels", "training"}]

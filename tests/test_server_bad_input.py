@@ -27,7 +27,10 @@ GOOD = pb.ScoreRequest(samples=[text("How do I bake bread?", "Mix flour, water a
 
 CASES = [
     ("empty batch", pb.ScoreRequest(), grpc.StatusCode.INVALID_ARGUMENT, "no samples"),
-    ("empty text", pb.ScoreRequest(samples=[text("hi", "")]), grpc.StatusCode.INVALID_ARGUMENT, "response is empty"),
+    ("empty conversation", pb.ScoreRequest(samples=[pb.Sample(conversation=pb.Conversation())]),
+     grpc.StatusCode.INVALID_ARGUMENT, "no messages"),
+    ("empty token ids", pb.ScoreRequest(samples=[pb.Sample(tokens=pb.TokenIds())]), grpc.StatusCode.INVALID_ARGUMENT,
+     "token_ids is empty"),
     ("no input", pb.ScoreRequest(samples=[pb.Sample(id="x")]), grpc.StatusCode.INVALID_ARGUMENT, "has no input"),
     (
         "unknown role",
@@ -81,13 +84,23 @@ def test_message_over_the_size_limit_is_resource_exhausted(stub):
     assert len(s.Score(GOOD, timeout=30).results) == 1
 
 
-def test_malformed_bytes_are_invalid_argument(stub):
+@pytest.mark.parametrize(("method", "message_type", "streaming"), [
+    ("/rmserve.v1.RewardService/Score", "ScoreRequest", False),
+    ("/rmserve.v1.RewardService/Compare", "CompareRequest", False),
+    ("/rmserve.v1.AdminService/ActivateModel", "ActivateModelRequest", False),
+    ("/rmserve.v1.AdminService/ListModels", "ListModelsRequest", False),
+    ("/rmserve.v1.AdminService/Train", "TrainRequest", True),
+])
+def test_malformed_bytes_are_invalid_argument_on_every_service(stub, method, message_type, streaming):
     s, ch = stub
-    raw = ch.unary_unary("/rmserve.v1.RewardService/Score", request_serializer=None, response_deserializer=None)
+    call = ch.unary_stream if streaming else ch.unary_unary
+    raw = call(method, request_serializer=None, response_deserializer=None)
     with pytest.raises(grpc.RpcError) as err:
-        raw(b"\x0a\xff\xff\xff\xff\x0f", timeout=30)
-    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert "malformed ScoreRequest" in err.value.details()
+        out = raw(b"\x0a\xff\xff\xff\xff\x0f", timeout=30)
+        if streaming:
+            list(out)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value.details()
+    assert f"malformed {message_type}" in err.value.details()
     assert len(s.Score(GOOD, timeout=30).results) == 1
 
 
@@ -117,6 +130,7 @@ def test_groups_and_compare_validate_too(stub):
     with pytest.raises(grpc.RpcError) as err:
         s.ScoreGroups(pb.ScoreGroupsRequest(groups=[pb.Group(prompt_text="p")]), timeout=30)
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "no completions" in err.value.details()
+    bad_prompt = pb.Conversation(messages=[pb.Message(role="robot", content="beep")])
     with pytest.raises(grpc.RpcError) as err:
-        s.Compare(pb.CompareRequest(prompt_text="p", response_a="a", response_b=""), timeout=30)
-    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "response is empty" in err.value.details()
+        s.Compare(pb.CompareRequest(prompt_messages=bad_prompt, response_a="a", response_b=""), timeout=30)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "unknown role 'robot'" in err.value.details()

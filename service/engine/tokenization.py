@@ -7,6 +7,13 @@ because the reward is read at the response's last token. Leading special tokens
 (BOS/CLS) are kept. If the response alone does not fit, the sample is rejected
 with a message that says how many tokens it needs. Pre-tokenised samples have
 no known prompt boundary: they are cut from the left.
+
+Empty content is scored, not rejected: a policy can and does answer with
+nothing, and a reward model must be able to say how bad that is (rejecting it
+would fail a whole PPO batch, or let a policy that stops at once go
+unpenalised). An empty response, system or user message is rendered by the
+chat template like any other. Only a sample with nothing to score at all (no
+messages, no token ids) is invalid.
 """
 
 from __future__ import annotations
@@ -51,8 +58,6 @@ class PromptEncoder:
         return self._encode(text, boundary, where)
 
     def prompt_response(self, prompt: str, response: str, where: str = "sample") -> Encoded:
-        if not response.strip():
-            raise InvalidInput(f"{where}: response is empty")
         messages = ([{"role": "user", "content": prompt}] if prompt.strip() else []) + [
             {"role": "assistant", "content": response}
         ]
@@ -80,8 +85,6 @@ class PromptEncoder:
                 raise InvalidInput(
                     f"{where}: message {i} has unknown role {m['role']!r}; use one of {sorted(ROLES)}"
                 )
-            if not m["content"].strip():
-                raise InvalidInput(f"{where}: message {i} ({m['role']}) is empty")
         if messages[-1]["role"] != "assistant":
             raise InvalidInput(
                 f"{where}: the last message is the response being scored and must have role 'assistant', "
@@ -110,6 +113,8 @@ class PromptEncoder:
         )
         ids: list[int] = enc["input_ids"]
         offsets: list[tuple[int, int]] = enc["offset_mapping"]
+        if not ids:  # only without a chat template, which always adds its markers
+            raise InvalidInput(f"{where}: renders to no tokens: there is nothing to score")
         if len(ids) <= self.max_tokens:
             return Encoded(ids, False)
         lead = 0  # leading special tokens (BOS/CLS) have empty spans and are kept

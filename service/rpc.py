@@ -1,0 +1,153 @@
+"""Where exceptions become gRPC statuses: the one place, for every service.
+
+`errors.grpc_status` is the table (exception class -> code); this module applies
+it on each path a status can leave the server by:
+
+- a unary or unary-stream call (`call_with_status`, the `unary` decorator):
+  counted and timed in the metrics, then aborted with the code;
+- one chunk of a ScoreStream (`chunk_error`): the chunk's response carries the
+  error and the stream goes on;
+- a call refused before its handler runs (`refusing_handler`: auth);
+- request bytes that do not parse (`lenient`, used by `add_service` for every
+  method of every service): INVALID_ARGUMENT naming the message type, instead
+  of grpc's generic INTERNAL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+from google.protobuf import message_factory
+from google.protobuf.descriptor import ServiceDescriptor
+from google.protobuf.message import DecodeError
+
+from rmserve.service.errors import InvalidInput, QueueFull, RMServeError, grpc_status
+from rmserve.service.metrics import Metrics
+from rmserve.v1 import reward_pb2 as pb
+
+log = logging.getLogger("rmserve.rpc")
+
+
+@dataclass(frozen=True)
+class Malformed:
+    """A request whose bytes did not parse; the handler answers INVALID_ARGUMENT."""
+
+    message_type: str
+    error: str
+
+    def reject(self) -> InvalidInput:
+        return InvalidInput(f"malformed {self.message_type}: the request bytes do not parse ({self.error})")
+
+
+def lenient(cls) -> Callable[[bytes], Any]:
+    """Deserializer that turns a parse failure into a `Malformed` value."""
+
+    def parse(data: bytes):
+        try:
+            return cls.FromString(data)
+        except DecodeError as e:
+            return Malformed(cls.DESCRIPTOR.name, str(e))
+
+    return parse
+
+
+def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
+    """(code, message); an unexpected exception is logged with its traceback."""
+    if not isinstance(exc, RMServeError):
+        log.error("unexpected error", exc_info=exc)
+    return grpc_status(exc)
+
+
+async def call_with_status(
+    metrics: Metrics, method: str, context: grpc.aio.ServicerContext, fn: Callable[[], Awaitable[Any]], request=None
+):
+    """Runs `fn()` for an RPC: counts and times it, and aborts with the mapped status on error."""
+    t0 = time.perf_counter()
+    code = grpc.StatusCode.OK
+    metrics.in_flight.inc()
+    try:
+        if isinstance(request, Malformed):
+            raise request.reject()
+        return await fn()
+    except asyncio.CancelledError:
+        code = grpc.StatusCode.CANCELLED
+        raise
+    except grpc.aio.AbortError:
+        raise
+    except Exception as e:
+        code, message = status_of(e)
+        if isinstance(e, QueueFull):
+            context.set_trailing_metadata((("grpc-retry-pushback-ms", str(int(e.retry_after_s * 1000))),))
+        await context.abort(code, message)
+    finally:
+        metrics.in_flight.dec()
+        metrics.requests.labels(method, code.name).inc()
+        if code == grpc.StatusCode.OK:
+            metrics.latency.labels(method).observe(time.perf_counter() - t0)
+
+
+def unary(method: str):
+    """Decorator of a servicer's unary method (the servicer has `.state.metrics`)."""
+
+    def deco(fn: Callable):
+        @functools.wraps(fn)
+        async def wrapper(self, request, context: grpc.aio.ServicerContext):
+            return await call_with_status(self.state.metrics, method, context, lambda: fn(self, request, context), request)
+
+        return wrapper
+
+    return deco
+
+
+def chunk_error(exc: BaseException) -> tuple[grpc.StatusCode, pb.ChunkError]:
+    """The error a ScoreStream chunk answers with (the stream itself goes on)."""
+    code, message = status_of(exc)
+    return code, pb.ChunkError(code=code.value[0], message=message)
+
+
+def refusing_handler(exc: BaseException, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+    """A handler of the same shape as `handler` that aborts with `exc`'s status."""
+    code, message = status_of(exc)
+
+    async def abort(request, context):
+        await context.abort(code, message)
+
+    async def abort_stream(request, context):
+        await context.abort(code, message)
+        yield  # pragma: no cover - makes this an async generator
+
+    if handler.request_streaming and handler.response_streaming:
+        return grpc.stream_stream_rpc_method_handler(abort_stream)
+    if handler.response_streaming:
+        return grpc.unary_stream_rpc_method_handler(abort_stream)
+    if handler.request_streaming:
+        return grpc.stream_unary_rpc_method_handler(abort)
+    return grpc.unary_unary_rpc_method_handler(abort)
+
+
+def add_service(server: grpc.aio.Server, service: ServiceDescriptor, servicer: Any) -> None:
+    """Like a generated `add_XServicer_to_server`, with lenient parsing on every method.
+
+    Every method of the service must be implemented by the servicer: a missing
+    one is a programming error caught at startup, not an UNIMPLEMENTED at run time.
+    """
+    kinds = {
+        (False, False): grpc.unary_unary_rpc_method_handler,
+        (False, True): grpc.unary_stream_rpc_method_handler,
+        (True, False): grpc.stream_unary_rpc_method_handler,
+        (True, True): grpc.stream_stream_rpc_method_handler,
+    }
+    handlers = {}
+    for name, m in service.methods_by_name.items():
+        request_cls = message_factory.GetMessageClass(m.input_type)
+        response_cls = message_factory.GetMessageClass(m.output_type)
+        make = kinds[(m.client_streaming, m.server_streaming)]
+        handlers[name] = make(getattr(servicer, name), lenient(request_cls), response_cls.SerializeToString)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))
