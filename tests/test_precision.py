@@ -78,3 +78,18 @@ def test_auto_serves_a_bf16_manifest_in_bf16_only_on_a_cpu_with_native_bf16(tiny
     rm = load_model(bf16_dir)
     assert rm.dtype_name == "bfloat16"
     assert any(isinstance(m, MixedLinear) for m in rm.members[0].backbone.model.modules())
+
+
+@pytest.mark.parametrize(("cap", "native"), [("AVX2", False), ("avx512_core", False), ("AVX512_CORE_BF16", None),
+                                             ("AVX512_CORE_AMX", None), ("", None)])
+def test_a_onednn_isa_cap_below_bf16_means_no_native_bf16(monkeypatch, cap, native):
+    """Under ONEDNN_MAX_CPU_ISA=AVX2 oneDNN emulates bf16, so `auto` must not pick it; a cap that
+    keeps the bf16 instructions (or none) leaves the answer to the CPU's own flags (None)."""
+    import torch
+
+    from rmserve.service.engine.model import native_bf16_cpu
+
+    monkeypatch.delenv("DNNL_MAX_CPU_ISA", raising=False)
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", cap)
+    cpu_has_it = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    assert native_bf16_cpu() is (cpu_has_it if native is None else native)

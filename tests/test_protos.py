@@ -37,10 +37,15 @@ def test_the_wheel_ships_every_package_the_type_markers_and_the_default_model(tm
     included), py.typed markers, the default model's files; no bare top-level names."""
     import zipfile
 
+    import shutil
+
     root = Path(__file__).resolve().parents[1]
-    subprocess.run([sys.executable, "-m", "pip", "wheel", str(root), "--no-deps", "--no-build-isolation", "-q",
-                    "-w", str(tmp_path)], check=True, capture_output=True)
-    (wheel,) = tmp_path.glob("rmserve-*.whl")
+    # build from a copy: setuptools writes build/ and *.egg-info into the source tree
+    src = tmp_path / "src"
+    shutil.copytree(root, src, ignore=shutil.ignore_patterns(".git", ".venv", "build", "*.egg-info", "__pycache__"))
+    subprocess.run([sys.executable, "-m", "pip", "wheel", str(src), "--no-deps", "--no-build-isolation", "-q",
+                    "-w", str(tmp_path / "dist")], check=True, capture_output=True)
+    (wheel,) = (tmp_path / "dist").glob("rmserve-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
     for folder, package in (("service/engine", "rmserve/service/engine"), ("service", "rmserve/service"),
                             ("training", "rmserve/training"), ("client", "rmserve/client"),

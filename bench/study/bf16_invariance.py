@@ -22,6 +22,7 @@ import torch
 
 from rmserve.service.engine import invariant_attention
 from rmserve.service.engine.backbone import load_backbone
+from rmserve.service.engine.padding import right_pad
 from rmserve.service.engine.precision import mixed_bf16
 from rmserve.service.engine.scoring import plan_batches
 
@@ -30,12 +31,7 @@ def last_hidden(model, seqs, batches, pad, ctx):
     out = torch.empty(len(seqs), model.config.hidden_size)
     with torch.inference_mode(), ctx():
         for idx in batches:
-            lengths = torch.tensor([len(seqs[i]) for i in idx])
-            t = int(lengths.max())
-            ids = torch.full((len(idx), t), pad)
-            for j, i in enumerate(idx):
-                ids[j, : len(seqs[i])] = torch.tensor(seqs[i])
-            mask = (torch.arange(t)[None] < lengths[:, None]).long()
+            ids, mask, lengths = right_pad([seqs[i] for i in idx], pad)
             h = model(input_ids=ids, attention_mask=mask).last_hidden_state
             out[idx] = h[torch.arange(len(idx)), lengths - 1].float()
     return out

@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import save_file
 
 from rmserve.service.engine.backbone import load_backbone
-from rmserve.service.engine.padding import pad_token_id
+from rmserve.service.engine.padding import pad_token_id, right_pad
 from rmserve.service.engine.scoring import plan_batches
 from rmserve.service.engine.tokenization import PromptEncoder
 from rmserve.training.data import load_pairs
@@ -29,12 +29,7 @@ def all_layers(model, seqs, pad, budget=4096):
     out = torch.empty(n_layers + 1, len(seqs), model.config.hidden_size)
     done, t0 = 0, time.monotonic()
     for idx in plan_batches([len(s) for s in seqs], budget, 256):
-        lengths = torch.tensor([len(seqs[i]) for i in idx])
-        t = int(lengths.max())
-        ids = torch.full((len(idx), t), pad)
-        for j, i in enumerate(idx):
-            ids[j, : len(seqs[i])] = torch.tensor(seqs[i])
-        mask = (torch.arange(t)[None] < lengths[:, None]).long()
+        ids, mask, lengths = right_pad([seqs[i] for i in idx], pad)
         hs = model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states
         rows = torch.arange(len(idx))
         for layer, h in enumerate(hs):
