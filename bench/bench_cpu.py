@@ -41,11 +41,12 @@ Printed per workload and variant: tokens/s (PPO) or completions/s (GRPO), the
 ratio to the baseline, the largest |score - baseline score| over the baseline's
 score std, and the fraction of the ceiling. The ceiling is the matmul rate
 measured in this run (best of several 2048^3 torch.mm, fp32 and bf16) over the
-workload's useful FLOPs: 2 x non-embedding parameters x real tokens plus causal
-attention 2 x 2 x layers x hidden x sum(L^2 / 2); for GRPO the useful tokens
-are each prompt once plus the completions, and a completion of length C after
-a prompt of length P attends C x P + C^2 / 2 pairs. A variant is held to the
-ceiling of its own dtype. Then gRPC / in-process engine throughput per dtype,
+workload's useful FLOPs, counted by bench/common.py as bench_gpu.py's MFU is:
+2 x linear-layer weights x real tokens plus causal attention
+4 x d_attn x layers x sum(L(L + 1) / 2) (QK^T and PV); for GRPO the useful
+tokens are each prompt once plus the completions, and a completion of length C
+after a prompt of length P attends C x P + C(C + 1) / 2 pairs. A variant is held
+to the ceiling of its own dtype. Then gRPC / in-process engine throughput per dtype,
 and the targets as PASS/MISS lines (information, not assertions).
 """
 
@@ -71,6 +72,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from common import causal_pairs, decoder_flops  # bench/common.py: both benchmarks' FLOPs
 
 from rmserve.service.engine.padding import pad_token_id, right_pad
 
@@ -116,7 +118,7 @@ class Workload:
     seqs: list[list[int]]    # token ids in arrival order (a group's completions together)
     groups: list[Group]      # GRPO only
     useful_tokens: int       # what an ideal engine computes
-    attn_pairs: float        # causal (query, key) pairs an ideal engine computes
+    attn_pairs: int          # causal (query, key) pairs an ideal engine computes
     flops: float = 0.0
 
     @property
@@ -181,20 +183,11 @@ def _save_tiny_backbone(out: Path, hidden: int) -> None:
     LlamaModel(cfg).save_pretrained(out)
 
 
-def non_embedding_params(model: torch.nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters()) - model.get_input_embeddings().weight.numel()
-
-
-def useful_flops(model: torch.nn.Module, tokens: int, attn_pairs: float) -> float:
-    c = model.config
-    return 2.0 * non_embedding_params(model) * tokens + 2.0 * 2.0 * c.num_hidden_layers * c.hidden_size * attn_pairs
-
-
 def ppo_workload(n: int, lo: int, hi: int, vocab: int, seed: int = 0) -> Workload:
     rng = random.Random(seed)
     seqs = [[rng.randrange(vocab) for _ in range(rng.randint(lo, hi))] for _ in range(n)]
     return Workload("ppo", f"PPO-like: {n} sequences, lengths U[{lo}, {hi}]", seqs, [],
-                    sum(map(len, seqs)), sum(len(s) ** 2 / 2 for s in seqs))
+                    sum(map(len, seqs)), sum(causal_pairs(len(s)) for s in seqs))
 
 
 def word_list(tokenizer) -> list[str]:
@@ -254,7 +247,7 @@ def grpo_workload(encoder, tokenizer, groups: int, sizes: Sizes, seed: int = 1) 
 
     seqs: list[list[int]] = []
     out: list[Group] = []
-    tokens, pairs = 0, 0.0
+    tokens, pairs = 0, 0
     for _ in range(groups):
         prompt, completions = _text_group(encode, words, rng, sizes)
         ids = [encode(prompt, c) for c in completions]
@@ -263,7 +256,7 @@ def grpo_workload(encoder, tokenizer, groups: int, sizes: Sizes, seed: int = 1) 
         seqs += ids
         suffixes = [len(s) - p for s in ids]
         tokens += p + sum(suffixes)
-        pairs += p**2 / 2 + sum(c * p + c**2 / 2 for c in suffixes)
+        pairs += causal_pairs(p) + sum(causal_pairs(c, past=p) for c in suffixes)
     c_mean = (sum(map(len, seqs)) - sum(g.prefix_len * len(g.members) for g in out)) / len(seqs)
     p_mean = sum(g.prefix_len for g in out) / len(out)
     title = (f"GRPO-like: {groups} groups of a {p_mean:.0f}-token prompt + {sizes.completions} completions "
@@ -618,7 +611,7 @@ def run_all(args, argv: list[str], tmp: Path, t_start: float) -> str:
     }
     workloads = [made[name]() for name in WORKLOADS if name in args.workloads]
     for w in workloads:
-        w.flops = useful_flops(bb.model, w.useful_tokens, w.attn_pairs)
+        w.flops = decoder_flops(bb.model, w.useful_tokens, w.attn_pairs)
     rates = {"fp32": matmul_rate(torch.float32, args.sizes.gemm), "bf16": matmul_rate(torch.bfloat16, args.sizes.gemm)}
 
     bench = Bench(workloads, {BASELINE, *args.variants}, args.repeat)

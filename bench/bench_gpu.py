@@ -25,9 +25,11 @@ measured in the same run by timing a large matmul), the ratio to the baseline,
 and the largest score difference to the baseline (relative to the baseline's
 score std; bf16 makes scores depend on batching, so the check's tolerance is
 `--tol` x std, 0.2 in bf16). Exits 1 if a variant's scores leave the tolerance.
-Useful FLOPs: 2 x (non-embedding parameters) per token computed by an ideal
-engine, plus causal attention 4 x d_attn x layers per (query, key) pair; for a
-GRPO group the prompt counts once (so the baseline's MFU there is low by design).
+Useful FLOPs (bench/common.py, the same count as bench_cpu.py's "of ceiling"):
+2 x (linear-layer weights) per token computed by an ideal engine, plus causal
+attention 4 x d_attn x layers per (query, key) pair, n(n + 1)/2 pairs for n
+tokens; for a GRPO group the prompt counts once (so the baseline's MFU there is
+low by design).
 
 `--tiny` runs a tiny random Llama in fp32 on CPU in seconds (the packed path
 with the CPU varlen fallback); tests/test_bench_gpu.py runs it so the script
@@ -51,6 +53,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import torch
+from common import causal_pairs, decoder_flops  # bench/common.py: both benchmarks' FLOPs
 
 SIZES = {
     "1b": dict(hidden_size=2048, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
@@ -99,27 +102,11 @@ def build_model(size: str, device: torch.device, dtype: torch.dtype) -> torch.nn
     return model.eval().requires_grad_(False)
 
 
-def linear_params(model: torch.nn.Module) -> int:
-    """Parameters that cost 2 FLOPs per token: every nn.Linear weight (embeddings are lookups)."""
-    return sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
-
-
-def flops(model: torch.nn.Module, tokens: int, attended_pairs: int) -> float:
-    c = model.config
-    d_attn = c.num_attention_heads * (getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads)
-    return 2.0 * linear_params(model) * tokens + 4.0 * d_attn * c.num_hidden_layers * attended_pairs
-
-
-def causal_pairs(n: int, past: int = 0) -> int:
-    """(query, key) pairs of n causal queries after `past` cached keys."""
-    return n * past + n * (n + 1) // 2
-
-
 def ppo_workload(model, n: int, lo: int, hi: int, vocab: int, seed: int = 0) -> Workload:
     rng = random.Random(seed)
     seqs = [[rng.randrange(1, vocab) for _ in range(rng.randint(lo, hi))] for _ in range(n)]
     tokens = sum(map(len, seqs))
-    return Workload("ppo", seqs, flops(model, tokens, sum(causal_pairs(len(s)) for s in seqs)), n)
+    return Workload("ppo", seqs, decoder_flops(model, tokens, sum(causal_pairs(len(s)) for s in seqs)), n)
 
 
 def grpo_workload(model, groups: int, prompt: int, completions: int, completion: int, vocab: int,
@@ -132,7 +119,7 @@ def grpo_workload(model, groups: int, prompt: int, completions: int, completion:
     # arrival order: a trainer sends a group's completions together
     tokens = groups * (prompt + completions * completion)
     pairs = groups * (causal_pairs(prompt) + completions * causal_pairs(completion, prompt))
-    return Workload("grpo", seqs, flops(model, tokens, pairs), groups * completions)
+    return Workload("grpo", seqs, decoder_flops(model, tokens, pairs), groups * completions)
 
 
 # --------------------------------------------------------------------------- #

@@ -1,5 +1,6 @@
 """Custom kernels. `last_token_scores` gathers each sequence's last real token
-and computes the ensemble's rewards and statistics in one launch."""
+and computes one member's head rewards and their mean/var/min (and the epistemic
+term) in one launch."""
 
 from rmserve.kernels.last_token import (
     LastTokenScores,

@@ -1,4 +1,4 @@
-"""Fused last-token scoring: gather -> K heads -> mean/var/min/conservative/epistemic.
+"""Fused last-token scoring: gather -> K heads -> mean/var/min/epistemic.
 
 One file holds the Triton kernel, its launcher, the torch reference and the
 dispatcher (Liger-Kernel style). docs/kernels.md describes the design.
@@ -7,6 +7,10 @@ Dispatch (`last_token_scores`): the Triton kernel when `hidden` is on CUDA, or o
 CPU when TRITON_INTERPRET=1 is set at call time (the Triton interpreter runs the
 kernel itself, which is how CI tests it); otherwise, or where triton is not
 installed (macOS client installs), the torch reference.
+
+No `conservative` (mean - lam * var) here: lam is chosen per request, while one
+launch spans many requests' samples, so the server applies it per request
+(service/requests.py `result_pb`) from `mean` and `var`.
 """
 
 from __future__ import annotations
@@ -40,11 +44,13 @@ _BLOCK_N = 64    # output columns of e @ L per program
 
 @dataclass
 class LastTokenScores:
+    """Per sequence, over the K heads of this launch (one ensemble member: the engine
+    combines members' statistics exactly, service/engine/scoring.py combine_member_stats)."""
+
     rewards: torch.Tensor              # [B, K] float32
     mean: torch.Tensor                 # [B]
     var: torch.Tensor                  # [B] population variance over heads
     min: torch.Tensor                  # [B]
-    conservative: torch.Tensor         # [B] mean - lam * var
     epistemic: torch.Tensor | None     # [B] ||L^T e||, or None
 
 
@@ -71,12 +77,12 @@ if triton is not None:
 
 def _last_token_kernel(
     hidden_ptr, ends_ptr, weight_ptr, bias_ptr, unc_ptr,
-    rewards_ptr, mean_ptr, var_ptr, min_ptr, cons_ptr, epi_ptr,
+    rewards_ptr, mean_ptr, var_ptr, min_ptr, epi_ptr,
     partial_ptr, ticket_ptr,
     B, K, H, n_col_tiles,
     stride_hb, stride_ht, stride_hh, stride_end,
     stride_wk, stride_wh, stride_bias, stride_ur, stride_uc,
-    shift, scale, lam,
+    shift, scale,
     HAS_UNC: tl.constexpr, UNC_NATIVE_DOT: tl.constexpr, FP32_PRECISION: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HU: tl.constexpr,
     BLOCK_N: tl.constexpr, K_PAD: tl.constexpr,
@@ -126,7 +132,6 @@ def _last_token_kernel(
         tl.store(mean_ptr + rows64, mean, mask=row_ok)
         tl.store(var_ptr + rows64, var, mask=row_ok)
         tl.store(min_ptr + rows64, low, mask=row_ok)
-        tl.store(cons_ptr + rows64, mean - lam * var, mask=row_ok)
 
     if HAS_UNC:
         out_cols = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
@@ -181,7 +186,7 @@ def _interpret_requested() -> bool:
 def _output_shapes(batch: int, heads: int, has_unc: bool) -> dict[str, tuple[int, ...] | None]:
     return {
         "rewards": (batch, heads), "mean": (batch,), "var": (batch,), "min": (batch,),
-        "conservative": (batch,), "epistemic": (batch,) if has_unc else None,
+        "epistemic": (batch,) if has_unc else None,
     }
 
 
@@ -206,7 +211,6 @@ def last_token_scores_triton(
     shift: float = 0.0,
     scale: float = 1.0,
     unc_factor: torch.Tensor | None = None,
-    lam: float = 0.0,
     out: LastTokenScores | None = None,
 ) -> LastTokenScores:
     """Launch the Triton kernel; arguments as for `last_token_scores`, which validates them.
@@ -254,12 +258,12 @@ def last_token_scores_triton(
     with device_ctx:
         _kernel(interpret)[(n_row_blocks, n_col_tiles)](
             hidden, ends, weight, bias, unc_factor,
-            out.rewards, out.mean, out.var, out.min, out.conservative, out.epistemic,
+            out.rewards, out.mean, out.var, out.min, out.epistemic,
             partial, ticket,
             batch, heads, hidden_size, n_col_tiles,
             stride_hb, stride_ht, stride_hh, ends.stride(0),
             weight.stride(0), weight.stride(1), bias.stride(0), ur, uc,
-            float(shift), float(scale), float(lam),
+            float(shift), float(scale),
             HAS_UNC=has_unc, UNC_NATIVE_DOT=unc_native,
             FP32_PRECISION="ieee" if torch.version.hip else "tf32x3",  # ROCm lacks tf32x3
             BLOCK_B=block_b, BLOCK_H=_BLOCK_H, BLOCK_HU=_BLOCK_HU, BLOCK_N=_BLOCK_N, K_PAD=_K_PAD,
@@ -291,7 +295,6 @@ def last_token_scores_reference(
     shift: float = 0.0,
     scale: float = 1.0,
     unc_factor: torch.Tensor | None = None,
-    lam: float = 0.0,
     compute_dtype: torch.dtype = torch.float32,
 ) -> LastTokenScores:
     """Plain torch; `compute_dtype=torch.float64` makes it the test oracle."""
@@ -302,18 +305,15 @@ def last_token_scores_reference(
         last = hidden[torch.arange(hidden.shape[0], device=hidden.device), idx]
     e = last.to(compute_dtype)
     rewards = (e @ weight.to(compute_dtype).T + bias.to(compute_dtype) - shift) / scale
-    mean = rewards.mean(dim=1)
-    var = rewards.var(dim=1, unbiased=False)
     epistemic = None
     if unc_factor is not None:
         epistemic = (e @ unc_factor.to(compute_dtype)).norm(dim=1)
     out_dtype = torch.float32 if compute_dtype != torch.float64 else torch.float64
     return LastTokenScores(
         rewards=rewards.to(out_dtype),
-        mean=mean.to(out_dtype),
-        var=var.to(out_dtype),
+        mean=rewards.mean(dim=1).to(out_dtype),
+        var=rewards.var(dim=1, unbiased=False).to(out_dtype),
         min=rewards.min(dim=1).values.to(out_dtype),
-        conservative=(mean - lam * var).to(out_dtype),
         epistemic=None if epistemic is None else epistemic.to(out_dtype),
     )
 
@@ -393,7 +393,6 @@ def last_token_scores(
     shift: float = 0.0,
     scale: float = 1.0,
     unc_factor: torch.Tensor | None = None,
-    lam: float = 0.0,
 ) -> LastTokenScores:
     """Rewards and ensemble statistics at each sequence's last real token.
 
@@ -403,8 +402,7 @@ def last_token_scores(
     torch reference; both validate the arguments the same way.
     """
     _validate(hidden, weight, bias, lengths, cu_seqlens, unc_factor, scale)
-    args = dict(lengths=lengths, cu_seqlens=cu_seqlens, shift=shift, scale=scale,
-                unc_factor=unc_factor, lam=lam)
+    args = dict(lengths=lengths, cu_seqlens=cu_seqlens, shift=shift, scale=scale, unc_factor=unc_factor)
     if _use_kernel(hidden.device):
         return last_token_scores_triton(hidden, weight, bias, **args)
     return last_token_scores_reference(hidden, weight, bias, **args)

@@ -43,7 +43,6 @@ class Case(NamedTuple):
     packed: bool
     layout: str = "contiguous"   # or "transposed" (stride_hh = T), "sliced" (stride_hh = 2)
     unc: bool = True
-    lam: float = 0.5
     max_len: int = 4
     param_dtype: torch.dtype = torch.float32   # dtype of weight, bias and unc_factor
 
@@ -68,7 +67,7 @@ def make_inputs(case: Case, seed: int, device: str = "cpu") -> tuple[tuple, dict
     bias = torch.randn(k, generator=g)
     unc = torch.randn(h, h, generator=g) / math.sqrt(h) if case.unc else None
     p = dict(device=device, dtype=case.param_dtype)
-    kwargs: dict = dict(shift=0.3, scale=2.0, lam=case.lam, unc_factor=None if unc is None else unc.to(**p))
+    kwargs: dict = dict(shift=0.3, scale=2.0, unc_factor=None if unc is None else unc.to(**p))
     if case.packed:
         kwargs["cu_seqlens"] = torch.cat([torch.zeros(1, dtype=torch.int64), lengths.cumsum(0)]).to(
             device=device, dtype=torch.int32)
@@ -82,7 +81,7 @@ def poisoned(batch: int, heads: int, has_unc: bool, device: str = "cpu") -> Last
         return torch.full(shape, float("nan"), device=device)
 
     return LastTokenScores(rewards=nan(batch, heads), mean=nan(batch), var=nan(batch), min=nan(batch),
-                           conservative=nan(batch), epistemic=nan(batch) if has_unc else None)
+                           epistemic=nan(batch) if has_unc else None)
 
 
 def assert_matches_oracle(out: LastTokenScores, args: tuple, kwargs: dict, dtype: torch.dtype) -> None:
@@ -111,15 +110,15 @@ def interpret(monkeypatch: pytest.MonkeyPatch) -> None:
 CASES = {
     "padded-B1-T1-K1-fp32": Case(1, 37, 1, torch.float32, packed=False, max_len=1),
     "padded-K3-bf16-transposed": Case(3, 100, 3, torch.bfloat16, packed=False, layout="transposed"),
-    "padded-B20-H200-K8-fp16-nounc": Case(20, 200, 8, torch.float16, packed=False, unc=False, lam=0.0),
+    "padded-B20-H200-K8-fp16-nounc": Case(20, 200, 8, torch.float16, packed=False, unc=False),
     "padded-B20-H200-K8-bf16-bf16params": Case(20, 200, 8, torch.bfloat16, packed=False,
                                                param_dtype=torch.bfloat16),
-    "padded-K16-fp32-sliced": Case(4, 37, 16, torch.float32, packed=False, layout="sliced", lam=2.0),
+    "padded-K16-fp32-sliced": Case(4, 37, 16, torch.float32, packed=False, layout="sliced"),
     "packed-B1-K16-fp32": Case(1, 37, 16, torch.float32, packed=True, max_len=1),
     "packed-K3-bf16-transposed-nounc": Case(5, 100, 3, torch.bfloat16, packed=True, layout="transposed",
                                             unc=False),
     "packed-B17-K16-fp16-sliced": Case(17, 100, 16, torch.float16, packed=True, layout="sliced"),
-    "packed-K1-bf16-lam": Case(6, 100, 1, torch.bfloat16, packed=True, lam=3.0),
+    "packed-K1-bf16": Case(6, 100, 1, torch.bfloat16, packed=True),
 }
 
 
@@ -159,9 +158,19 @@ def test_cpu_without_interpreter_uses_the_reference(monkeypatch: pytest.MonkeyPa
 
 def test_without_triton_the_reference_serves(monkeypatch: pytest.MonkeyPatch, interpret: None) -> None:
     monkeypatch.setattr(lt, "triton", None)
-    case = CASES["packed-K1-bf16-lam"]
+    case = CASES["packed-K1-bf16"]
     args, kwargs = make_inputs(case, seed=4)
     assert_matches_oracle(last_token_scores(*args, **kwargs), args, kwargs, case.dtype)
+
+
+def test_no_conservative_in_the_kernel() -> None:
+    """lam is per request and a launch spans requests: the server applies it (service/requests.py)."""
+    assert "conservative" not in {f.name for f in dataclasses.fields(LastTokenScores)}
+    case = CASES["padded-B1-T1-K1-fp32"]
+    args, kwargs = make_inputs(case, seed=6)
+    for fn in (last_token_scores, last_token_scores_reference, last_token_scores_triton):
+        with pytest.raises(TypeError, match="lam"):
+            fn(*args, **kwargs, lam=0.5)
 
 
 @needs_triton
@@ -203,11 +212,11 @@ def test_compiled_kernel_lowers_to_sm90(hidden_dtype: str, param_dtype: str, has
         constexprs.update(unc_ptr=None, epi_ptr=None, partial_ptr=None, ticket_ptr=None)
     pointers = dict(hidden_ptr=hidden_dtype, ends_ptr="i64", weight_ptr=param_dtype, bias_ptr=param_dtype,
                     unc_ptr=param_dtype, partial_ptr="fp32", ticket_ptr="i32",
-                    **{n: "fp32" for n in ("rewards_ptr", "mean_ptr", "var_ptr", "min_ptr", "cons_ptr", "epi_ptr")})
+                    **{n: "fp32" for n in ("rewards_ptr", "mean_ptr", "var_ptr", "min_ptr", "epi_ptr")})
     names = [p.name for p in kernel.params]
     signature = {
         n: "constexpr" if n in constexprs else f"*{pointers[n]}" if n in pointers
-        else "fp32" if n in ("shift", "scale", "lam") else "i32"
+        else "fp32" if n in ("shift", "scale") else "i32"
         for n in names
     }
     source = ASTSource(kernel, signature, {(names.index(n),): v for n, v in constexprs.items()})

@@ -31,14 +31,14 @@ import copy
 import inspect
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
 import numpy as np
 import torch
 
-from rmserve.kernels import last_token_scores
+from rmserve.kernels import LastTokenScores, last_token_scores
 from rmserve.service.engine import varlen
 from rmserve.service.engine.errors import EngineOutOfMemory
 from rmserve.service.engine.model import Member, RewardModel
@@ -161,6 +161,31 @@ def model_device(model: RewardModel) -> torch.device:
     return next(model.members[0].backbone.model.parameters()).device
 
 
+def combine_member_stats(
+    counts: Sequence[int],
+    means: Sequence[torch.Tensor],
+    variances: Sequence[torch.Tensor],
+    minima: Sequence[torch.Tensor],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The ensemble's mean, population variance and min over all K = sum(K_m) heads,
+    from each member's own over its K_m heads (what the kernel computes per launch).
+
+        mean = sum_m K_m mean_m / K
+        var  = sum_m K_m (var_m + (mean_m - mean)^2) / K     (law of total variance)
+        min  = min over members of min_m
+
+    Exact, and stable: every term is non-negative, unlike E[x^2] - mean^2, which
+    cancels when |mean| >> std. One member's statistics are returned as they are.
+    Tensors [N], computed in their own dtype.
+    """
+    if len(means) == 1:
+        return means[0], variances[0], minima[0]
+    k = sum(counts)
+    mean = sum(c * m for c, m in zip(counts, means, strict=True)) / k
+    var = sum(c * (v + (m - mean) ** 2) for c, m, v in zip(counts, means, variances, strict=True)) / k
+    return mean, var, torch.stack(list(minima)).amin(0)
+
+
 class ScoringEngine:
     """Scores token-id sequences with a RewardModel.
 
@@ -231,14 +256,18 @@ class ScoringEngine:
         self._ensure_budget()
         stats = BatchStats()
         per_member = [self._score_member(m, seqs, stats) for m in self.model.members]
-        rewards = torch.cat([r for r, _ in per_member], dim=1).cpu()
-        eps = [e for _, e in per_member if e is not None]
+        rewards = torch.cat([s.rewards for s in per_member], dim=1).cpu()
+        # The kernel's per-member statistics (one source of truth), combined on the host in
+        # float64: N values, so it costs nothing.
+        host = [[getattr(s, name).cpu().double() for s in per_member] for name in ("mean", "var", "min")]
+        mean, var, low = combine_member_stats([s.rewards.shape[1] for s in per_member], *host)
+        eps = [s.epistemic for s in per_member if s.epistemic is not None]
         epistemic = torch.stack(eps).mean(0).cpu() if eps else None
         return EngineOutput(
             rewards=rewards.numpy(),
-            mean=rewards.mean(1).numpy(),
-            var=rewards.var(1, unbiased=False).numpy(),
-            min=rewards.min(1).values.numpy(),
+            mean=mean.float().numpy(),
+            var=var.float().numpy(),
+            min=low.float().numpy(),
             epistemic=None if epistemic is None else epistemic.numpy(),
             stats=stats,
         )
@@ -319,18 +348,26 @@ class ScoringEngine:
 
     # --------------------------------------------------------------- forward
 
-    def _score_member(self, m: Member, seqs: list[list[int]], stats: BatchStats):
-        k = m.weight.shape[0]
-        rewards = torch.empty(len(seqs), k, device=self.device)
-        epistemic = torch.empty(len(seqs), device=self.device) if m.unc_factor is not None else None
+    def _score_member(self, m: Member, seqs: list[list[int]], stats: BatchStats) -> LastTokenScores:
+        """Every sequence's rewards, their mean/var/min over the member's heads and its
+        epistemic term (None without an uncertainty factor), on the engine's device."""
+        n, k = len(seqs), m.weight.shape[0]
+        scores = LastTokenScores(
+            rewards=torch.empty(n, k, device=self.device),
+            mean=torch.empty(n, device=self.device),
+            var=torch.empty(n, device=self.device),
+            min=torch.empty(n, device=self.device),
+            epistemic=torch.empty(n, device=self.device) if m.unc_factor is not None else None,
+        )
         weight, bias = m.weight.to(self.device), m.bias.to(self.device)
         unc = m.unc_factor.to(self.device) if m.unc_factor is not None else None
 
         def put(idx: list[int], hidden: torch.Tensor, where: dict[str, torch.Tensor]) -> None:
             out = last_token_scores(hidden, weight, bias, unc_factor=unc, **where)
-            rewards[idx] = out.rewards
-            if epistemic is not None:
-                epistemic[idx] = out.epistemic
+            for name in ("rewards", "mean", "var", "min", "epistemic"):
+                buf = getattr(scores, name)
+                if buf is not None:
+                    buf[idx] = getattr(out, name)
 
         groups, alone = [], list(range(len(seqs)))
         if self.min_shared_prefix > 0 and m.backbone.pooling == "last":  # causal: a prefix's KV is its own
@@ -353,7 +390,7 @@ class ScoringEngine:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         stats.forward_s += time.perf_counter() - t0
-        return rewards, epistemic
+        return scores
 
     def _run(self, m: Member, batch: list[list[int]]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """One forward; returns hidden and how to find each last token (lengths or cu_seqlens)."""
