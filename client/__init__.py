@@ -27,6 +27,7 @@ from rmserve.client.errors import (
     UnavailableError,
     from_rpc_error,
 )
+from rmserve.client.runs import RunStatus, RunStep
 from rmserve.client.sync import RewardClient
 from rmserve.client.trl import as_trl_reward_func
 from rmserve.client.types import (
@@ -55,6 +56,8 @@ __all__ = [
     "ResourceExhaustedError",
     "RewardClient",
     "RewardServiceError",
+    "RunStatus",
+    "RunStep",
     "ScoreArrays",
     "ScoreResult",
     "ScoreResults",

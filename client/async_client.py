@@ -27,6 +27,7 @@ from rmserve.client.admin import (
     parse_progress,
 )
 from rmserve.client.errors import DeadlineExceededError, from_rpc_error
+from rmserve.client.runs import RunStatus, parse_run_status
 from rmserve.client.types import CompareResult, ModelInfo, ScoreResult, ScoreResults
 from rmserve.v1 import admin_pb2 as apb
 from rmserve.v1 import admin_pb2_grpc as apb_grpc
@@ -229,6 +230,19 @@ class AsyncRewardClient(_core.BaseClient):
         opts = self._call_options(timeout)
         req = _core.build_compare(prompt, response_a, response_b)
         return _core.parse_compare(await self._unary("Compare", req, opts, _core.Deadline(opts.timeout)))
+
+    async def run_status(self, run_id: str, *, timeout: float | None = None) -> RunStatus:
+        """The run monitor's statistics and over-optimisation alarm for `run_id` (the id its
+        Score calls were tagged with); NotFoundError for a run the server has not seen."""
+        opts = self._call_options(timeout)
+        req = pb.GetRunStatusRequest(run_id=run_id)
+        return parse_run_status(await self._unary("GetRunStatus", req, opts, _core.Deadline(opts.timeout)))
+
+    async def list_runs(self, *, timeout: float | None = None) -> list[RunStatus]:
+        """Every run the monitor tracks, most recently seen first (without per-step series)."""
+        opts = self._call_options(timeout)
+        resp = await self._unary("ListRuns", pb.ListRunsRequest(), opts, _core.Deadline(opts.timeout))
+        return [parse_run_status(r) for r in resp.runs]
 
     async def model_info(self, *, timeout: float | None = None) -> ModelInfo:
         """What the server is serving (name, version, heads, limits, normalisation)."""

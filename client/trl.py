@@ -17,6 +17,7 @@ import uuid
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
+from rmserve.client.errors import RewardServiceError
 from rmserve.client.sync import RewardClient
 from rmserve.client.types import ScoreResult
 
@@ -24,6 +25,8 @@ __all__ = ["RewardFunc", "as_trl_reward_func"]
 
 Field = Literal["reward", "conservative", "min"]
 _FIELDS = ("reward", "conservative", "min")
+OnAlarm = Literal["ignore", "conservative", "min"]
+_ON_ALARM = ("ignore", "conservative", "min")
 
 
 def _content(content: Any) -> str:
@@ -103,10 +106,13 @@ class RewardFunc:
         use_groups: bool = True,
         timeout: float | None = None,
         empty_reward: float | None = None,
+        on_alarm: OnAlarm = "ignore",
         **client_kwargs: Any,
     ):
         if field not in _FIELDS:
             raise ValueError(f"field must be one of {_FIELDS}, got {field!r}")
+        if on_alarm not in _ON_ALARM:
+            raise ValueError(f"on_alarm must be one of {_ON_ALARM}, got {on_alarm!r}")
         if isinstance(client_or_address, RewardClient):
             if client_kwargs:
                 raise TypeError("client options go to RewardClient(...) when passing a client")
@@ -128,6 +134,9 @@ class RewardFunc:
         self.use_groups = use_groups
         self.timeout = timeout
         self.empty_reward = empty_reward
+        self.on_alarm = on_alarm
+        self.alarmed = False          # the server's run monitor has raised its alarm for this run
+        self._monitor_ok = True       # False once the server turned out to have no run monitor
         self.__name__ = name or f"rmserve_{field}"
 
     @property
@@ -180,10 +189,37 @@ class RewardFunc:
         step = getattr(trainer_state, "global_step", None)
         results = self._score([prompts[i] for i in keep], [completions[i] for i in keep], step)
         self._log(results, log_metric, log_extra)
+        self._watch_run(log_metric)
+        field = self.on_alarm if self.alarmed and self.on_alarm != "ignore" else self.field
         rewards: list[float | None] = [self.empty_reward] * len(completions)
         for i, r in zip(keep, results, strict=True):
-            rewards[i] = float(getattr(r, self.field))
+            rewards[i] = float(getattr(r, field))
         return rewards
+
+    def _watch_run(self, log_metric: Callable[[str, float], None] | None) -> None:
+        """Reads the server's run monitor for this run: logs `rmserve/alarm` (0/1) and
+        `rmserve/std_trend` (the latest step's mean std over the run's first steps'), and
+        latches `alarmed` so `on_alarm` can switch the reward. A server without the
+        monitor (an older version) costs one failed call, then nothing."""
+        if not self._monitor_ok:
+            return
+        try:
+            status = self.client.run_status(self.run_id, timeout=self.timeout)
+        except RewardServiceError as e:
+            if e.code.name in ("UNIMPLEMENTED", "NOT_FOUND"):  # NOT_FOUND: nothing tagged yet
+                self._monitor_ok = e.code.name != "UNIMPLEMENTED"
+                return
+            raise
+        self.alarmed = self.alarmed or status.alarm
+        if log_metric is None:
+            return
+        log_metric("rmserve/alarm", float(self.alarmed))
+        stds = status.std_mean
+        if len(stds) >= 2:
+            base = stds[: min(5, len(stds) - 1)]
+            mean_base = sum(base) / len(base)
+            if mean_base > 0:
+                log_metric("rmserve/std_trend", stds[-1] / mean_base)
 
     def _score(self, prompts: Sequence[Any], completions: Sequence[Any], step: int | None) -> list[ScoreResult]:
         options = dict(
@@ -232,6 +268,7 @@ def as_trl_reward_func(
     use_groups: bool = True,
     timeout: float | None = None,
     empty_reward: float | None = None,
+    on_alarm: OnAlarm = "ignore",
     **client_kwargs: Any,
 ) -> RewardFunc:
     """A reward function for TRL's `GRPOTrainer(reward_funcs=[...])` backed by rmserve.
@@ -245,6 +282,11 @@ def as_trl_reward_func(
     `client_kwargs` go to `RewardClient` when an address is given. Empty
     completions are scored like any other; set `empty_reward` to give them a
     fixed reward instead (they are then not sent).
+
+    The server's run monitor watches the run (by `run_id`); its over-optimisation
+    alarm is logged as `rmserve/alarm` and the uncertainty trend as
+    `rmserve/std_trend`. `on_alarm="conservative"` (or `"min"`) switches the
+    reward returned to that field once the alarm has fired, for the rest of the run.
     """
     return RewardFunc(
         client_or_address,
@@ -255,5 +297,6 @@ def as_trl_reward_func(
         use_groups=use_groups,
         timeout=timeout,
         empty_reward=empty_reward,
+        on_alarm=on_alarm,
         **client_kwargs,
     )

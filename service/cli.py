@@ -28,11 +28,12 @@ def _serve(args: argparse.Namespace) -> int:
         batch_tokens=args.batch_tokens, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
         max_samples_per_request=args.max_samples_per_request, registry=args.registry, data_roots=args.data_root,
         api_keys=args.api_keys, tls_cert=args.tls_cert, tls_key=args.tls_key,
+        runs_file=args.runs_file, monitor=_monitor_settings(args.monitor),
     )
 
     async def run() -> int:
-        server = RewardServer(config)
         try:
+            server = RewardServer(config)
             await server.start()
         except (NotReady, ValueError, OSError) as e:
             print(f"rmserve: {e}", file=sys.stderr)
@@ -54,6 +55,20 @@ def _serve(args: argparse.Namespace) -> int:
         return 0
 
     return asyncio.run(run())
+
+
+def _monitor_settings(items: list[str]) -> dict[str, float | int]:
+    """--monitor KEY=VALUE pairs -> MonitorConfig fields (numbers; validated by MonitorConfig)."""
+    out: dict[str, float | int] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        try:
+            if not sep:
+                raise ValueError
+            out[key.strip()] = int(value) if value.strip().lstrip("-").isdigit() else float(value)
+        except ValueError:
+            raise SystemExit(f"rmserve serve: --monitor takes KEY=NUMBER, got {item!r}") from None
+    return out
 
 
 def _read_jsonl(path: str) -> Iterator[dict]:
@@ -147,6 +162,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--api-keys", metavar="FILE", help='JSON {"key": ["score", "label", "admin"], ...}; none: open')
     s.add_argument("--tls-cert", metavar="PEM", help="serve TLS with this certificate chain (needs --tls-key)")
     s.add_argument("--tls-key", metavar="PEM", help="private key of --tls-cert")
+    s.add_argument("--runs-file", metavar="PATH",
+                   help="where the run monitor keeps its per-run summaries (default <registry>/runs.json; '' = memory only)")
+    s.add_argument("--monitor", metavar="KEY=VALUE", action="append", default=[],
+                   help="a run-monitor setting, e.g. std_ratio=1.5 or max_runs=64 (repeatable; "
+                        "docs/monitoring/run-monitor.md lists them)")
     s.set_defaults(func=_serve)
 
     c = sub.add_parser("score", help="score a JSONL file of samples through a server")

@@ -69,6 +69,14 @@ class Metrics:
         self.reward_std = Histogram("rmserve_reward_std", "Ensemble std of scored samples", buckets=_STD_BUCKETS, registry=r)
         self.model_info = Info("rmserve_model", "The model being served", registry=r)
         self.ready = Gauge("rmserve_ready", "1 when a model is loaded and serving", registry=r)
+        self.runs_tracked = Gauge("rmserve_runs_tracked", "Runs the run monitor holds statistics for", registry=r)
+        self.runs_alarming = Gauge("rmserve_runs_alarming", "Tracked runs whose over-optimisation alarm has fired", registry=r)
+        self.run_alarms = Counter("rmserve_run_alarms", "Over-optimisation alarms raised", registry=r)
+        # One series per alarming run, for at most RUN_LABELS runs (the most recent alarms):
+        # a run id is unbounded, so it only becomes a label when it matters, and never many.
+        self.run_alarm = Gauge("rmserve_run_alarm", "1 for a run whose over-optimisation alarm fired (latest alarms only)",
+                               ["run_id"], registry=r)
+        self._alarm_labels: list[str] = []
 
     def serve_http(self, port: int, addr: str = "0.0.0.0"):
         """Start the /metrics endpoint on its own port; returns (server, thread)."""
@@ -96,6 +104,20 @@ class Metrics:
             self.padding_fraction.observe(1.0 - real_tokens / padded_tokens)
         self.tokens_scored.inc(real_tokens)
         self.sequences_scored.inc(sequences)
+
+    # -- run monitor ------------------------------------------------------------------
+
+    RUN_LABELS = 16
+
+    def runs(self, tracked: int, alarming: int, new_alarm: str | None = None) -> None:
+        self.runs_tracked.set(tracked)
+        self.runs_alarming.set(alarming)
+        if new_alarm is not None:
+            self.run_alarms.inc()
+            self.run_alarm.labels(new_alarm).set(1)
+            self._alarm_labels.append(new_alarm)
+            while len(self._alarm_labels) > self.RUN_LABELS:
+                self.run_alarm.remove(self._alarm_labels.pop(0))
 
     def scored(self, rewards: Sequence[float], stds: Sequence[float], truncated: int) -> None:
         for r in rewards:

@@ -28,8 +28,9 @@ from rmserve.service.engine.backbone import cache_dir
 from rmserve.service.engine.ensemble import MANIFEST
 from rmserve.service.engine.model import RewardModel, load_model
 from rmserve.service.engine.scoring import ScoringEngine
-from rmserve.service.errors import InvalidInput, NotReady, Unavailable
+from rmserve.service.errors import InvalidInput, NotFound, NotReady, Unavailable
 from rmserve.service.metrics import Metrics
+from rmserve.service.monitor import MonitorConfig, RunMonitor, StepSummary
 from rmserve.service.registry import Registry
 from rmserve.service.requests import Row, encode_groups, encode_samples, result_pb
 from rmserve.service.rpc import Malformed, add_service, chunk_error, unary
@@ -80,6 +81,13 @@ class ServingState:
         self.config = config
         self.metrics = Metrics()
         self.metrics.queue_capacity.set(config.max_queue)
+        registry_root = Path(config.registry) if config.registry else cache_dir() / "registry"
+        runs_file = config.runs_file if config.runs_file is not None else registry_root / "runs.json"
+        try:
+            monitor_config = MonitorConfig(**config.monitor)
+        except TypeError as e:
+            raise ValueError(f"run monitor settings: {e}; known: {sorted(MonitorConfig.__dataclass_fields__)}") from e
+        self.monitor = RunMonitor(monitor_config, path=runs_file or None)
         self._activation = asyncio.Lock()
         self.slot: ModelSlot | None = None
         self.tokenizer_pool = concurrent.futures.ThreadPoolExecutor(
@@ -157,6 +165,19 @@ def _lam(options: pb.ScoreOptions, model: RewardModel) -> float:
     return lam
 
 
+def _run_pb(run, series: list[StepSummary], steps: int | None = None) -> pb.RunStatus:
+    out = pb.RunStatus(run_id=run.run_id, steps=len(series) if steps is None else steps, alarm=run.alarm,
+                       reason=run.reason, last_seen_unix=run.last_seen)
+    if run.alarm_step is not None:
+        out.alarm_step = run.alarm_step
+    for s in series:
+        step = out.series.add()
+        for name, value in vars(s).items():
+            if value is not None:
+                setattr(step, name, value)
+    return out
+
+
 class RewardServicer(pb_grpc.RewardServiceServicer):
     def __init__(self, state: ServingState):
         self.state = state
@@ -173,11 +194,26 @@ class RewardServicer(pb_grpc.RewardServiceServicer):
             result_pb(r, e, lam=lam, members=options.return_members, sample_id=s.id)
             for r, e, s in zip(rows, encoded, samples, strict=True)
         ]
-        self._observe(results)
+        self._observe(results, options)
         return results, slot.version
 
-    def _observe(self, results: list[pb.ScoreResult]) -> None:
+    def _observe(self, results: list[pb.ScoreResult], options: pb.ScoreOptions | None = None) -> None:
+        """Metrics for every result; the run monitor for calls tagged with a run id."""
         self.state.metrics.scored([r.reward for r in results], [r.std for r in results], sum(r.truncated for r in results))
+        if options is None or not options.run_id:
+            return
+        monitor = self.state.monitor
+        before = monitor.status(options.run_id)
+        was_alarming = before is not None and before[0].alarm
+        run = monitor.observe(
+            options.run_id, options.step if options.HasField("step") else None,
+            [r.reward for r in results], [r.std for r in results],
+            epistemic=[r.epistemic if r.HasField("epistemic") else None for r in results],
+        )
+        tracked, alarming = monitor.counts()
+        self.state.metrics.runs(tracked, alarming, new_alarm=options.run_id if run.alarm and not was_alarming else None)
+        if run.alarm and not was_alarming:
+            log.warning("run %s: over-optimisation alarm at step %s: %s", run.run_id, run.alarm_step, run.reason)
 
     @unary("Score")
     async def Score(self, request: pb.ScoreRequest, context) -> pb.ScoreResponse:
@@ -234,8 +270,8 @@ class RewardServicer(pb_grpc.RewardServiceServicer):
         for g_pb, g in zip(request.groups, groups, strict=True):
             res = [result_pb(rows[i + j], e, lam=lam, members=request.options.return_members) for j, e in enumerate(g)]
             i += len(g)
-            self._observe(res)
             out.append(pb.GroupResult(id=g_pb.id, results=res))
+        self._observe([r for g in out for r in g.results], request.options)
         return pb.ScoreGroupsResponse(groups=out, model_version=slot.version)
 
     @unary("Compare")
@@ -259,6 +295,23 @@ class RewardServicer(pb_grpc.RewardServiceServicer):
             b=res_b,
             model_version=slot.version,
         )
+
+    @unary("GetRunStatus")
+    async def GetRunStatus(self, request: pb.GetRunStatusRequest, context) -> pb.RunStatus:
+        if not request.run_id:
+            raise InvalidInput("run_id is empty: name the run (the run_id your trainer tags its Score calls with)")
+        found = self.state.monitor.status(request.run_id)
+        if found is None:
+            raise NotFound(
+                f"no run {request.run_id!r}: the monitor has seen no Score call tagged with it "
+                f"(or it was evicted: the monitor keeps the {self.state.monitor.config.max_runs} most recent runs)"
+            )
+        run, series = found
+        return _run_pb(run, series)
+
+    @unary("ListRuns")
+    async def ListRuns(self, request: pb.ListRunsRequest, context) -> pb.ListRunsResponse:
+        return pb.ListRunsResponse(runs=[_run_pb(run, [], steps=n) for run, n in self.state.monitor.runs()])
 
     @unary("GetModelInfo")
     async def GetModelInfo(self, request, context) -> pb.ModelInfo:
@@ -285,6 +338,7 @@ class RewardServer:
         self._server: grpc.aio.Server | None = None
         self._metrics_http = None
         self._loaded: asyncio.Future | None = None
+        self._saver: asyncio.Future | None = None
         self.admin: AdminServicer | None = None
 
     async def start(self) -> None:
@@ -324,8 +378,19 @@ class RewardServer:
             self._metrics_http, _ = self.state.metrics.serve_http(self.config.metrics_port, self.config.metrics_host or self.config.host)
             self.metrics_port = self._metrics_http.server_port
         self.state.scheduler.start()
+        self._saver = asyncio.ensure_future(self._save_runs_periodically())
         log.info("listening on %s:%d; loading %s (health reports not ready until it is warm)", self.config.host, self.port, model_path)
         self._loaded = asyncio.ensure_future(self._load(model_path))
+
+    async def _save_runs_periodically(self, every_s: float = 5.0) -> None:
+        """The run monitor's summaries reach disk within `every_s` (and at stop)."""
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(every_s)
+            try:
+                await loop.run_in_executor(None, self.state.monitor.save)
+            except OSError as e:  # a full disk must not stop scoring; the next try may succeed
+                log.warning("run monitor: cannot save %s: %s", self.state.monitor.path, e)
 
     async def _load(self, path: Path) -> None:
         model = (await self.state.activate(path)).model
@@ -348,6 +413,12 @@ class RewardServer:
         if self._server is not None:
             await self._server.stop(self.config.grace_s if grace is None else grace)
         await self.state.scheduler.stop()
+        if self._saver is not None:
+            self._saver.cancel()
+        try:
+            await asyncio.get_running_loop().run_in_executor(None, self.state.monitor.save)
+        except OSError as e:
+            log.warning("run monitor: cannot save %s: %s", self.state.monitor.path, e)
         if self.admin is not None:
             await asyncio.get_running_loop().run_in_executor(None, self.admin.jobs.stop)
         if self._loaded is not None and not self._loaded.done():

@@ -35,9 +35,8 @@ def test_bare_folder_names_are_not_importable_from_an_install(tmp_path):
 def test_the_wheel_ships_every_package_the_type_markers_and_the_default_model(tmp_path):
     """What `pip install rmserve` gets: each mapped folder's modules (the model layer
     included), py.typed markers, the default model's files; no bare top-level names."""
-    import zipfile
-
     import shutil
+    import zipfile
 
     root = Path(__file__).resolve().parents[1]
     # build from a copy: setuptools writes build/ and *.egg-info into the source tree

@@ -225,3 +225,71 @@ class ModelInfo(_message.Message):
     max_samples_per_request: int
     backbone_layers: int
     def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., kind: _Optional[str] = ..., num_members: _Optional[int] = ..., num_heads: _Optional[int] = ..., backbone: _Optional[str] = ..., max_tokens: _Optional[int] = ..., dtype: _Optional[str] = ..., normalization: _Optional[_Union[Normalization, _Mapping]] = ..., default_uncertainty_penalty: _Optional[float] = ..., has_epistemic: _Optional[bool] = ..., max_samples_per_request: _Optional[int] = ..., backbone_layers: _Optional[int] = ...) -> None: ...
+
+class GetRunStatusRequest(_message.Message):
+    __slots__ = ("run_id",)
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    run_id: str
+    def __init__(self, run_id: _Optional[str] = ...) -> None: ...
+
+class RunStep(_message.Message):
+    __slots__ = ("first_step", "last_step", "count", "reward_mean", "reward_p10", "reward_p50", "reward_p90", "std_mean", "reward_std_corr", "top_decile_reward", "top_decile_std", "epistemic_mean", "ood_score_mean", "ood_fraction", "top_decile_ood_fraction")
+    FIRST_STEP_FIELD_NUMBER: _ClassVar[int]
+    LAST_STEP_FIELD_NUMBER: _ClassVar[int]
+    COUNT_FIELD_NUMBER: _ClassVar[int]
+    REWARD_MEAN_FIELD_NUMBER: _ClassVar[int]
+    REWARD_P10_FIELD_NUMBER: _ClassVar[int]
+    REWARD_P50_FIELD_NUMBER: _ClassVar[int]
+    REWARD_P90_FIELD_NUMBER: _ClassVar[int]
+    STD_MEAN_FIELD_NUMBER: _ClassVar[int]
+    REWARD_STD_CORR_FIELD_NUMBER: _ClassVar[int]
+    TOP_DECILE_REWARD_FIELD_NUMBER: _ClassVar[int]
+    TOP_DECILE_STD_FIELD_NUMBER: _ClassVar[int]
+    EPISTEMIC_MEAN_FIELD_NUMBER: _ClassVar[int]
+    OOD_SCORE_MEAN_FIELD_NUMBER: _ClassVar[int]
+    OOD_FRACTION_FIELD_NUMBER: _ClassVar[int]
+    TOP_DECILE_OOD_FRACTION_FIELD_NUMBER: _ClassVar[int]
+    first_step: int
+    last_step: int
+    count: int
+    reward_mean: float
+    reward_p10: float
+    reward_p50: float
+    reward_p90: float
+    std_mean: float
+    reward_std_corr: float
+    top_decile_reward: float
+    top_decile_std: float
+    epistemic_mean: float
+    ood_score_mean: float
+    ood_fraction: float
+    top_decile_ood_fraction: float
+    def __init__(self, first_step: _Optional[int] = ..., last_step: _Optional[int] = ..., count: _Optional[int] = ..., reward_mean: _Optional[float] = ..., reward_p10: _Optional[float] = ..., reward_p50: _Optional[float] = ..., reward_p90: _Optional[float] = ..., std_mean: _Optional[float] = ..., reward_std_corr: _Optional[float] = ..., top_decile_reward: _Optional[float] = ..., top_decile_std: _Optional[float] = ..., epistemic_mean: _Optional[float] = ..., ood_score_mean: _Optional[float] = ..., ood_fraction: _Optional[float] = ..., top_decile_ood_fraction: _Optional[float] = ...) -> None: ...
+
+class RunStatus(_message.Message):
+    __slots__ = ("run_id", "steps", "alarm", "alarm_step", "reason", "series", "last_seen_unix")
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    ALARM_FIELD_NUMBER: _ClassVar[int]
+    ALARM_STEP_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    SERIES_FIELD_NUMBER: _ClassVar[int]
+    LAST_SEEN_UNIX_FIELD_NUMBER: _ClassVar[int]
+    run_id: str
+    steps: int
+    alarm: bool
+    alarm_step: int
+    reason: str
+    series: _containers.RepeatedCompositeFieldContainer[RunStep]
+    last_seen_unix: float
+    def __init__(self, run_id: _Optional[str] = ..., steps: _Optional[int] = ..., alarm: _Optional[bool] = ..., alarm_step: _Optional[int] = ..., reason: _Optional[str] = ..., series: _Optional[_Iterable[_Union[RunStep, _Mapping]]] = ..., last_seen_unix: _Optional[float] = ...) -> None: ...
+
+class ListRunsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListRunsResponse(_message.Message):
+    __slots__ = ("runs",)
+    RUNS_FIELD_NUMBER: _ClassVar[int]
+    runs: _containers.RepeatedCompositeFieldContainer[RunStatus]
+    def __init__(self, runs: _Optional[_Iterable[_Union[RunStatus, _Mapping]]] = ...) -> None: ...

@@ -59,6 +59,16 @@ class RewardServiceStub:
                 request_serializer=rmserve_dot_v1_dot_reward__pb2.GetModelInfoRequest.SerializeToString,
                 response_deserializer=rmserve_dot_v1_dot_reward__pb2.ModelInfo.FromString,
                 _registered_method=True)
+        self.GetRunStatus = channel.unary_unary(
+                '/rmserve.v1.RewardService/GetRunStatus',
+                request_serializer=rmserve_dot_v1_dot_reward__pb2.GetRunStatusRequest.SerializeToString,
+                response_deserializer=rmserve_dot_v1_dot_reward__pb2.RunStatus.FromString,
+                _registered_method=True)
+        self.ListRuns = channel.unary_unary(
+                '/rmserve.v1.RewardService/ListRuns',
+                request_serializer=rmserve_dot_v1_dot_reward__pb2.ListRunsRequest.SerializeToString,
+                response_deserializer=rmserve_dot_v1_dot_reward__pb2.ListRunsResponse.FromString,
+                _registered_method=True)
 
 
 class RewardServiceServicer:
@@ -99,6 +109,20 @@ class RewardServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetRunStatus(self, request, context):
+        """The run monitor (docs/monitoring/run-monitor.md): per-step statistics of the
+        calls tagged with a run_id, and the over-optimisation alarm.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListRuns(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RewardServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -126,6 +150,16 @@ def add_RewardServiceServicer_to_server(servicer, server):
                     servicer.GetModelInfo,
                     request_deserializer=rmserve_dot_v1_dot_reward__pb2.GetModelInfoRequest.FromString,
                     response_serializer=rmserve_dot_v1_dot_reward__pb2.ModelInfo.SerializeToString,
+            ),
+            'GetRunStatus': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetRunStatus,
+                    request_deserializer=rmserve_dot_v1_dot_reward__pb2.GetRunStatusRequest.FromString,
+                    response_serializer=rmserve_dot_v1_dot_reward__pb2.RunStatus.SerializeToString,
+            ),
+            'ListRuns': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListRuns,
+                    request_deserializer=rmserve_dot_v1_dot_reward__pb2.ListRunsRequest.FromString,
+                    response_serializer=rmserve_dot_v1_dot_reward__pb2.ListRunsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -263,6 +297,60 @@ class RewardService:
             '/rmserve.v1.RewardService/GetModelInfo',
             rmserve_dot_v1_dot_reward__pb2.GetModelInfoRequest.SerializeToString,
             rmserve_dot_v1_dot_reward__pb2.ModelInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetRunStatus(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/rmserve.v1.RewardService/GetRunStatus',
+            rmserve_dot_v1_dot_reward__pb2.GetRunStatusRequest.SerializeToString,
+            rmserve_dot_v1_dot_reward__pb2.RunStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListRuns(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/rmserve.v1.RewardService/ListRuns',
+            rmserve_dot_v1_dot_reward__pb2.ListRunsRequest.SerializeToString,
+            rmserve_dot_v1_dot_reward__pb2.ListRunsResponse.FromString,
             options,
             channel_credentials,
             insecure,
