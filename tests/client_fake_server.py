@@ -3,8 +3,10 @@
 It scores deterministically from the text (reward = len(response) / 10, three
 heads at reward - 0.5, reward, reward + 0.5), records every call, and can be
 told to fail the next calls of a method with a status and a pushback hint, to
-sleep, or to cap the request size, so retries, deadlines and chunking can be
-tested without a model. It runs a real grpc.aio server (with the standard
+hold its calls until released, to make its first n calls wait for each other,
+or to cap the request size, so retries, deadlines and chunking can be tested
+without a model, and without timing anything: the order of events is forced by
+gates, never by sleeping. It runs a real grpc.aio server (with the standard
 health service) on 127.0.0.1, port 0, in a thread with its own event loop, so
 both the sync and the async client can talk to it.
 
@@ -14,6 +16,7 @@ Test modules load it by path (pytest runs with --import-mode=importlib).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import threading
 from collections import defaultdict, deque
@@ -28,6 +31,9 @@ from rmserve.v1 import reward_pb2_grpc as pb_grpc
 
 HEAD_OFFSETS = (-0.5, 0.0, 0.5)
 DEFAULT_LAMBDA = 0.5
+# A held or gathered call stops waiting after this long: a hang guard for a broken client
+# (the test then fails on what it checks), never reached when the client does its job.
+GATE_SAFETY_S = 60.0
 
 
 def text_of(sample: pb.Sample) -> tuple[str, str]:
@@ -91,10 +97,20 @@ class Call:
 
 
 @dataclass
+class Gather:
+    """The first `n` calls of a method wait until all `n` have arrived (so they are in flight together)."""
+
+    n: int
+    arrived: int = 0
+    all_in: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+@dataclass
 class FakeState:
     calls: list[Call] = field(default_factory=list)
     failures: dict[str, deque] = field(default_factory=lambda: defaultdict(deque))
-    delay: dict[str, float] = field(default_factory=dict)
+    holds: dict[str, asyncio.Event] = field(default_factory=dict)  # method -> set when released
+    gathers: dict[str, Gather] = field(default_factory=dict)
     max_samples: int = 1000
     in_flight: int = 0
     max_in_flight: int = 0
@@ -111,8 +127,17 @@ class FakeRewardService(pb_grpc.RewardServiceServicer):
             if pushback_ms is not None:
                 context.set_trailing_metadata((("grpc-retry-pushback-ms", str(pushback_ms)),))
             await context.abort(code, f"injected {code.name}")
-        if self.s.delay.get(method):
-            await asyncio.sleep(self.s.delay[method])
+        hold = self.s.holds.get(method)
+        if hold is not None:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(hold.wait(), GATE_SAFETY_S)
+        gather = self.s.gathers.get(method)
+        if gather is not None and gather.arrived < gather.n:
+            gather.arrived += 1
+            if gather.arrived == gather.n:
+                gather.all_in.set()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(gather.all_in.wait(), GATE_SAFETY_S)
 
     async def _unary(self, method: str, request: Any, context: grpc.aio.ServicerContext, fn: Any) -> Any:
         self.s.in_flight += 1
@@ -204,7 +229,8 @@ class FakeRewardService(pb_grpc.RewardServiceServicer):
 
 
 class FakeServer:
-    """Start with `FakeServer().start()`; `.address`, `.state`, `.fail(...)`, `.set_serving(...)`, `.stop()`."""
+    """Start with `FakeServer().start()`; `.address`, `.state`, `.fail(...)`, `.hold(...)`, `.gather(...)`,
+    `.set_serving(...)`, `.stop()`."""
 
     def __init__(self, port: int = 0, tls: tuple[bytes, bytes] | None = None) -> None:
         """`tls`: (private key PEM, certificate chain PEM) to serve TLS instead of plaintext."""
@@ -243,6 +269,29 @@ class FakeServer:
         """The next len(failures) calls of `method` fail with (code, pushback_ms or None)."""
         self.state.failures[method].extend(failures)
 
+    def hold(self, method: str) -> None:
+        """Calls of `method` wait (after being recorded) until `release(method)` or `reset()`."""
+        self._run(self._set_hold(method))
+
+    async def _set_hold(self, method: str) -> None:
+        self.state.holds[method] = asyncio.Event()
+
+    def release(self, method: str) -> None:
+        """Let the held calls of `method`, and all later ones, through."""
+        self._run(self._release(method))
+
+    async def _release(self, method: str) -> None:
+        hold = self.state.holds.pop(method, None)
+        if hold is not None:
+            hold.set()
+
+    def gather(self, method: str, n: int) -> None:
+        """The next `n` calls of `method` wait for each other: none is answered before all `n` are in flight."""
+        self._run(self._set_gather(method, n))
+
+    async def _set_gather(self, method: str, n: int) -> None:
+        self.state.gathers[method] = Gather(n)
+
     def set_serving(self, serving: bool) -> None:
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
         self._run(self.health.set("", status))
@@ -251,10 +300,18 @@ class FakeServer:
         return [c for c in self.state.calls if c.method == method]
 
     def reset(self) -> None:
+        self._run(self._reset())
+
+    async def _reset(self) -> None:
         s = self.state
         s.calls.clear()
         s.failures.clear()
-        s.delay.clear()
+        for hold in s.holds.values():  # a call left held by the last test goes through now
+            hold.set()
+        s.holds.clear()
+        for gather in s.gathers.values():
+            gather.all_in.set()
+        s.gathers.clear()
         s.max_samples = 1000
         s.max_in_flight = 0
 

@@ -3,6 +3,12 @@
 The real server is tested end to end elsewhere; here the server is a fake
 whose answers are a known function of the input (tests/client_fake_server.py),
 so every assertion checks real values, and failures can be injected on demand.
+
+Nothing here measures wall-clock time: a loaded machine must not fail a test.
+Retry timing is checked on the sleeps the client asks for (its `time` swapped
+for a `FakeTime` whose clock only moves when the client sleeps), deadlines on
+calls the fake server holds until the client gives up, and concurrency on
+calls the fake server makes wait for each other.
 """
 
 from __future__ import annotations
@@ -15,8 +21,8 @@ import shutil
 import socket
 import subprocess
 import sys
-import threading
 import time
+import types
 from pathlib import Path
 
 import grpc
@@ -31,9 +37,11 @@ from rmserve.client import (
     RewardClient,
     RewardServiceError,
     UnavailableError,
+    _core,
     as_arrays,
 )
 from rmserve.client import errors as E
+from rmserve.client import sync as sync_client
 from rmserve.client._core import ClientOptions, Deadline, RetryState
 
 
@@ -71,6 +79,34 @@ def fs(server):
 def client(fs):
     with RewardClient(fs.address, timeout=10, initial_backoff=0.01, max_backoff=0.05) as c:
         yield c
+
+
+class FakeTime:
+    """Stands in for the `time` module of the sync client and of `_core` (its deadlines).
+
+    `sleep` records the delay asked for and moves the fake clock by it, at once;
+    `monotonic` reads the fake clock, which moves only then, so how long the
+    RPCs themselves take (a loaded machine) never counts against a deadline.
+    """
+
+    def __init__(self):
+        self.now = 1000.0
+        self.sleeps: list[float] = []
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.sleeps.append(seconds)
+        self.now += seconds
+
+
+@pytest.fixture
+def fake_time(monkeypatch):
+    ft = FakeTime()
+    monkeypatch.setattr(sync_client, "time", ft)  # the client's backoff sleeps
+    monkeypatch.setattr(_core, "time", ft)  # the call's deadline
+    return ft
 
 
 def assert_matches(result, prompt, response, *, lam=fake.DEFAULT_LAMBDA, members=False):
@@ -191,7 +227,7 @@ def test_oversized_request_is_refused_before_sending(fs):
 
 def test_chunking_keeps_order_and_runs_chunks_concurrently(fs):
     fs.state.max_samples = 3  # the fake rejects bigger requests, so chunking is enforced
-    fs.state.delay["Score"] = 0.1
+    fs.gather("Score", 2)  # the first two chunks are answered only once both are in flight
     samples = [{"prompt": "p", "response": "x" * i, "id": str(i)} for i in range(10)]
     with RewardClient(fs.address, max_samples_per_request=3, max_concurrent_requests=2) as c:
         results = c.score(samples)
@@ -199,12 +235,12 @@ def test_chunking_keeps_order_and_runs_chunks_concurrently(fs):
     assert [r.reward for r in results] == pytest.approx([i / 10 for i in range(10)])
     # Chunks run concurrently, so the server may see them in any order; the results are in order.
     assert sorted(len(call.request.samples) for call in fs.calls("Score")) == [1, 3, 3, 3]
-    assert fs.state.max_in_flight == 2
+    assert fs.state.max_in_flight == 2  # two at once (forced by the gather), never more
 
 
 def test_async_chunking_keeps_order_and_bounds_concurrency(fs):
     fs.state.max_samples = 2
-    fs.state.delay["Score"] = 0.05
+    fs.gather("Score", 3)
     samples = [{"prompt": "p", "response": "y" * i} for i in range(9)]
 
     async def go():
@@ -220,18 +256,21 @@ def test_async_chunking_keeps_order_and_bounds_concurrency(fs):
 # -- retries and deadlines ----------------------------------------------------------
 
 
-def test_retries_unavailable_then_succeeds(client, fs):
-    fs.fail("Score", (UNAVAILABLE, None), (EXHAUSTED, None))
+def test_retries_unavailable_then_succeeds(client, fs, fake_time):
+    fs.fail("Score", (UNAVAILABLE, None), (UNAVAILABLE, None), (EXHAUSTED, None))
     results = client.score(SAMPLES[:1])
     assert_matches(results[0], *EXPECT[0])
-    assert len(fs.calls("Score")) == 3
+    assert len(fs.calls("Score")) == 4
+    # one sleep per retry, exponential from initial_backoff=0.01 under max_backoff=0.05, jittered into [cap/2, cap]
+    caps = [0.01, 0.02, 0.04]
+    assert len(fake_time.sleeps) == 3
+    assert all(cap / 2 <= d <= cap for d, cap in zip(fake_time.sleeps, caps, strict=True)), fake_time.sleeps
 
 
-def test_retry_honours_pushback(client, fs):
+def test_retry_honours_pushback(client, fs, fake_time):
     fs.fail("Score", (EXHAUSTED, 300))
-    t0 = time.monotonic()
     client.score(SAMPLES[:1])
-    assert time.monotonic() - t0 >= 0.3
+    assert fake_time.sleeps == [pytest.approx(0.3)]  # the server's 300 ms, not the client's 0.01 s backoff
     assert len(fs.calls("Score")) == 2
 
 
@@ -262,24 +301,30 @@ def test_invalid_argument_is_typed_and_not_retried(client, fs):
     assert client.score(SAMPLES[:1])[0].reward == pytest.approx(2.0)  # the next request still works
 
 
-def test_deadline_is_per_call(client, fs):
-    fs.state.delay["Score"] = 2.0
-    t0 = time.monotonic()
-    with pytest.raises(DeadlineExceededError) as ei:
-        client.score(SAMPLES[:1], timeout=0.3)
+def test_deadline_is_per_call(fs):
+    """The server holds the call and the client has no deadline of its own: only the per-call
+    timeout can end it (without it, the call would be answered when the hold's hang guard expires)."""
+    fs.hold("Score")
+    with RewardClient(fs.address, initial_backoff=0.01) as c:
+        assert c.timeout is None
+        with pytest.raises(DeadlineExceededError) as ei:
+            c.score(SAMPLES[:1], timeout=0.3)
     assert ei.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
-    assert time.monotonic() - t0 < 1.5
+    assert ei.value.attempts == 1  # DEADLINE_EXCEEDED is not retried
 
 
-def test_retries_never_extend_past_the_deadline(fs):
-    fs.fail("Score", *[(UNAVAILABLE, 150)] * 100)
-    with RewardClient(fs.address, timeout=0.5, max_retries=100) as c:
-        t0 = time.monotonic()
-        with pytest.raises(UnavailableError) as ei:  # the last real error, not a sleep into the deadline
-            c.score(SAMPLES[:1])
-        elapsed = time.monotonic() - t0
-    assert elapsed < 0.5
-    assert 2 <= ei.value.attempts <= 4 and len(fs.calls("Score")) == ei.value.attempts
+def test_retries_never_extend_past_the_deadline(fs, fake_time):
+    """On the fake clock only the client's sleeps take time: the 15 s pushbacks fit three times into
+    the 50 s deadline (50 -> 35 -> 20 -> 5 s left); a fourth would sleep into the deadline, so the
+    fourth failure is raised as it is instead. (The attempts' gRPC timeouts are those 50..5 s, real.)"""
+    fs.fail("Score", *[(UNAVAILABLE, 15_000)] * 100)
+    with (
+        RewardClient(fs.address, timeout=50.0, max_retries=100) as c,
+        pytest.raises(UnavailableError) as ei,  # the last real error, not a sleep into the deadline
+    ):
+        c.score(SAMPLES[:1])
+    assert fake_time.sleeps == [pytest.approx(15.0)] * 3
+    assert ei.value.attempts == 4 and len(fs.calls("Score")) == 4
 
 
 def test_retry_state_backoff_is_exponential_with_jitter():
@@ -304,17 +349,17 @@ def test_retry_state_backoff_is_exponential_with_jitter():
 
 
 def test_per_call_overrides_never_mutate_the_client(fs):
-    fs.state.delay["Score"] = 0.5
-    with RewardClient(fs.address, timeout=5.0, max_retries=0) as c:
+    fs.hold("Score")
+    with RewardClient(fs.address, timeout=300.0, max_retries=0) as c:
         before = c.options
         with pytest.raises(DeadlineExceededError):
             c.score(SAMPLES[:1], timeout=0.1)
-        assert c.options is before and c.timeout == 5.0
-        fs.state.delay.clear()
+        assert c.options is before and c.timeout == 300.0
+        fs.release("Score")
 
-        patient = c.with_options(max_retries=3, timeout=2.0)
-        assert (patient.max_retries, patient.timeout) == (3, 2.0)
-        assert (c.max_retries, c.timeout) == (0, 5.0) and c.options is before
+        patient = c.with_options(max_retries=3, timeout=200.0)
+        assert (patient.max_retries, patient.timeout) == (3, 200.0)
+        assert (c.max_retries, c.timeout) == (0, 300.0) and c.options is before
         fs.fail("Score", (UNAVAILABLE, None))
         assert patient.score(SAMPLES[:1])[0].reward == pytest.approx(2.0)  # retried once
         fs.fail("Score", (UNAVAILABLE, None))
@@ -354,32 +399,44 @@ def test_error_mapping_covers_every_documented_code():
 
 
 def test_unreachable_server_raises_unavailable():
-    with RewardClient("127.0.0.1:1", max_retries=1, initial_backoff=0.01, timeout=5) as c:
+    with RewardClient("127.0.0.1:1", max_retries=1, initial_backoff=0.01, timeout=60) as c:
         with pytest.raises(UnavailableError) as ei:
             c.model_info()
         assert ei.value.code == UNAVAILABLE and ei.value.attempts == 2
         assert c.health() is False
 
 
-def test_retries_ride_out_a_server_that_comes_back():
-    """Reconnect backoff is capped, so retries reconnect instead of failing fast until exhausted."""
+def test_retries_ride_out_a_server_that_comes_back(monkeypatch):
+    """Reconnect backoff is capped, so retries reconnect instead of failing fast until exhausted.
+
+    The server comes up while the client sleeps before its first retry: the first
+    attempt surely failed, and the rest of the default retries (really slept) must
+    reach the server through a channel that was backing off.
+    """
     probe = socket.socket()
     probe.bind(("127.0.0.1", 0))
     port = probe.getsockname()[1]
     probe.close()
     late = fake.FakeServer(port=port)
-    with RewardClient(f"127.0.0.1:{port}", timeout=20) as c:
-        assert c.health() is False  # nothing listening: the channel is now backing off
-        timer = threading.Timer(0.5, late.start)
-        timer.start()
-        t0 = time.monotonic()
-        try:
+    slept: list[float] = []
+
+    def sleep(seconds: float) -> None:
+        if not slept:
+            late.start()
+        slept.append(seconds)
+        time.sleep(seconds)
+
+    monkeypatch.setattr(sync_client, "time", types.SimpleNamespace(sleep=sleep, monotonic=time.monotonic))
+    try:
+        with RewardClient(f"127.0.0.1:{port}", timeout=60) as c:
+            assert c.health() is False  # nothing listening: the channel is now backing off
             results = c.score(SAMPLES[:1])  # default retries
-        finally:
-            timer.join()
-        assert results[0].reward == pytest.approx(2.0)
-        assert time.monotonic() - t0 < 10
-    late.stop()
+            assert results[0].reward == pytest.approx(2.0)
+        assert 1 <= len(slept) <= _core.DEFAULT_MAX_RETRIES
+        assert len(late.calls("Score")) == 1  # the first attempts never reached it
+    finally:
+        if slept:
+            late.stop()
 
 
 def test_tls_with_root_certificates(tmp_path):
@@ -465,7 +522,7 @@ def test_health(client, fs):
     fs.set_serving(False)
     assert client.health() is False
     fs.set_serving(True)
-    client.wait_until_ready(timeout=2)
+    client.wait_until_ready(timeout=60)  # returns at the first SERVING answer
 
 
 def test_score_stream_ids_and_order(client, fs):
@@ -528,7 +585,7 @@ def test_async_client_mirrors_sync(client, fs):
             bad = [{"prompt": "p", "response": "n", "id": "bad"}]
             with pytest.raises(InvalidRequestError):
                 [r async for r in ac.score_stream(bad)]
-            fs.state.delay["Score"] = 1.0
+            fs.hold("Score")  # answered only when the client has given up
             with pytest.raises(DeadlineExceededError):
                 await ac.with_options(timeout=0.2).score(SAMPLES[:1])
             assert ac.timeout is None

@@ -1,4 +1,9 @@
-"""Scheduler: coalescing, token budgets, deadlines, cancellation, back-pressure."""
+"""Scheduler: coalescing, token budgets, deadlines, cancellation, back-pressure.
+
+No test orders events by sleeping: the fake engine says when it has started a
+batch and blocks until released, and the tests wait for states (engine busy,
+items queued, a caller gone, a deadline passed) before taking the next step.
+"""
 
 from __future__ import annotations
 
@@ -11,20 +16,37 @@ import pytest
 from rmserve.service.errors import DeadlineExceeded, QueueFull
 from rmserve.service.scheduler import Scheduler
 
+# How long a test waits for a state before failing (or the blocked engine gives up): a hang
+# guard for a broken scheduler, never reached when it works, however loaded the machine.
+HANG_GUARD_S = 60.0
+
 
 class Recorder:
-    """A fake engine: records the batches it ran; optionally blocks until released."""
+    """A fake engine: records the batches it ran; optionally blocks until released.
+
+    `started` is set as soon as the engine holds a batch (before it blocks).
+    """
 
     def __init__(self, block: bool = False):
         self.batches: list[tuple[object, list]] = []
+        self.started = threading.Event()
         self.release = threading.Event()
         if not block:
             self.release.set()
 
     def __call__(self, key, payloads):
-        self.release.wait(5)
+        self.started.set()
+        self.release.wait(HANG_GUARD_S)
         self.batches.append((key, list(payloads)))
         return [p * 10 for p in payloads]
+
+
+async def until(condition, what: str) -> None:
+    """Yield to the event loop until `condition()` holds."""
+    end = time.monotonic() + HANG_GUARD_S
+    while not condition():
+        assert time.monotonic() < end, f"never happened: {what}"
+        await asyncio.sleep(0.001)
 
 
 def run(coro):
@@ -32,11 +54,15 @@ def run(coro):
 
 
 def test_concurrent_callers_are_coalesced_into_one_batch():
+    """Six callers' 12 items make exactly the token budget, so the batch closes on the budget: it
+    cannot close on time (max_wait_s is an hour), and it holds every caller's items."""
+
     async def main():
         rec = Recorder()
-        s = Scheduler(rec, token_budget=1000, max_wait_s=0.05)
+        s = Scheduler(rec, token_budget=60, max_wait_s=3600)
         s.start()
-        results = await asyncio.gather(*(s.submit("m", [i, i + 100], [5, 5]) for i in range(6)))
+        callers = asyncio.gather(*(s.submit("m", [i, i + 100], [5, 5]) for i in range(6)))
+        results = await asyncio.wait_for(callers, HANG_GUARD_S)
         await s.stop()
         return rec, results
 
@@ -66,15 +92,20 @@ def test_expired_samples_fail_with_deadline_exceeded_and_are_not_computed():
         rec = Recorder(block=True)
         s = Scheduler(rec, token_budget=1, max_wait_s=0.0)
         s.start()
-        first = asyncio.ensure_future(s.submit("m", [1], [1]))
-        await asyncio.sleep(0.05)  # the engine is now busy with [1]
-        late = asyncio.ensure_future(s.submit("m", [2], [1], deadline=time.monotonic() + 0.05))
-        await asyncio.sleep(0.15)
-        rec.release.set()
-        assert await first == [10]
-        with pytest.raises(DeadlineExceeded):
-            await late
-        await s.stop()
+        try:
+            first = asyncio.ensure_future(s.submit("m", [1], [1]))
+            await until(rec.started.is_set, "the engine is busy with [1]")
+            deadline = time.monotonic() + 0.05
+            late = asyncio.ensure_future(s.submit("m", [2], [1], deadline=deadline))
+            await until(lambda: s.depth == 1, "[2] waits in the queue")
+            await until(lambda: time.monotonic() > deadline, "[2]'s deadline passed")
+            rec.release.set()
+            assert await first == [10]
+            with pytest.raises(DeadlineExceeded):
+                await late
+        finally:
+            rec.release.set()
+            await s.stop()
         return rec
 
     rec = run(main())
@@ -86,16 +117,20 @@ def test_cancelled_callers_are_dropped_before_compute():
         rec = Recorder(block=True)
         s = Scheduler(rec, token_budget=1, max_wait_s=0.0)
         s.start()
-        first = asyncio.ensure_future(s.submit("m", [1], [1]))
-        await asyncio.sleep(0.05)
-        gone = asyncio.ensure_future(s.submit("m", [2, 3], [1, 1]))
-        await asyncio.sleep(0.01)
-        gone.cancel()
-        await asyncio.sleep(0.01)
-        rec.release.set()
-        await first
-        kept = await s.submit("m", [4], [1])
-        await s.stop()
+        try:
+            first = asyncio.ensure_future(s.submit("m", [1], [1]))
+            await until(rec.started.is_set, "the engine is busy with [1]")
+            gone = asyncio.ensure_future(s.submit("m", [2, 3], [1, 1]))
+            await until(lambda: s.depth == 2, "[2, 3] wait in the queue")
+            gone.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await gone  # the caller has left: its items' futures are cancelled
+            rec.release.set()
+            await first
+            kept = await s.submit("m", [4], [1])
+        finally:
+            rec.release.set()
+            await s.stop()
         return rec, kept
 
     rec, kept = run(main())
@@ -108,15 +143,19 @@ def test_full_queue_refuses_with_a_retry_hint():
         rec = Recorder(block=True)
         s = Scheduler(rec, max_queue=3, token_budget=1, max_wait_s=0.0)
         s.start()
-        busy = asyncio.ensure_future(s.submit("m", [1], [1]))
-        await asyncio.sleep(0.05)
-        waiting = asyncio.ensure_future(s.submit("m", [2, 3], [1, 1]))
-        await asyncio.sleep(0.01)
-        with pytest.raises(QueueFull) as err:
-            await s.submit("m", [4, 5], [1, 1])
-        rec.release.set()
-        assert await busy == [10] and await waiting == [20, 30]
-        await s.stop()
+        try:
+            busy = asyncio.ensure_future(s.submit("m", [1], [1]))
+            await until(rec.started.is_set, "the engine is busy with [1]")
+            waiting = asyncio.ensure_future(s.submit("m", [2, 3], [1, 1]))
+            await until(lambda: s.depth == 2, "[2, 3] wait in the queue")
+            with pytest.raises(QueueFull) as err:
+                await s.submit("m", [4, 5], [1, 1])  # 2 queued + 2 > max_queue 3
+            assert s.depth == 2  # the refused items were never queued
+            rec.release.set()
+            assert await busy == [10] and await waiting == [20, 30]
+        finally:
+            rec.release.set()
+            await s.stop()
         return err.value
 
     err = run(main())
