@@ -65,7 +65,12 @@ def test_train_while_scoring_then_hot_swap(admin_server):
                 str(data / "train.jsonl"), dev_path=str(data / "dev.jsonl"), num_heads=3, epochs=30, lr=0.05,
                 activate=True, options={"feature_cache": "", "calib_frac": 0.0},
             ))
-            time.sleep(0.3)  # a few requests on the new version
+            new_version = events[0].version
+            # wait (not sleep) for a few requests answered by the new version
+            for _ in range(60_000):
+                if sum(v == new_version for v in served) >= 3 or errors or not scorer.is_alive():
+                    break
+                time.sleep(0.001)
     finally:
         stop.set()
         scorer.join(60)

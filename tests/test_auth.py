@@ -75,6 +75,6 @@ def test_tls_when_certificates_are_given(tiny_ensemble, server_factory, tmp_path
     s = server_factory(tiny_ensemble, tls_cert=str(cert), tls_key=str(key))
     with RewardClient(s.address, timeout=30, root_certificates=cert.read_bytes()) as c:
         assert len(c.score(SAMPLE)) == 1
-    with RewardClient(s.address, timeout=3, max_retries=0) as c, pytest.raises(RewardServiceError) as err:
+    with RewardClient(s.address, timeout=60, max_retries=0) as c, pytest.raises(RewardServiceError) as err:
         c.score(SAMPLE)  # plaintext to a TLS port fails
     assert err.value.code == grpc.StatusCode.UNAVAILABLE
