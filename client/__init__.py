@@ -15,6 +15,7 @@ from rmserve.client._core import ClientOptions
 from rmserve.client.admin import Activation, ModelVersion, TrainProgress
 from rmserve.client.async_client import AsyncRewardClient
 from rmserve.client.errors import (
+    AlreadyExistsError,
     AuthenticationError,
     DeadlineExceededError,
     FailedPreconditionError,
@@ -27,6 +28,7 @@ from rmserve.client.errors import (
     UnavailableError,
     from_rpc_error,
 )
+from rmserve.client.labels import LabelerStats, SubmitResult, Suggestion
 from rmserve.client.runs import RunStatus, RunStep
 from rmserve.client.sync import RewardClient
 from rmserve.client.trl import as_trl_reward_func
@@ -41,6 +43,7 @@ from rmserve.client.types import (
 
 __all__ = [
     "Activation",
+    "AlreadyExistsError",
     "AsyncRewardClient",
     "AuthenticationError",
     "ClientOptions",
@@ -49,6 +52,7 @@ __all__ = [
     "FailedPreconditionError",
     "InternalServerError",
     "InvalidRequestError",
+    "LabelerStats",
     "ModelInfo",
     "ModelVersion",
     "NotFoundError",
@@ -61,6 +65,8 @@ __all__ = [
     "ScoreArrays",
     "ScoreResult",
     "ScoreResults",
+    "SubmitResult",
+    "Suggestion",
     "TrainProgress",
     "UnavailableError",
     "as_arrays",

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterable, AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Iterable, Mapping, Sequence
 from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from rmserve.client import _core
+from rmserve.client import _core, labels
 from rmserve.client._core import Prompt, Sample
 from rmserve.client.admin import (
     Activation,
@@ -31,6 +31,8 @@ from rmserve.client.runs import RunStatus, parse_run_status
 from rmserve.client.types import CompareResult, ModelInfo, ScoreResult, ScoreResults
 from rmserve.v1 import admin_pb2 as apb
 from rmserve.v1 import admin_pb2_grpc as apb_grpc
+from rmserve.v1 import label_pb2 as lpb
+from rmserve.v1 import label_pb2_grpc as lpb_grpc
 from rmserve.v1 import reward_pb2 as pb
 from rmserve.v1 import reward_pb2_grpc as pb_grpc
 
@@ -54,6 +56,7 @@ class _LoopChannel:
             self.stub = pb_grpc.RewardServiceStub(self.channel)
             self.health = health_pb2_grpc.HealthStub(self.channel)
             self.admin = apb_grpc.AdminServiceStub(self.channel)
+            self.labels = lpb_grpc.LabelServiceStub(self.channel)
         return self.stub, self.health, self.admin
 
     async def close(self) -> None:
@@ -80,6 +83,11 @@ class AsyncRewardClient(_core.BaseClient):
     def _admin(self) -> apb_grpc.AdminServiceStub:
         return self._conn.get()[2]
 
+    @property
+    def _labels(self) -> lpb_grpc.LabelServiceStub:
+        self._conn.get()
+        return self._conn.labels
+
     # -- lifecycle -------------------------------------------------------
 
     async def close(self) -> None:
@@ -101,7 +109,7 @@ class AsyncRewardClient(_core.BaseClient):
         while True:
             timeout = retry.attempt_timeout()
             try:
-                stub = self._stub if hasattr(self._stub, method_name) else self._admin
+                stub = next(s for s in (self._stub, self._admin, self._labels) if hasattr(s, method_name))
                 return await getattr(stub, method_name)(request, timeout=timeout, metadata=opts.metadata)
             except grpc.RpcError as e:
                 await asyncio.sleep(retry.backoff(e))
@@ -230,6 +238,39 @@ class AsyncRewardClient(_core.BaseClient):
         opts = self._call_options(timeout)
         req = _core.build_compare(prompt, response_a, response_b)
         return _core.parse_compare(await self._unary("Compare", req, opts, _core.Deadline(opts.timeout)))
+
+    async def submit_preferences(
+        self, items: Iterable[Mapping[str, Any]], *, timeout: float | None = None
+    ) -> labels.SubmitResult:
+        opts = self._call_options(timeout)
+        deadline = _core.Deadline(opts.timeout)
+        reqs = labels.build_preferences(items, opts.max_samples_per_request)
+        return labels.parse_submit([await self._unary("SubmitPreferences", r, opts, deadline) for r in reqs])
+
+    async def suggest_comparisons(
+        self, candidates: Iterable[Mapping[str, Any]], k: int, *, timeout: float | None = None
+    ) -> list[labels.Suggestion]:
+        opts = self._call_options(timeout)
+        req = labels.build_candidates(candidates, k)
+        return labels.parse_suggestions(await self._unary("SuggestComparisons", req, opts, _core.Deadline(opts.timeout)))
+
+    async def labeler_report(self, *, tag: str | None = None, timeout: float | None = None) -> list[labels.LabelerStats]:
+        opts = self._call_options(timeout)
+        req = lpb.LabelerReportRequest(tag=tag or "")
+        return labels.parse_report(await self._unary("LabelerReport", req, opts, _core.Deadline(opts.timeout)))
+
+    async def export_preferences(
+        self, *, kind: str | None = None, since: float | None = None, tag: str | None = None,
+        labeler: str | None = None, timeout: float | None = None,
+    ) -> AsyncIterator[dict[str, Any]]:
+        opts = self._call_options(timeout)
+        req = labels.build_export(kind, since, tag, labeler)
+        try:
+            async for chunk in self._labels.ExportPreferences(req, timeout=opts.timeout, metadata=opts.metadata):
+                for row in labels.parse_rows(chunk):
+                    yield row
+        except grpc.RpcError as e:
+            raise from_rpc_error(e) from None
 
     async def run_status(self, run_id: str, *, timeout: float | None = None) -> RunStatus:
         """The run monitor's statistics and over-optimisation alarm for `run_id` (the id its

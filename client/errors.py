@@ -96,6 +96,12 @@ class NotFoundError(RewardServiceError):
     default_code = grpc.StatusCode.NOT_FOUND
 
 
+class AlreadyExistsError(RewardServiceError):
+    """ALREADY_EXISTS: an id reused with other content (a label is never silently replaced)."""
+
+    default_code = grpc.StatusCode.ALREADY_EXISTS
+
+
 class InternalServerError(RewardServiceError):
     """INTERNAL / UNKNOWN: a server bug; the details say what broke."""
 
@@ -112,6 +118,7 @@ _BY_CODE: dict[grpc.StatusCode, type[RewardServiceError]] = {
     grpc.StatusCode.PERMISSION_DENIED: PermissionDeniedError,
     grpc.StatusCode.FAILED_PRECONDITION: FailedPreconditionError,
     grpc.StatusCode.NOT_FOUND: NotFoundError,
+    grpc.StatusCode.ALREADY_EXISTS: AlreadyExistsError,
     grpc.StatusCode.INTERNAL: InternalServerError,
     grpc.StatusCode.UNKNOWN: InternalServerError,
 }

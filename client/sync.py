@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from rmserve.client import _core
+from rmserve.client import _core, labels
 from rmserve.client._core import Prompt, Sample
 from rmserve.client.admin import (
     Activation,
@@ -25,6 +25,8 @@ from rmserve.client.runs import RunStatus, parse_run_status
 from rmserve.client.types import CompareResult, ModelInfo, ScoreResult, ScoreResults
 from rmserve.v1 import admin_pb2 as apb
 from rmserve.v1 import admin_pb2_grpc as apb_grpc
+from rmserve.v1 import label_pb2 as lpb
+from rmserve.v1 import label_pb2_grpc as lpb_grpc
 from rmserve.v1 import reward_pb2 as pb
 from rmserve.v1 import reward_pb2_grpc as pb_grpc
 
@@ -46,6 +48,7 @@ class RewardClient(_core.BaseClient):
             self._channel = grpc.secure_channel(self.address, self._credentials, options=self._channel_args)
         self._stub = pb_grpc.RewardServiceStub(self._channel)
         self._admin = apb_grpc.AdminServiceStub(self._channel)
+        self._labels = lpb_grpc.LabelServiceStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
 
     # -- lifecycle -------------------------------------------------------
@@ -64,7 +67,7 @@ class RewardClient(_core.BaseClient):
     # -- transport: one unary call with retries, and many in parallel ------
 
     def _method(self, name: str):
-        return getattr(self._stub, name, None) or getattr(self._admin, name)
+        return getattr(self._stub, name, None) or getattr(self._admin, name, None) or getattr(self._labels, name)
 
     def _unary(
         self,
@@ -231,6 +234,52 @@ class RewardClient(_core.BaseClient):
         opts = self._call_options(timeout)
         req = _core.build_compare(prompt, response_a, response_b)
         return _core.parse_compare(self._unary("Compare", req, opts, _core.Deadline(opts.timeout)))
+
+    def submit_preferences(
+        self, items: Iterable[Mapping[str, Any]], *, timeout: float | None = None
+    ) -> labels.SubmitResult:
+        """Store labelled comparisons on the server (needs the `label` scope).
+
+        Each item: `{"id", "prompt": str | messages, "responses": [str, ...], "choice": int}`
+        (or `"ranking": [rank per response]`, lower is better, or `"tie": True`), with
+        `"labeler"`, `"labeler_kind": "human" | "ai"` and optional `"margin"`, `"judge"`,
+        `"guideline"`, `"rationale"`, `"tag"`, `"timestamp"`. Acknowledged once on disk;
+        retrying with the same ids is safe (counted as duplicates); an id reused with
+        other content raises AlreadyExistsError. Sent in requests of
+        `max_samples_per_request`, each stored all-or-nothing.
+        """
+        opts = self._call_options(timeout)
+        deadline = _core.Deadline(opts.timeout)
+        reqs = labels.build_preferences(items, opts.max_samples_per_request)
+        return labels.parse_submit([self._unary("SubmitPreferences", r, opts, deadline) for r in reqs])
+
+    def suggest_comparisons(
+        self, candidates: Iterable[Mapping[str, Any]], k: int, *, timeout: float | None = None
+    ) -> list[labels.Suggestion]:
+        """The `k` pairs of candidate responses most worth labelling under the served ensemble,
+        best first. Each candidate: `{"prompt": str | messages, "responses": [str, ...], "id"?}`."""
+        opts = self._call_options(timeout)
+        req = labels.build_candidates(candidates, k)
+        return labels.parse_suggestions(self._unary("SuggestComparisons", req, opts, _core.Deadline(opts.timeout)))
+
+    def labeler_report(self, *, tag: str | None = None, timeout: float | None = None) -> list[labels.LabelerStats]:
+        """Per labeler: volume, agreement with the model and the others, self-consistency, flag."""
+        opts = self._call_options(timeout)
+        req = lpb.LabelerReportRequest(tag=tag or "")
+        return labels.parse_report(self._unary("LabelerReport", req, opts, _core.Deadline(opts.timeout)))
+
+    def export_preferences(
+        self, *, kind: str | None = None, since: float | None = None, tag: str | None = None,
+        labeler: str | None = None, timeout: float | None = None,
+    ) -> Iterator[dict[str, Any]]:
+        """Stored preferences as training rows (rmserve's JSONL formats), in the order stored."""
+        opts = self._call_options(timeout)
+        req = labels.build_export(kind, since, tag, labeler)
+        try:
+            for chunk in self._labels.ExportPreferences(req, timeout=opts.timeout, metadata=opts.metadata):
+                yield from labels.parse_rows(chunk)
+        except grpc.RpcError as e:
+            raise from_rpc_error(e) from None
 
     def run_status(self, run_id: str, *, timeout: float | None = None) -> RunStatus:
         """The run monitor's statistics and over-optimisation alarm for `run_id` (the id its

@@ -18,7 +18,7 @@ if TYPE_CHECKING:
     from rmserve.service.server import ServingState
 
 # TrainConfig fields a caller may not set: where the job writes is the server's choice.
-_RESERVED = {"out", "version", "resume", "overwrite", "data", "dev"}
+_RESERVED = {"out", "version", "resume", "overwrite", "data", "dev"}  # ("from_store" is a bool here: the server's store)
 
 
 def _progress(event: dict[str, Any]) -> apb.TrainProgress:
@@ -36,8 +36,9 @@ def _progress(event: dict[str, Any]) -> apb.TrainProgress:
 
 
 class AdminServicer(apb_grpc.AdminServiceServicer):
-    def __init__(self, state: ServingState, registry: Registry, data_roots: list[str]):
+    def __init__(self, state: ServingState, registry: Registry, data_roots: list[str], store_path: Path | None = None):
         self.state = state
+        self.store_path = store_path
         self.registry = registry
         self.data_roots = [Path(r).resolve() for r in data_roots]
         self.jobs = JobRunner(self._job_succeeded)
@@ -54,10 +55,11 @@ class AdminServicer(apb_grpc.AdminServiceServicer):
         return str(p)
 
     def _config(self, req: apb.TrainRequest) -> dict[str, Any]:
+        """The job's TrainConfig fields. The preferences come from `data_path` (under a data
+        root) or, with options_json {"from_store": true, "store_filters": {...}}, from the
+        server's own preference store (the labels its LabelService took)."""
         live = self.state.live_slot().model
-        cfg: dict[str, Any] = {"data": self._readable(req.data_path, "data_path")}
-        if req.dev_path:
-            cfg["dev"] = self._readable(req.dev_path, "dev_path")
+        extra: dict[str, Any] = {}
         if req.options_json:
             try:
                 extra = json.loads(req.options_json)
@@ -67,7 +69,17 @@ class AdminServicer(apb_grpc.AdminServiceServicer):
                 raise InvalidInput("options_json must be a JSON object of TrainConfig fields")
             if bad := sorted(_RESERVED & set(extra)):
                 raise InvalidInput(f"options_json may not set {bad}: the server chooses them")
-            cfg.update(extra)
+        if extra.pop("from_store", False):
+            if req.data_path:
+                raise InvalidInput("set data_path or options_json from_store, not both")
+            if self.store_path is None or not Path(self.store_path).is_file():
+                raise NotReady("this server's preference store is empty: submit labels first (LabelService)")
+            cfg: dict[str, Any] = {"data": "", "from_store": str(self.store_path)}
+        else:
+            cfg = {"data": self._readable(req.data_path, "data_path")}
+        if req.dev_path:
+            cfg["dev"] = self._readable(req.dev_path, "dev_path")
+        cfg.update(extra)
         for f, default in (("kind", ""), ("num_heads", 0), ("finetune_layers", 0), ("epochs", 0), ("lr", 0.0)):
             if getattr(req, f) != default:
                 cfg[f] = getattr(req, f)

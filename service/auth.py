@@ -27,6 +27,7 @@ SCOPES = frozenset({"score", "label", "admin"})
 _SERVICE_SCOPE = {
     "rmserve.v1.RewardService": "score",
     "rmserve.v1.AdminService": "admin",
+    "rmserve.v1.LabelService": "label",
 }
 
 

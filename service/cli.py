@@ -28,7 +28,7 @@ def _serve(args: argparse.Namespace) -> int:
         batch_tokens=args.batch_tokens, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
         max_samples_per_request=args.max_samples_per_request, registry=args.registry, data_roots=args.data_root,
         api_keys=args.api_keys, tls_cert=args.tls_cert, tls_key=args.tls_key,
-        runs_file=args.runs_file, monitor=_monitor_settings(args.monitor),
+        runs_file=args.runs_file, monitor=_monitor_settings(args.monitor), labels_db=args.labels_db,
     )
 
     async def run() -> int:
@@ -119,6 +119,67 @@ def _score(args: argparse.Namespace) -> int:
     return 0
 
 
+def _labels_export(args: argparse.Namespace) -> int:
+    """Training rows from a server (LabelService) or straight from a store file; same rows either way."""
+    out = sys.stdout if args.out == "-" else open(args.out, "w", encoding="utf-8")  # noqa: SIM115
+    n = 0
+    try:
+        if args.store:
+            from rmserve.training.preferences import Filters, SqliteStore
+
+            store = SqliteStore(args.store)
+            if not store.path.is_file():
+                raise SystemExit(f"rmserve labels export: {args.store}: no such preference store")
+            rows = (p.training_row() for p in store.query(Filters(kind=args.kind, since=args.since, tag=args.tag,
+                                                                   labeler=args.labeler)))
+            for row in rows:
+                out.write(json.dumps(row, ensure_ascii=False) + "\n")
+                n += 1
+            store.close()
+        else:
+            from rmserve.client import RewardClient, RewardServiceError
+
+            try:
+                with RewardClient(args.address, timeout=args.timeout, api_key=args.api_key) as client:
+                    for row in client.export_preferences(kind=args.kind, since=args.since, tag=args.tag,
+                                                         labeler=args.labeler):
+                        out.write(json.dumps(row, ensure_ascii=False) + "\n")
+                        n += 1
+            except RewardServiceError as e:
+                print(f"rmserve labels export: {e}", file=sys.stderr)
+                return 1
+    finally:
+        if out is not sys.stdout:
+            out.close()
+    print(f"exported {n} preferences -> {args.out}", file=sys.stderr)
+    return 0
+
+
+def _labels_report(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from rmserve.client import RewardClient, RewardServiceError
+
+    try:
+        with RewardClient(args.address, timeout=args.timeout, api_key=args.api_key) as client:
+            stats = client.labeler_report(tag=args.tag)
+    except RewardServiceError as e:
+        print(f"rmserve labels report: {e}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps([dataclasses.asdict(s) for s in stats], indent=2))
+        return 0
+
+    def f(x: float | None) -> str:
+        return "-" if x is None else f"{x:.2f}"
+
+    print(f"{'labeler':<24} {'kind':<5} {'volume':>6} {'model':>6} {'kappa':>6} {'self':>6}  flag")
+    for s in stats:
+        print(f"{s.labeler[:24]:<24} {s.kind:<5} {s.volume:>6} {f(s.agreement_with_model):>6} "
+              f"{f(s.agreement_with_others):>6} {f(s.self_consistency):>6}  {'FLAG ' + s.reason if s.flagged else ''}")
+    return 0
+
+
 def _info(args: argparse.Namespace) -> int:
     import dataclasses
 
@@ -162,6 +223,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--api-keys", metavar="FILE", help='JSON {"key": ["score", "label", "admin"], ...}; none: open')
     s.add_argument("--tls-cert", metavar="PEM", help="serve TLS with this certificate chain (needs --tls-key)")
     s.add_argument("--tls-key", metavar="PEM", help="private key of --tls-cert")
+    s.add_argument("--labels-db", metavar="PATH",
+                   help="the preference store labelers submit to (SQLite; default <registry>/preferences.sqlite3)")
     s.add_argument("--runs-file", metavar="PATH",
                    help="where the run monitor keeps its per-run summaries (default <registry>/runs.json; '' = memory only)")
     s.add_argument("--monitor", metavar="KEY=VALUE", action="append", default=[],
@@ -184,6 +247,28 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--address", default="127.0.0.1:50051")
     i.add_argument("--timeout", type=float, default=10.0)
     i.set_defaults(func=_info)
+
+    lab = sub.add_parser("labels", help="the preference store: export labels, report on labelers")
+    lsub = lab.add_subparsers(dest="labels_command", required=True)
+    ex = lsub.add_parser("export", help="write stored preferences as training JSONL")
+    src = ex.add_mutually_exclusive_group(required=True)
+    src.add_argument("--address", help="a running server (needs the `label` scope with --api-key)")
+    src.add_argument("--store", help="a preference store file (the server's --labels-db)")
+    ex.add_argument("--out", required=True, help="JSONL to write ('-' for stdout)")
+    ex.add_argument("--kind", choices=["human", "ai"], help="only this labeler kind")
+    ex.add_argument("--since", type=float, metavar="UNIX_S", help="only labels given at or after this time")
+    ex.add_argument("--tag", help="only this dataset tag")
+    ex.add_argument("--labeler", help="only this labeler")
+    ex.add_argument("--api-key", help="API key with the `label` scope")
+    ex.add_argument("--timeout", type=float, default=120.0)
+    ex.set_defaults(func=_labels_export)
+    rep = lsub.add_parser("report", help="per-labeler agreement with the model and with each other")
+    rep.add_argument("--address", required=True)
+    rep.add_argument("--tag", help="only this dataset tag")
+    rep.add_argument("--api-key", help="API key with the `label` scope")
+    rep.add_argument("--json", action="store_true", help="JSON instead of a table")
+    rep.add_argument("--timeout", type=float, default=300.0)
+    rep.set_defaults(func=_labels_report)
 
     try:
         from rmserve.training.cli import add_eval_args, add_train_args, run_eval, run_train

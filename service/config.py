@@ -32,5 +32,6 @@ class ServerConfig:
     api_keys: str | None = None         # JSON {key: [scopes]}; None: no authentication
     tls_cert: str | None = None         # PEM certificate chain; with tls_key, serve TLS only
     tls_key: str | None = None
+    labels_db: str | None = None        # preference store (SQLite); None: <registry>/preferences.sqlite3
     runs_file: str | None = None        # run-monitor summaries; None: <registry>/runs.json; "": not persisted
     monitor: dict = field(default_factory=dict)  # MonitorConfig fields (thresholds, caps); empty: defaults

@@ -1,7 +1,8 @@
 """Server errors, and the one table that maps every rmserve error to a gRPC status.
 
-The model layer raises plain exceptions (`rmserve.service.engine.errors`); the
-scheduler, registry, auth and admin raise the ones below. Only this module
+The model layer raises plain exceptions (`rmserve.service.engine.errors`), the
+preference store its own (`rmserve.training.preferences`); the scheduler,
+registry, auth and admin raise the ones below. Only this module
 turns either kind into a status (`grpc_status`), so every caller sees the same
 code for the same problem, whichever service or path raised it.
 """
@@ -16,6 +17,7 @@ from rmserve.service.engine.errors import (
     InvalidInput,
     RMServeError,
 )
+from rmserve.training.preferences import PreferenceConflict, StoreFull, StoreUnavailable
 
 __all__ = [
     "DeadlineExceeded",
@@ -74,6 +76,9 @@ _CODES: dict[type[BaseException], grpc.StatusCode] = {
     NotFound: grpc.StatusCode.NOT_FOUND,
     PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
     Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
+    PreferenceConflict: grpc.StatusCode.ALREADY_EXISTS,
+    StoreFull: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    StoreUnavailable: grpc.StatusCode.UNAVAILABLE,
 }
 
 

@@ -28,7 +28,7 @@ from google.protobuf import message_factory
 from google.protobuf.descriptor import ServiceDescriptor
 from google.protobuf.message import DecodeError
 
-from rmserve.service.errors import InvalidInput, QueueFull, RMServeError, grpc_status
+from rmserve.service.errors import InvalidInput, QueueFull, grpc_status
 from rmserve.service.metrics import Metrics
 from rmserve.v1 import reward_pb2 as pb
 
@@ -58,11 +58,18 @@ def lenient(cls) -> Callable[[bytes], Any]:
     return parse
 
 
+def deadline_of(context: grpc.aio.ServicerContext) -> float | None:
+    """The call's deadline on the `time.monotonic` clock (the scheduler's), or None."""
+    remaining = context.time_remaining()
+    return None if remaining is None else time.monotonic() + remaining
+
+
 def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
-    """(code, message); an unexpected exception is logged with its traceback."""
-    if not isinstance(exc, RMServeError):
+    """(code, message); an unexpected exception (INTERNAL) is logged with its traceback."""
+    code, message = grpc_status(exc)
+    if code == grpc.StatusCode.INTERNAL:
         log.error("unexpected error", exc_info=exc)
-    return grpc_status(exc)
+    return code, message
 
 
 async def call_with_status(

@@ -29,13 +29,16 @@ from rmserve.service.engine.ensemble import MANIFEST
 from rmserve.service.engine.model import RewardModel, load_model
 from rmserve.service.engine.scoring import ScoringEngine
 from rmserve.service.errors import InvalidInput, NotFound, NotReady, Unavailable
+from rmserve.service.labels import LabelServicer
 from rmserve.service.metrics import Metrics
 from rmserve.service.monitor import MonitorConfig, RunMonitor, StepSummary
 from rmserve.service.registry import Registry
 from rmserve.service.requests import Row, encode_groups, encode_samples, result_pb
-from rmserve.service.rpc import Malformed, add_service, chunk_error, unary
+from rmserve.service.rpc import Malformed, add_service, chunk_error, deadline_of, unary
 from rmserve.service.scheduler import Scheduler
+from rmserve.training.preferences import SqliteStore
 from rmserve.v1 import admin_pb2 as apb
+from rmserve.v1 import label_pb2 as lpb
 from rmserve.v1 import reward_pb2 as pb
 from rmserve.v1 import reward_pb2_grpc as pb_grpc
 
@@ -151,11 +154,6 @@ class ServingState:
         return slot
 
 
-def _deadline(context: grpc.aio.ServicerContext) -> float | None:
-    remaining = context.time_remaining()
-    return None if remaining is None else time.monotonic() + remaining
-
-
 def _lam(options: pb.ScoreOptions, model: RewardModel) -> float:
     if not options.HasField("uncertainty_penalty"):
         return model.uncertainty_penalty
@@ -189,7 +187,7 @@ class RewardServicer(pb_grpc.RewardServiceServicer):
         slot = self.state.live_slot()
         lam = _lam(options, slot.model)
         encoded = await self._off_loop(encode_samples, slot.model.encoder, samples, self.state.config.max_samples_per_request)
-        rows = await self.state.scheduler.submit(slot, [e.ids for e in encoded], [len(e.ids) for e in encoded], _deadline(context))
+        rows = await self.state.scheduler.submit(slot, [e.ids for e in encoded], [len(e.ids) for e in encoded], deadline_of(context))
         results = [
             result_pb(r, e, lam=lam, members=options.return_members, sample_id=s.id)
             for r, e, s in zip(rows, encoded, samples, strict=True)
@@ -265,7 +263,7 @@ class RewardServicer(pb_grpc.RewardServiceServicer):
         lam = _lam(request.options, slot.model)
         groups = await self._off_loop(encode_groups, slot.model.encoder, request.groups, self.state.config.max_samples_per_request)
         flat = [e for g in groups for e in g]
-        rows = await self.state.scheduler.submit(slot, [e.ids for e in flat], [len(e.ids) for e in flat], _deadline(context))
+        rows = await self.state.scheduler.submit(slot, [e.ids for e in flat], [len(e.ids) for e in flat], deadline_of(context))
         out, i = [], 0
         for g_pb, g in zip(request.groups, groups, strict=True):
             res = [result_pb(rows[i + j], e, lam=lam, members=request.options.return_members) for j, e in enumerate(g)]
@@ -283,7 +281,7 @@ class RewardServicer(pb_grpc.RewardServiceServicer):
             group.prompt_text = request.prompt_text
         slot = self.state.live_slot()
         (enc,) = await self._off_loop(encode_groups, slot.model.encoder, [group], self.state.config.max_samples_per_request)
-        a, b = await self.state.scheduler.submit(slot, [e.ids for e in enc], [len(e.ids) for e in enc], _deadline(context))
+        a, b = await self.state.scheduler.submit(slot, [e.ids for e in enc], [len(e.ids) for e in enc], deadline_of(context))
         lam = slot.model.uncertainty_penalty
         res_a, res_b = result_pb(a, enc[0], lam=lam, members=True), result_pb(b, enc[1], lam=lam, members=True)
         self._observe([res_a, res_b])
@@ -340,6 +338,7 @@ class RewardServer:
         self._loaded: asyncio.Future | None = None
         self._saver: asyncio.Future | None = None
         self.admin: AdminServicer | None = None
+        self.store: SqliteStore | None = None
 
     async def start(self) -> None:
         registry = Registry(self.config.registry or cache_dir() / "registry")
@@ -351,11 +350,13 @@ class RewardServer:
             ("grpc.max_send_message_length", limit),
         ])
         add_service(self._server, pb.DESCRIPTOR.services_by_name["RewardService"], RewardServicer(self.state))
-        self.admin = AdminServicer(self.state, registry, self.config.data_roots)
+        self.store = SqliteStore(self.config.labels_db or registry.root / "preferences.sqlite3")
+        self.admin = AdminServicer(self.state, registry, self.config.data_roots, store_path=self.store.path)
         add_service(self._server, apb.DESCRIPTOR.services_by_name["AdminService"], self.admin)
+        add_service(self._server, lpb.DESCRIPTOR.services_by_name["LabelService"], LabelServicer(self.state, self.store))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
         reflection.enable_server_reflection(
-            (SERVICE_NAME, ADMIN_SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+            (SERVICE_NAME, ADMIN_SERVICE_NAME, lpb.DESCRIPTOR.services_by_name["LabelService"].full_name, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
              reflection.SERVICE_NAME),
             self._server,
         )
@@ -425,6 +426,8 @@ class RewardServer:
             self._loaded.cancel()
         if self._metrics_http is not None:
             self._metrics_http.shutdown()
+        if self.store is not None:
+            self.store.close()
         self.state.tokenizer_pool.shutdown(wait=False)
 
     async def wait_for_termination(self) -> None:

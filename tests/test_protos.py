@@ -17,7 +17,7 @@ def test_committed_stubs_are_fresh(tmp_path):
     committed = ROOT / "protos" / "rmserve" / "v1"
     fresh = tmp_path / "rmserve" / "v1"
     names = sorted(p.name for p in fresh.iterdir())
-    assert names == sorted(f"{p}{s}" for p in ("admin", "reward") for s in ("_pb2.py", "_pb2.pyi", "_pb2_grpc.py"))
+    assert names == sorted(f"{p}{s}" for p in ("admin", "label", "reward") for s in ("_pb2.py", "_pb2.pyi", "_pb2_grpc.py"))
     stale = [n for n in names if not filecmp.cmp(fresh / n, committed / n, shallow=False)]
     assert not stale, f"stale generated stubs {stale}: run scripts/gen_protos.sh and commit"
 

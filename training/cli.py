@@ -12,6 +12,7 @@ import argparse
 import json
 import signal
 import sys
+from pathlib import Path
 from typing import Any
 
 from rmserve.training.config import SERVE_DTYPES, TrainConfig
@@ -23,8 +24,16 @@ _USER_ERRORS = (DataError, FileExistsError, FileNotFoundError, ValueError)
 
 
 def add_train_args(p: argparse.ArgumentParser) -> None:
-    d = TrainConfig(data="", out="")  # defaults, shown in --help
-    p.add_argument("--data", required=True, help="training preferences (JSONL: {chosen, rejected}, {prompt, chosen, rejected} or ranked lists)")
+    d = TrainConfig(data="-", out="")  # defaults, shown in --help
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--data", help="training preferences (JSONL: {chosen, rejected}, {prompt, chosen, rejected} or ranked lists)")
+    source.add_argument("--from-store", nargs="?", const=str(default_store()), metavar="STORE",
+                        help="train on the labels in a preference store (the server's SQLite file; "
+                             f"default {default_store()}), filtered by --store-*")
+    p.add_argument("--store-kind", choices=["human", "ai"], help="with --from-store: only this labeler kind")
+    p.add_argument("--store-since", type=float, metavar="UNIX_S", help="with --from-store: labelled at or after")
+    p.add_argument("--store-tag", help="with --from-store: only this dataset tag")
+    p.add_argument("--store-labeler", help="with --from-store: only this labeler")
     p.add_argument("--dev", help="held-out preferences, evaluated once at the end for the report (never used to train or select)")
     p.add_argument("--out", required=True, help="ensemble directory to write")
     p.add_argument("--backbone", default=d.backbone, help="HF checkpoint directory or builtin:<name> (default %(default)s)")
@@ -83,8 +92,24 @@ def _l2(text: str) -> float | None:
     return None if text == "auto" else float(text)
 
 
+def default_store() -> Path:
+    """Where `rmserve serve` keeps its labels by default: <registry>/preferences.sqlite3."""
+    import os
+
+    return Path(os.environ.get("RMSERVE_CACHE", Path.home() / ".cache" / "rmserve")) / "registry" / "preferences.sqlite3"
+
+
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    return TrainConfig.from_dict(vars(args))
+    values = vars(args).copy()
+    values["data"] = values.get("data") or ""
+    filters = {k: values.pop(f"store_{k}", None) for k in ("kind", "since", "tag", "labeler")}
+    if values.get("from_store"):
+        if not Path(values["from_store"]).is_file():
+            raise ValueError(f"--from-store {values['from_store']}: no such preference store")
+        values["store_filters"] = {k: v for k, v in filters.items() if v is not None} or None
+    elif any(v is not None for v in filters.values()):
+        raise ValueError("--store-kind/--store-since/--store-tag/--store-labeler need --from-store")
+    return TrainConfig.from_dict(values)
 
 
 class _Bar:

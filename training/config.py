@@ -17,7 +17,7 @@ RESUMABLE_CHANGES = frozenset({
 
 @dataclass
 class TrainConfig:
-    data: str                                   # JSONL preference file
+    data: str                                   # JSONL preference file ("" with from_store)
     out: str                                    # ensemble directory to write
     backbone: str = "builtin:smollm2-135m-instruct"
     dev: str | None = None                      # evaluated once at the end, for the report only
@@ -58,6 +58,8 @@ class TrainConfig:
     strict: bool = False                        # first malformed row raises
     name: str | None = None                     # manifest name; default: the out directory's name
     version: str | None = None                  # manifest version; default: UTC time + config hash
+    from_store: str | None = None               # read the preferences from this store (SQLite) instead of `data`
+    store_filters: dict | None = None           # kind (human|ai), since (unix s), tag, labeler
 
     def __post_init__(self) -> None:
         problems = []
@@ -95,6 +97,14 @@ class TrainConfig:
             problems.append("lora_rank needs finetune_layers != 0 (the layers LoRA goes on)")
         if self.device not in ("auto", "cpu", "cuda"):
             problems.append("device must be auto, cpu or cuda")
+        if bool(self.data) == bool(self.from_store):
+            problems.append("give the preferences either as a file (data) or as a store (from_store), not both")
+        if self.store_filters:
+            unknown = sorted(set(self.store_filters) - {"kind", "since", "tag", "labeler"})
+            if unknown:
+                problems.append(f"store_filters: unknown {unknown}; known: kind, since, tag, labeler")
+            if self.store_filters.get("kind") not in (None, "human", "ai"):
+                problems.append("store_filters kind must be human or ai")
         if problems:
             raise ValueError("bad training config: " + "; ".join(problems))
 

@@ -61,7 +61,7 @@ from rmserve.service.engine.padding import pad_token_id
 from rmserve.service.engine.tokenization import PromptEncoder
 from rmserve.training import checkpoint, frozen_states
 from rmserve.training.config import TrainConfig
-from rmserve.training.data import DataReport, load_pairs
+from rmserve.training.data import DataError, DataReport, Pair, load_pairs, pairs_from_rows
 from rmserve.training.encoding import EncodedPairs, encode_pairs
 from rmserve.training.events import ProgressCallback, ProgressEvent, Reporter, TrainingStopped
 from rmserve.training.features import cached_features
@@ -69,6 +69,7 @@ from rmserve.training.frozen_states import FrozenStates
 from rmserve.training.linear_heads import choose_l2, cross_fitted_rewards, fit_bt_head
 from rmserve.training.loss import bt_loss
 from rmserve.training.metrics import pair_report
+from rmserve.training.preferences import Filters, SqliteStore, training_rows
 from rmserve.training.schedule import (
     bootstrap_counts,
     calibration_split,
@@ -218,6 +219,7 @@ class _Job:
         self.timing: dict[str, float] = {}
         # set once by run(), steps 1-3, before anything reads them (loading inside run() reports its errors)
         self.data_report: DataReport
+        self.data_source: dict[str, Any]
         self.backbone: Backbone
         self.encoder: PromptEncoder
         self.data: EncodedPairs
@@ -261,10 +263,11 @@ class _Job:
     def run(self) -> TrainResult:
         cfg = self.cfg
         t0 = time.monotonic()
-        self.rep.emit(ProgressEvent("start", "data", message=f"{cfg.kind} x{cfg.num_heads} on {cfg.data}"))
+        source = f"the preference store {cfg.from_store}" if cfg.from_store else cfg.data
+        self.rep.emit(ProgressEvent("start", "data", message=f"{cfg.kind} x{cfg.num_heads} on {source}"))
 
         # 1. data, encoded exactly as serving encodes
-        pairs, self.data_report = load_pairs(cfg.data, strict=cfg.strict)
+        pairs, self.data_report, self.data_source = _load_data(cfg)
         self.backbone = load_backbone(cfg.backbone, num_layers=cfg.num_layers)
         self.encoder = PromptEncoder(self.backbone.tokenizer, min(cfg.max_tokens, self.backbone.max_positions))
         self.data = encode_pairs(pairs, self.encoder, self.data_report, strict=cfg.strict)
@@ -765,12 +768,11 @@ class _Job:
         def headline(rep: dict | None) -> dict | None:
             return None if rep is None else {k: rep[k] for k in ("pairs", "accuracy", "ece", "brier", "auroc_std")}
 
-        data_path = Path(self.cfg.data)
         return {
             "trainer": "rmserve.training/1",
             "config": self.cfg.to_dict(),
-            "data": {"path": str(data_path.resolve()), "sha256": hashlib.sha256(data_path.read_bytes()).hexdigest(),
-                     "fingerprint": self.fingerprint, "pairs": len(self.data), "skipped": self.data_report.skipped},
+            "data": {**self.data_source, "fingerprint": self.fingerprint, "pairs": len(self.data),
+                     "skipped": self.data_report.skipped},
             "temperature": temperature,
             "lambda0": self.cfg.lambda0,
             "train_metrics": headline(fit),
@@ -779,6 +781,26 @@ class _Job:
             "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
                          "python": platform.python_version()},
         }
+
+
+def _load_data(cfg: TrainConfig) -> tuple[list[Pair], DataReport, dict[str, Any]]:
+    """The pairs, their report, and what identifies the source (path or store, and a sha256)."""
+    if not cfg.from_store:
+        path = Path(cfg.data)
+        pairs, report = load_pairs(path, strict=cfg.strict)
+        return pairs, report, {"path": str(path.resolve()), "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
+    store = SqliteStore(cfg.from_store)
+    try:
+        filters = Filters(**(cfg.store_filters or {}))
+        rows = list(training_rows(store, filters))
+    finally:
+        store.close()
+    pairs, report = pairs_from_rows(rows, strict=cfg.strict)
+    if not pairs:
+        raise DataError(f"the preference store {cfg.from_store} has no usable pairs for {filters}\n{report.summary()}")
+    digest = hashlib.sha256("\n".join(json.dumps(r, sort_keys=True) for _, r in rows).encode()).hexdigest()
+    return pairs, report, {"store": str(Path(cfg.from_store).resolve()), "filters": cfg.store_filters or {},
+                           "sha256": digest}
 
 
 __all__ = ["TrainConfig", "TrainResult", "TrainingStopped", "train"]
