@@ -15,6 +15,7 @@ import sys
 import threading
 
 import grpc
+import numpy as np
 import pytest
 
 from rmserve.training.preferences import (
@@ -270,3 +271,84 @@ def test_grpc_status_codes_of_the_store_errors():
     assert grpc_status(PreferenceConflict("x"))[0] == grpc.StatusCode.ALREADY_EXISTS
     assert grpc_status(StoreFull("x"))[0] == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert grpc_status(StoreUnavailable("x"))[0] == grpc.StatusCode.UNAVAILABLE
+
+
+# -- choosing what to label, and watching the labelers --------------------------------------
+
+
+def test_suggest_comparisons_ranks_pairs_by_the_acquisition_rule(label_server):
+    from rmserve.client import RewardClient
+    from rmserve.training.acquisition import score_pairs
+
+    candidates = [
+        {"id": f"c{i}", "prompt": f"How do I do task {i}?",
+         "responses": [f"Step one, then step two for {i}.", "No.", f"I cannot help with task {i}."]}
+        for i in range(4)
+    ]
+    with RewardClient(label_server.address, timeout=60) as c:
+        got = c.suggest_comparisons(candidates, k=3)
+        members = {
+            (cand["id"], j): np.array(r.members)
+            for cand in candidates
+            for j, r in enumerate(c.score([{"prompt": cand["prompt"], "response": x} for x in cand["responses"]],
+                                          return_members=True))
+        }
+    assert len(got) == 3 and [s.score for s in got] == sorted((s.score for s in got), reverse=True)
+    assert len({s.candidate_id for s in got}) == 3  # the diversity rule: one pair per prompt first
+    for s in got:
+        want = score_pairs(members[(s.candidate_id, s.index_a)][None], members[(s.candidate_id, s.index_b)][None])
+        assert s.prob == pytest.approx(float(want.prob[0]), abs=1e-4)
+        assert s.score == pytest.approx(float(want.score[0]), abs=1e-4)
+        cand = next(x for x in candidates if x["id"] == s.candidate_id)
+        assert (s.response_a, s.response_b) == (cand["responses"][s.index_a], cand["responses"][s.index_b])
+        assert s.prompt == cand["prompt"]
+    # every pair of every candidate was considered: the best one is the best score over all 12 pairs
+    all_scores = [
+        float(score_pairs(members[(cand["id"], i)][None], members[(cand["id"], j)][None]).score[0])
+        for cand in candidates for i in range(3) for j in range(i + 1, 3)
+    ]
+    assert got[0].score == pytest.approx(max(all_scores), abs=1e-4)
+
+
+def test_the_labeler_report_singles_out_an_adversarial_labeler(label_server):
+    """Four honest labelers (right 90% of the time) and one who flips every label, on shared items."""
+    from rmserve.client import RewardClient
+
+    rng = np.random.default_rng(0)
+    honest = ["h1", "h2", "h3", "h4"]
+    items = []
+    for q in range(40):
+        truth = int(rng.integers(2))   # which response is the better one
+        for who in [*rng.choice(honest, size=3, replace=False).tolist(), "flipper"]:
+            right = who != "flipper" and rng.random() < 0.9
+            items.append(item(q, id=f"{who}-{q}", labeler=who, choice=truth if right else 1 - truth,
+                              responses=[f"answer one to {q}", f"answer two to {q}"]))
+    with RewardClient(label_server.address, timeout=120, max_samples_per_request=16) as c:
+        assert c.submit_preferences(items).accepted == len(items)
+        report = {s.labeler: s for s in c.labeler_report()}
+    assert set(report) == {*honest, "flipper"}
+    assert [w for w, s in report.items() if s.flagged] == ["flipper"], {w: s.reason for w, s in report.items()}
+    assert report["flipper"].agreement_with_others < 0 < min(report[h].agreement_with_others for h in honest)
+    assert report["flipper"].volume == 40 and report["flipper"].reason
+
+
+def test_an_rlaif_round_labels_the_suggestions_and_a_rerun_stores_nothing_twice(label_server):
+    from rmserve.client import RewardClient
+    from rmserve.client.rlaif import label_round
+
+    def shorter_is_better(prompt, a: str, b: str) -> float:
+        return 0.9 if len(a) < len(b) else 0.1
+
+    candidates = [{"prompt": f"q{i}?", "responses": [f"a short {i}", f"a much longer answer {i}", "mid answer"]}
+                  for i in range(5)]
+    with RewardClient(label_server.address, timeout=60) as c:
+        first = label_round(c, candidates, shorter_is_better, labeler="judge-x", judge_name="fake", k=4, batch=3,
+                            progress=lambda m: None)
+        again = label_round(c, candidates, shorter_is_better, labeler="judge-x", judge_name="fake", k=4, batch=3,
+                            progress=lambda m: None)
+        rows = list(c.export_preferences(kind="ai"))
+    assert (first.accepted, first.duplicates) == (4, 0) and (again.accepted, again.duplicates) == (0, 4)
+    assert len(rows) == 4
+    for r in rows:
+        assert r["judge"] == "fake" and r["labeler"] == "judge-x" and "judge P(a better)" in r["rationale"]
+        assert len(r["chosen"]) < len(r["rejected"])  # the judge's choice was stored
