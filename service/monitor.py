@@ -65,7 +65,7 @@ class MonitorConfig:
     baseline_steps: int = 5          # closed steps that form a run's baseline
     window: int = 3                  # recent closed steps compared with the baseline
     patience: int = 2                # consecutive alarming steps before the alarm fires
-    std_ratio: float = 1.3           # growth: recent std / baseline std
+    std_ratio: float = 1.2           # growth: recent std / baseline std (docs/overoptimisation.md)
     min_reward_rise: float = 0.2     # growth and concentration: recent reward - baseline reward
     top_std_ratio: float = 1.5       # concentration: top-decile std / step std
     min_corr: float = 0.3            # concentration: corr(reward, std) across the step's samples
