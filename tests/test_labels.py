@@ -352,3 +352,62 @@ def test_an_rlaif_round_labels_the_suggestions_and_a_rerun_stores_nothing_twice(
     for r in rows:
         assert r["judge"] == "fake" and r["labeler"] == "judge-x" and "judge P(a better)" in r["rationale"]
         assert len(r["chosen"]) < len(r["rejected"])  # the judge's choice was stored
+
+
+def _submit_through_the_server(address: str, start: int, n: int) -> None:
+    from rmserve.client import RewardClient
+
+    with RewardClient(address, timeout=120, max_samples_per_request=16) as c:
+        for i in range(start, start + n, 5):
+            # every batch also resends the first ids of everyone's range: retries and overlap
+            c.submit_preferences([item(j) for j in range(i, min(i + 5, start + n))] + [item(j) for j in (0, 1, 2)])
+
+
+def test_many_submitters_through_the_server_lose_and_duplicate_nothing(label_server, tmp_path):
+    address = label_server.address
+    threads = [threading.Thread(target=_submit_through_the_server, args=(address, k * 30, 30)) for k in range(4)]
+    procs = [mp.get_context("spawn").Process(target=_submit_through_the_server, args=(address, 500 + k * 30, 30))
+             for k in range(2)]
+    for t in threads + procs:
+        t.start()
+    for t in threads:
+        t.join(300)
+    for p in procs:
+        p.join(300)
+        assert p.exitcode == 0
+    ids = [p.id for p in SqliteStore(tmp_path / "labels.sqlite3").query()]
+    expected = {f"p{i}" for k in range(4) for i in range(k * 30, k * 30 + 30)}
+    expected |= {f"p{i}" for k in range(2) for i in range(500 + k * 30, 500 + k * 30 + 30)}
+    assert len(ids) == len(set(ids)) == len(expected) and set(ids) == expected
+
+
+def test_an_unwritable_store_is_unavailable_and_scoring_goes_on(tiny_ensemble, server_factory):
+    from rmserve.client import RewardClient, UnavailableError
+
+    s = server_factory(tiny_ensemble, labels_db="/proc/rmserve-no-such-dir/labels.sqlite3")
+    with RewardClient(s.address, timeout=60, max_retries=0) as c:
+        with pytest.raises(UnavailableError, match="cannot be written"):
+            c.submit_preferences([item(0)])
+        assert len(c.score([{"prompt": "hi", "response": "hello"}])) == 1
+
+
+def test_the_train_rpc_trains_on_the_servers_own_store(tiny_ensemble, server_factory, tmp_path):
+    from rmserve.client import FailedPreconditionError, RewardClient
+
+    s = server_factory(tiny_ensemble, labels_db=str(tmp_path / "labels.sqlite3"), registry=str(tmp_path / "reg"),
+                       max_samples_per_request=64)
+    rng = __import__("random").Random(1)
+    items = []
+    for i in range(48):
+        words = " ".join(rng.choice(["red", "blue", "cat", "dog", "sun", "moon"]) for _ in range(5))
+        items.append(item(i, prompt=f"prompt {i}", responses=[f"{words} thanks", f"{words} no"],
+                          labeler_kind="human" if i % 3 else "ai"))
+    with RewardClient(s.address, timeout=300, max_samples_per_request=64) as c:
+        with pytest.raises(FailedPreconditionError, match="preference store is empty"):
+            list(c.train("", options={"from_store": True}))
+        c.submit_preferences(items)
+        events = list(c.train("", num_heads=2, epochs=2,
+                              options={"from_store": True, "store_filters": {"kind": "human"},
+                                       "feature_cache": "", "calib_frac": 0.0}))
+    done = next(e for e in events if e.event == "done")
+    assert done.report["data"]["pairs"] == 32  # the human labels only
