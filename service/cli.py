@@ -29,6 +29,7 @@ def _serve(args: argparse.Namespace) -> int:
         max_samples_per_request=args.max_samples_per_request, registry=args.registry, data_roots=args.data_root,
         api_keys=args.api_keys, tls_cert=args.tls_cert, tls_key=args.tls_key,
         runs_file=args.runs_file, monitor=_monitor_settings(args.monitor), labels_db=args.labels_db,
+        http_port=args.http_port, http_reward_field=args.http_reward_field,
     )
 
     async def run() -> int:
@@ -223,6 +224,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--api-keys", metavar="FILE", help='JSON {"key": ["score", "label", "admin"], ...}; none: open')
     s.add_argument("--tls-cert", metavar="PEM", help="serve TLS with this certificate chain (needs --tls-key)")
     s.add_argument("--tls-key", metavar="PEM", help="private key of --tls-cert")
+    s.add_argument("--http-port", type=int, metavar="PORT",
+                   help="also serve HTTP/JSON on this port: OpenRLHF's POST /get_reward, slime's POST /score, "
+                        "GET /health, GET /v1/model (docs/http.md); 0 picks a free port")
+    s.add_argument("--http-reward-field", choices=["reward", "conservative", "min"], default="reward",
+                   help="what POST /get_reward returns as `rewards` (default %(default)s)")
     s.add_argument("--labels-db", metavar="PATH",
                    help="the preference store labelers submit to (SQLite; default <registry>/preferences.sqlite3)")
     s.add_argument("--runs-file", metavar="PATH",

@@ -32,6 +32,8 @@ class ServerConfig:
     api_keys: str | None = None         # JSON {key: [scopes]}; None: no authentication
     tls_cert: str | None = None         # PEM certificate chain; with tls_key, serve TLS only
     tls_key: str | None = None
+    http_port: int | None = None        # HTTP/JSON front door (OpenRLHF, slime); None: off; 0 picks a free port
+    http_reward_field: str = "reward"   # what /get_reward returns as `rewards`: reward | conservative | min
     labels_db: str | None = None        # preference store (SQLite); None: <registry>/preferences.sqlite3
     runs_file: str | None = None        # run-monitor summaries; None: <registry>/runs.json; "": not persisted
     monitor: dict = field(default_factory=dict)  # MonitorConfig fields (thresholds, caps); empty: defaults

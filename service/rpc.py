@@ -158,3 +158,33 @@ def add_service(server: grpc.aio.Server, service: ServiceDescriptor, servicer: A
         make = kinds[(m.client_streaming, m.server_streaming)]
         handlers[name] = make(getattr(servicer, name), lenient(request_cls), response_cls.SerializeToString)
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))
+
+
+# HTTP status for each gRPC code (the HTTP front door answers with the same errors):
+# the mapping of google.rpc.Code to HTTP, with 499 for a caller that went away.
+HTTP_STATUS: dict[grpc.StatusCode, int] = {
+    grpc.StatusCode.OK: 200,
+    grpc.StatusCode.INVALID_ARGUMENT: 400,
+    grpc.StatusCode.OUT_OF_RANGE: 400,
+    grpc.StatusCode.FAILED_PRECONDITION: 400,
+    grpc.StatusCode.UNAUTHENTICATED: 401,
+    grpc.StatusCode.PERMISSION_DENIED: 403,
+    grpc.StatusCode.NOT_FOUND: 404,
+    grpc.StatusCode.ALREADY_EXISTS: 409,
+    grpc.StatusCode.ABORTED: 409,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: 429,
+    grpc.StatusCode.CANCELLED: 499,
+    grpc.StatusCode.UNIMPLEMENTED: 501,
+    grpc.StatusCode.UNAVAILABLE: 503,
+    grpc.StatusCode.DEADLINE_EXCEEDED: 504,
+}
+
+
+def http_error(exc: BaseException) -> tuple[int, dict[str, Any], dict[str, str]]:
+    """(HTTP status, JSON body, headers) for an exception: the gRPC code, its name and the
+    message in the body; RESOURCE_EXHAUSTED from a full queue carries Retry-After."""
+    code, message = status_of(exc)
+    headers = {}
+    if isinstance(exc, QueueFull):
+        headers["Retry-After"] = str(max(1, round(exc.retry_after_s)))
+    return HTTP_STATUS.get(code, 500), {"error": {"code": code.name, "message": message}}, headers

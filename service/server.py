@@ -29,6 +29,7 @@ from rmserve.service.engine.ensemble import MANIFEST
 from rmserve.service.engine.model import RewardModel, load_model
 from rmserve.service.engine.scoring import ScoringEngine
 from rmserve.service.errors import InvalidInput, NotFound, NotReady, Unavailable
+from rmserve.service.http import HttpFrontDoor
 from rmserve.service.labels import LabelServicer
 from rmserve.service.metrics import Metrics
 from rmserve.service.monitor import MonitorConfig, RunMonitor, StepSummary
@@ -184,13 +185,25 @@ class RewardServicer(pb_grpc.RewardServiceServicer):
         return await asyncio.get_running_loop().run_in_executor(self.state.tokenizer_pool, fn, *args)
 
     async def _score(self, samples, options: pb.ScoreOptions, context) -> tuple[list[pb.ScoreResult], str]:
+        return await self.score_samples(samples, options, deadline_of(context))
+
+    async def score_samples(
+        self, samples, options: pb.ScoreOptions, deadline: float | None, *, encode=None
+    ) -> tuple[list[pb.ScoreResult], str]:
+        """The scoring path every transport shares (gRPC, HTTP): encode on the tokenizer
+        threads, queue, build results, feed metrics and the run monitor. `encode(encoder)`
+        replaces the protobuf samples' encoding (HTTP's already-templated text)."""
         slot = self.state.live_slot()
         lam = _lam(options, slot.model)
-        encoded = await self._off_loop(encode_samples, slot.model.encoder, samples, self.state.config.max_samples_per_request)
-        rows = await self.state.scheduler.submit(slot, [e.ids for e in encoded], [len(e.ids) for e in encoded], deadline_of(context))
+        cap = self.state.config.max_samples_per_request
+        if encode is None:
+            encoded = await self._off_loop(encode_samples, slot.model.encoder, samples, cap)
+        else:
+            encoded = await self._off_loop(encode, slot.model.encoder)
+        rows = await self.state.scheduler.submit(slot, [e.ids for e in encoded], [len(e.ids) for e in encoded], deadline)
         results = [
-            result_pb(r, e, lam=lam, members=options.return_members, sample_id=s.id)
-            for r, e, s in zip(rows, encoded, samples, strict=True)
+            result_pb(r, e, lam=lam, members=options.return_members, sample_id=s.id if samples else "")
+            for r, e, s in zip(rows, encoded, samples or [None] * len(encoded), strict=True)
         ]
         self._observe(results, options)
         return results, slot.version
@@ -339,17 +352,21 @@ class RewardServer:
         self._saver: asyncio.Future | None = None
         self.admin: AdminServicer | None = None
         self.store: SqliteStore | None = None
+        self.http: HttpFrontDoor | None = None
+        self.http_port: int | None = None
 
     async def start(self) -> None:
         registry = Registry(self.config.registry or cache_dir() / "registry")
         model_path = resolve_model_path(self.config.model, registry)
         limit = self.config.max_message_bytes
-        interceptors = [ApiKeyInterceptor(load_api_keys(self.config.api_keys))] if self.config.api_keys else []
+        keys = load_api_keys(self.config.api_keys) if self.config.api_keys else None
+        interceptors = [ApiKeyInterceptor(keys)] if keys else []
         self._server = grpc.aio.server(interceptors=interceptors, options=[
             ("grpc.max_receive_message_length", limit),
             ("grpc.max_send_message_length", limit),
         ])
-        add_service(self._server, pb.DESCRIPTOR.services_by_name["RewardService"], RewardServicer(self.state))
+        reward_servicer = RewardServicer(self.state)
+        add_service(self._server, pb.DESCRIPTOR.services_by_name["RewardService"], reward_servicer)
         self.store = SqliteStore(self.config.labels_db or registry.root / "preferences.sqlite3")
         self.admin = AdminServicer(self.state, registry, self.config.data_roots, store_path=self.store.path)
         add_service(self._server, apb.DESCRIPTOR.services_by_name["AdminService"], self.admin)
@@ -379,6 +396,9 @@ class RewardServer:
             self._metrics_http, _ = self.state.metrics.serve_http(self.config.metrics_port, self.config.metrics_host or self.config.host)
             self.metrics_port = self._metrics_http.server_port
         self.state.scheduler.start()
+        if self.config.http_port is not None:
+            self.http = HttpFrontDoor(reward_servicer, keys=keys, reward_field=self.config.http_reward_field)
+            self.http_port = await self.http.start(self.config.host, self.config.http_port)
         self._saver = asyncio.ensure_future(self._save_runs_periodically())
         log.info("listening on %s:%d; loading %s (health reports not ready until it is warm)", self.config.host, self.port, model_path)
         self._loaded = asyncio.ensure_future(self._load(model_path))
@@ -397,10 +417,12 @@ class RewardServer:
         model = (await self.state.activate(path)).model
         await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
         await self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
+        if self.http is not None:
+            self.http.serving = True
         log.info(
-            "SERVING %s version %s (%d heads, %s, max %d tokens) on %s:%d, metrics on %s",
+            "SERVING %s version %s (%d heads, %s, max %d tokens) on %s:%d, metrics on %s, HTTP on %s",
             model.name, model.version, model.num_heads, model.dtype_name, model.max_tokens,
-            self.config.host, self.port, self.metrics_port or "off",
+            self.config.host, self.port, self.metrics_port or "off", self.http_port or "off",
         )
 
     async def wait_ready(self) -> None:
@@ -410,6 +432,8 @@ class RewardServer:
 
     async def stop(self, grace: float | None = None) -> None:
         await self.health.enter_graceful_shutdown()
+        if self.http is not None:
+            self.http.serving = False
         self.state.metrics.ready.set(0)
         if self._server is not None:
             await self._server.stop(self.config.grace_s if grace is None else grace)
@@ -426,6 +450,8 @@ class RewardServer:
             self._loaded.cancel()
         if self._metrics_http is not None:
             self._metrics_http.shutdown()
+        if self.http is not None:
+            await self.http.stop()
         if self.store is not None:
             self.store.close()
         self.state.tokenizer_pool.shutdown(wait=False)

@@ -64,6 +64,16 @@ class PromptEncoder:
         text, boundary = self._render(messages)
         return self._encode(text, boundary, where)
 
+    def rendered(self, text: str, where: str = "sample") -> Encoded:
+        """Text whose chat template is already applied (OpenRLHF sends the policy's decoded
+        prompt + response, special tokens kept): tokenised as it is, no second template and
+        no added special tokens; cut from the left like token ids (the response's end is
+        what is scored)."""
+        if not text:
+            raise InvalidInput(f"{where}: the text is empty: there is nothing to score")
+        ids = self.tokenizer(text, add_special_tokens=False, return_attention_mask=False)["input_ids"]
+        return self.token_ids(ids, where)
+
     def token_ids(self, ids: Sequence[int], where: str = "sample") -> Encoded:
         if len(ids) == 0:
             raise InvalidInput(f"{where}: token_ids is empty")
