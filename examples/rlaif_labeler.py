@@ -71,7 +71,7 @@ def candidates_from(path: str, n: int) -> list[dict]:
             for p in pairs[:n]]
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--address", default="127.0.0.1:50051")
     ap.add_argument("--api-key", default=os.environ.get("RMSERVE_API_KEY"), help="a key with the `label` scope")
@@ -79,7 +79,7 @@ def main() -> int:
     ap.add_argument("--prompts", type=int, default=16, help="candidates read from --data")
     ap.add_argument("--k", type=int, default=8, help="comparisons to label this round")
     ap.add_argument("--tag", default="rlaif-example")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     judge = SmolJudge()
     t0 = time.monotonic()
     with RewardClient(args.address, api_key=args.api_key, timeout=600) as client:
