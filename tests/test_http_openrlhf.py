@@ -219,10 +219,6 @@ def test_openrlhf_batched_request_and_reward_field(openrlhf, tiny_ensemble, serv
     assert std == pytest.approx([w.std for w in want], abs=1e-6)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "service/http.py /get_reward scores the query as it is; a policy stops at its end-of-turn token, so OpenRLHF's "
-    "query lacks what the chat template puts after it (here '\\n'; SmolLM2/Qwen: '\\n' after <|im_end|>) and the "
-    "reward is read at another token than for the same conversation over gRPC (docs/http.md)"))
 def test_a_policy_that_stops_at_its_end_of_turn_token_is_scored_like_the_conversation(
         openrlhf, tiny_ensemble, server_factory, tokenizer):
     server = server_factory(tiny_ensemble, http_port=0, runs_file="")

@@ -71,8 +71,26 @@ class PromptEncoder:
         what is scored)."""
         if not text:
             raise InvalidInput(f"{where}: the text is empty: there is nothing to score")
+        text += self._turn_tail(text)
         ids = self.tokenizer(text, add_special_tokens=False, return_attention_mask=False)["input_ids"]
         return self.token_ids(ids, where)
+
+    def _turn_tail(self, text: str) -> str:
+        """What the chat template writes after a reply's end-of-turn token (SmolLM2/Qwen: "\n"
+        after <|im_end|>) when `text` stops right after that token, as a generating policy
+        does: then the reward is read at the same token as for the conversation over gRPC."""
+        if not self.templated:
+            return ""
+        if not hasattr(self, "_tail"):
+            sentinel = "\u2063rmserve\u2063"
+            full = self.tokenizer.apply_chat_template([{"role": "assistant", "content": sentinel}], tokenize=False)
+            after = full[full.rfind(sentinel) + len(sentinel):]  # e.g. "<|im_end|>\n"
+            stripped = after.rstrip()
+            self._tail = (stripped, after[len(stripped):]) if stripped and after != stripped else None
+        if self._tail is None:
+            return ""
+        end_of_turn, tail = self._tail
+        return tail if text.endswith(end_of_turn) else ""
 
     def token_ids(self, ids: Sequence[int], where: str = "sample") -> Encoded:
         if len(ids) == 0:
