@@ -63,7 +63,6 @@ import re
 import shlex
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -72,7 +71,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from common import causal_pairs, decoder_flops  # bench/common.py: both benchmarks' FLOPs
+from common import causal_pairs, decoder_flops, run_and_report  # bench/common.py: FLOPs, report
 
 from rmserve.service.engine.padding import pad_token_id, right_pad
 
@@ -586,16 +585,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    args = parse_args(argv)
-    t_start = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="rmserve-bench-") as tmp:
-        text = run_all(args, argv, Path(tmp), t_start)
-    print(text)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text + "\n")
-    return 0
+    return run_and_report(argv, parse_args, run_all, "rmserve-bench-")
 
 
 def run_all(args, argv: list[str], tmp: Path, t_start: float) -> str:

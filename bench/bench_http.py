@@ -45,7 +45,6 @@ import random
 import shlex
 import statistics
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -53,6 +52,7 @@ from pathlib import Path
 
 import aiohttp
 import torch
+from common import run_and_report  # bench/common.py
 
 from rmserve.client import AsyncRewardClient, RewardClient
 from rmserve.service.background import BackgroundServer
@@ -282,16 +282,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    args = parse_args(argv)
-    t_start = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="rmserve-bench-http-") as tmp:
-        text = run_all(args, argv, Path(tmp), t_start)
-    print(text)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text + "\n")
-    return 0
+    return run_and_report(argv, parse_args, run_all, "rmserve-bench-http-")
 
 
 def run_all(args, argv: list[str], tmp: Path, t_start: float) -> str:

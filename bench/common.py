@@ -1,4 +1,5 @@
-"""FLOP accounting shared by bench_cpu.py ("of ceiling") and bench_gpu.py (MFU).
+"""What the benchmarks share: one FLOP count for bench_cpu.py ("of ceiling") and bench_gpu.py
+(MFU), and the report-writing `main` (`run_and_report`).
 
 Both scripts divide the useful FLOPs of a workload by its time and by a matmul
 rate measured in the same run, so the two percentages mean the same thing only
@@ -27,6 +28,11 @@ for each completion of C tokens, causal_pairs(C, past=P).
 """
 
 from __future__ import annotations
+
+import sys
+import tempfile
+import time
+from pathlib import Path
 
 import torch
 
@@ -65,3 +71,18 @@ def decoder_flops(model: torch.nn.Module, tokens: int, pairs: int | float) -> fl
     causal (query, key) pairs (sum of causal_pairs over the sequences)."""
     c = model.config
     return forward_flops(linear_params(model), attention_width(c), c.num_hidden_layers, tokens, pairs)
+
+
+def run_and_report(argv: list[str] | None, parse_args, run_all, prefix: str) -> int:
+    """The benchmarks' `main`: parse, run in a temporary directory, print the report and
+    write it to `--out` when given."""
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    t_start = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
+        text = run_all(args, argv, Path(tmp), t_start)
+    print(text)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(text + "\n")
+    return 0

@@ -245,11 +245,13 @@ class RunMonitor:
         epistemic: Sequence[float | None] | None = None,
         ood_score: Sequence[float | None] | None = None,
         ood: Sequence[bool | None] | None = None,
-    ) -> RunState:
-        """Add one call's samples to run `run_id` at `step` (None: the run's current step)."""
+    ) -> bool:
+        """Add one call's samples to run `run_id` at `step` (None: the run's current step).
+        True when this call raised the run's alarm (it closed the step that fired)."""
         n = len(rewards)
         with self._lock:
             run = self._touch(run_id)
+            was_alarming = run.alarm
             current = run.open.step if run.open is not None else (run.steps[-1].last_step if run.steps else 0)
             step = current if step is None else int(step)
             if run.open is not None and step > run.open.step:
@@ -261,7 +263,7 @@ class RunMonitor:
             if target is not run.open:  # late samples of a closed step: fold them into its summary
                 self._fold_late(run, target)
             self._dirty = True
-            return run
+            return run.alarm and not was_alarming
 
     def _touch(self, run_id: str) -> RunState:
         run = self._runs.get(run_id)

@@ -201,9 +201,10 @@ class RewardServicer(pb_grpc.RewardServiceServicer):
         else:
             encoded = await self._off_loop(encode, slot.model.encoder)
         rows = await self.state.scheduler.submit(slot, [e.ids for e in encoded], [len(e.ids) for e in encoded], deadline)
+        ids = [s.id for s in samples] if samples else [""] * len(encoded)
         results = [
-            result_pb(r, e, lam=lam, members=options.return_members, sample_id=s.id if samples else "")
-            for r, e, s in zip(rows, encoded, samples or [None] * len(encoded), strict=True)
+            result_pb(r, e, lam=lam, members=options.return_members, sample_id=i)
+            for r, e, i in zip(rows, encoded, ids, strict=True)
         ]
         self._observe(results, options)
         return results, slot.version
@@ -214,16 +215,15 @@ class RewardServicer(pb_grpc.RewardServiceServicer):
         if options is None or not options.run_id:
             return
         monitor = self.state.monitor
-        before = monitor.status(options.run_id)
-        was_alarming = before is not None and before[0].alarm
-        run = monitor.observe(
+        raised = monitor.observe(
             options.run_id, options.step if options.HasField("step") else None,
             [r.reward for r in results], [r.std for r in results],
             epistemic=[r.epistemic if r.HasField("epistemic") else None for r in results],
         )
         tracked, alarming = monitor.counts()
-        self.state.metrics.runs(tracked, alarming, new_alarm=options.run_id if run.alarm and not was_alarming else None)
-        if run.alarm and not was_alarming:
+        self.state.metrics.runs(tracked, alarming, new_alarm=options.run_id if raised else None)
+        if raised:
+            run, _ = monitor.status(options.run_id)
             log.warning("run %s: over-optimisation alarm at step %s: %s", run.run_id, run.alarm_step, run.reason)
 
     @unary("Score")

@@ -49,6 +49,7 @@ class PromptEncoder:
         self.max_tokens = int(max_tokens)
         self.vocab_size = len(tokenizer)
         self.templated = bool(use_chat_template and getattr(tokenizer, "chat_template", None))
+        self._tail = self._template_tail()
 
     # -- public ---------------------------------------------------------------
 
@@ -76,21 +77,23 @@ class PromptEncoder:
         return self.token_ids(ids, where)
 
     def _turn_tail(self, text: str) -> str:
-        """What the chat template writes after a reply's end-of-turn token (SmolLM2/Qwen: "\n"
+        """What the chat template writes after a reply's end-of-turn token (SmolLM2/Qwen: "\\n"
         after <|im_end|>) when `text` stops right after that token, as a generating policy
         does: then the reward is read at the same token as for the conversation over gRPC."""
-        if not self.templated:
-            return ""
-        if not hasattr(self, "_tail"):
-            sentinel = "\u2063rmserve\u2063"
-            full = self.tokenizer.apply_chat_template([{"role": "assistant", "content": sentinel}], tokenize=False)
-            after = full[full.rfind(sentinel) + len(sentinel):]  # e.g. "<|im_end|>\n"
-            stripped = after.rstrip()
-            self._tail = (stripped, after[len(stripped):]) if stripped and after != stripped else None
         if self._tail is None:
             return ""
         end_of_turn, tail = self._tail
         return tail if text.endswith(end_of_turn) else ""
+
+    def _template_tail(self) -> tuple[str, str] | None:
+        """(end-of-turn marker, what follows it) in this template's assistant turn, if anything does."""
+        if not self.templated:
+            return None
+        sentinel = "\u2063rmserve\u2063"
+        full = self.tokenizer.apply_chat_template([{"role": "assistant", "content": sentinel}], tokenize=False)
+        after = full[full.rfind(sentinel) + len(sentinel):]  # e.g. "<|im_end|>\n"
+        stripped = after.rstrip()
+        return (stripped, after[len(stripped):]) if stripped and after != stripped else None
 
     def token_ids(self, ids: Sequence[int], where: str = "sample") -> Encoded:
         if len(ids) == 0:
