@@ -39,8 +39,22 @@ REWARD_FIELDS = ("reward", "conservative", "min")
 _SCORE_METHOD = "/rmserve.v1.RewardService/Score"  # the scope an HTTP scoring call needs, as for gRPC
 
 
+def _text(content: Any, where: str) -> str:
+    """A message's content: a string, or OpenAI-style parts whose text parts are joined."""
+    if content is None or isinstance(content, str):
+        return content or ""
+    if isinstance(content, list) and all(isinstance(p, dict) for p in content):
+        other = sorted({str(p.get("type")) for p in content if p.get("type") != "text"})
+        if other:
+            raise InvalidInput(f"{where}: content parts of type {other} cannot be scored; only text parts can")
+        if not all(isinstance(p.get("text"), str) for p in content):
+            raise InvalidInput(f'{where}: every text part needs a string "text"')
+        return "".join(p["text"] for p in content)
+    raise InvalidInput(f'{where}: "content" must be a string or a list of {{"type": "text", "text": ...}} parts')
+
+
 class HttpFrontDoor:
-    def __init__(self, servicer: RewardServicer, *, keys: dict[str, frozenset[str]] | None, reward_field: str = "reward"):
+    def __init__(self, servicer: RewardServicer, *, keys: auth.ApiKeys | None, reward_field: str = "reward"):
         if reward_field not in REWARD_FIELDS:
             raise ValueError(f"--http-reward-field must be one of {REWARD_FIELDS}, got {reward_field!r}")
         self.servicer = servicer
@@ -149,15 +163,20 @@ class HttpFrontDoor:
         prompt, response = body["prompt"], body["response"]
         if not isinstance(response, str):
             raise InvalidInput('"response" must be a string')
-        sample = pb.Sample()
+        encode = samples = None
         if isinstance(prompt, str):
-            sample.text.CopyFrom(pb.PromptResponse(prompt=prompt, response=response))
+            def encode(encoder) -> list[Encoded]:
+                # slime with --apply-chat-template sends the prompt rendered: no second template then
+                if encoder.is_rendered(prompt):
+                    return [encoder.rendered_reply(prompt, response, "the sample")]
+                return [encoder.prompt_response(prompt, response, "the sample")]
         elif isinstance(prompt, list) and all(isinstance(m, dict) and {"role", "content"} <= set(m) for m in prompt):
-            msgs = [pb.Message(role=str(m["role"]), content=str(m["content"] or "")) for m in prompt]
-            sample.conversation.CopyFrom(pb.Conversation(messages=[*msgs, pb.Message(role="assistant", content=response)]))
+            msgs = [pb.Message(role=str(m["role"]), content=_text(m["content"], f"prompt[{i}]"))
+                    for i, m in enumerate(prompt)]
+            samples = [pb.Sample(conversation=pb.Conversation(messages=[*msgs, pb.Message(role="assistant", content=response)]))]
         else:
             raise InvalidInput('"prompt" must be a string or a list of {"role", "content"} messages')
-        (r,), _ = await self.servicer.score_samples([sample], self._options(request), None)
+        (r,), _ = await self.servicer.score_samples(samples, self._options(request), None, encode=encode)
         out = {"reward": r.reward, "conservative": r.conservative, "min": r.min, "std": r.std,
                "epistemic": r.epistemic if r.HasField("epistemic") else None,
                "num_tokens": r.num_tokens, "truncated": r.truncated}

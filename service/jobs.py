@@ -68,7 +68,9 @@ class JobRunner:
         threads = max(1, (os.cpu_count() or 2) // 2)
         proc = subprocess.Popen(
             [sys.executable, "-m", "rmserve.training.job"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-            env={**os.environ, "RMSERVE_TRAIN_THREADS": str(threads)}, text=True,
+            # PYTHONSAFEPATH: `-m` must not put the working directory on sys.path (a checkout's kernels/
+            # folder would shadow the `kernels` package transformers imports)
+            env={**os.environ, "RMSERVE_TRAIN_THREADS": str(threads), "PYTHONSAFEPATH": "1"}, text=True,
         )
         assert proc.stdin is not None and proc.stdout is not None
         self._proc = proc

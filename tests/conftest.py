@@ -8,9 +8,17 @@ same code path as any user model.
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
-import pytest
+# `python -m pytest` puts the working directory first on sys.path, and from the repository root
+# its `kernels/` folder would shadow Hugging Face's `kernels` package, which transformers imports
+# when installed (rmserve's kernels are `rmserve.kernels`). Drop it here and in every child.
+_ROOT = Path(__file__).resolve().parent.parent
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _ROOT]
+os.environ["PYTHONSAFEPATH"] = "1"
+
+import pytest  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")

@@ -96,6 +96,33 @@ def test_slime_score_answers_flat_scalars(http_server):
     assert status == 400 and "prompt" in out["error"]["message"]
 
 
+def test_slime_rendered_prompt_is_not_templated_twice(http_server, tokenizer):
+    """slime with --apply-chat-template sends the prompt rendered (generation prompt included) and
+    the sampler's text without the end-of-turn token: the same conversation as over gRPC."""
+    prompt = tokenizer.apply_chat_template(MSGS[:1], tokenize=False, add_generation_prompt=True)
+    status, out = post(url(http_server, "/score"), {"prompt": prompt, "response": MSGS[1]["content"]})
+    assert status == 200, out
+    with RewardClient(http_server.address, timeout=60) as c:
+        (want,) = c.score([{"messages": MSGS}])
+        (twice,) = c.score([{"prompt": prompt, "response": MSGS[1]["content"]}])  # what templating twice gives
+    assert out["reward"] == pytest.approx(want.reward, abs=1e-6) and out["num_tokens"] == want.num_tokens
+    assert twice.num_tokens > want.num_tokens
+
+
+def test_slime_content_parts_are_joined_and_other_parts_refused(http_server):
+    parts = [{"type": "text", "text": "How do I "}, {"type": "text", "text": "bake bread?"}]
+    status, out = post(url(http_server, "/score"), {"prompt": [{"role": "user", "content": parts}],
+                                                     "response": MSGS[1]["content"]})
+    assert status == 200, out
+    with RewardClient(http_server.address, timeout=60) as c:
+        assert out["reward"] == pytest.approx(c.score([{"messages": MSGS}])[0].reward, abs=1e-6)
+    image = [{"type": "image_url", "image_url": {"url": "http://x/y.png"}}]
+    status, out = post(url(http_server, "/score"), {"prompt": [{"role": "user", "content": image}], "response": "x"})
+    assert status == 400 and "image_url" in out["error"]["message"] and "prompt[0]" in out["error"]["message"]
+    status, out = post(url(http_server, "/score"), {"prompt": [{"role": "user", "content": 7}], "response": "x"})
+    assert status == 400 and "content" in out["error"]["message"]
+
+
 def test_health_and_model_info(http_server):
     status, out = asyncio.run(_request("GET", url(http_server, "/health")))
     assert (status, out) == (200, {"status": "SERVING"})

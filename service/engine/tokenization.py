@@ -50,6 +50,7 @@ class PromptEncoder:
         self.vocab_size = len(tokenizer)
         self.templated = bool(use_chat_template and getattr(tokenizer, "chat_template", None))
         self._tail = self._template_tail()
+        self._markers = self._template_markers()
 
     # -- public ---------------------------------------------------------------
 
@@ -76,6 +77,21 @@ class PromptEncoder:
         ids = self.tokenizer(text, add_special_tokens=False, return_attention_mask=False)["input_ids"]
         return self.token_ids(ids, where)
 
+    def rendered_reply(self, prompt: str, response: str, where: str = "sample") -> Encoded:
+        """A rendered prompt (generation prompt included) and the reply's text as a sampler
+        returns it, without the end-of-turn token: the turn is closed as the template closes
+        it, so the reward is read where it is for the same conversation over gRPC."""
+        text = prompt + response
+        if self._tail is not None and not text.endswith(self._tail[0]):
+            text += self._tail[0]
+        return self.rendered(text, where)
+
+    def is_rendered(self, text: str) -> bool:
+        """Whether `text` already carries the chat template: it holds one of the template's
+        special tokens (SmolLM2/Qwen "<|im_start|>", Llama "<|start_header_id|>"). slime sends
+        the prompt rendered when it runs with --apply-chat-template, plain otherwise."""
+        return any(t and t in text for t in self._markers)
+
     def _turn_tail(self, text: str) -> str:
         """What the chat template writes after a reply's end-of-turn token (SmolLM2/Qwen: "\\n"
         after <|im_end|>) when `text` stops right after that token, as a generating policy
@@ -94,6 +110,16 @@ class PromptEncoder:
         after = full[full.rfind(sentinel) + len(sentinel):]  # e.g. "<|im_end|>\n"
         stripped = after.rstrip()
         return (stripped, after[len(stripped):]) if stripped and after != stripped else None
+
+    def _template_markers(self) -> tuple[str, ...]:
+        """The special tokens this chat template writes around messages (a rendered prompt holds them)."""
+        if not self.templated:
+            return ()
+        scaffold = self.tokenizer.apply_chat_template(
+            [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}], tokenize=False)
+        special = set(self.tokenizer.all_special_tokens) | {
+            t.content for t in self.tokenizer.added_tokens_decoder.values() if t.special}
+        return tuple(sorted(t for t in special if t and t in scaffold))
 
     def token_ids(self, ids: Sequence[int], where: str = "sample") -> Encoded:
         if len(ids) == 0:
