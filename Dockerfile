@@ -37,4 +37,8 @@ USER rmserve
 EXPOSE 50051 9400
 HEALTHCHECK --interval=15s --timeout=5s --start-period=120s \
   CMD python -c "import sys; from rmserve.client import RewardClient; c = RewardClient('127.0.0.1:50051', timeout=4); sys.exit(0 if c.health() else 1)"
+# A container listens on all interfaces, so it needs API keys (docs/security.md):
+#   docker run -e RMSERVE_API_KEYS='{"<key>": ["score"]}' rmserve
+# or, on a private network only, override CMD with --insecure-open.
 ENTRYPOINT ["rmserve", "serve", "--host", "0.0.0.0", "--port", "50051", "--metrics-port", "9400"]
+CMD ["--api-keys-env", "RMSERVE_API_KEYS"]

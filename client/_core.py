@@ -11,11 +11,13 @@ from __future__ import annotations
 import dataclasses
 import math
 import operator
+import os
 import random
 import time
 from collections import deque
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
@@ -46,6 +48,8 @@ DEFAULT_MAX_CONCURRENT_REQUESTS = 4
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 DEFAULT_HEALTH_TIMEOUT = 10.0
 DEFAULT_STREAM_CHUNK_SIZE = 64
+KEEPALIVE_TIME_MS = 60_000     # >= the server's MIN_CLIENT_PING_INTERVAL_MS (service/config.py)
+KEEPALIVE_TIMEOUT_MS = 20_000
 
 RETRYABLE_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED})
 PUSHBACK_KEY = "grpc-retry-pushback-ms"
@@ -120,9 +124,12 @@ def build_channel_args(
     layers of retries would multiply. Reconnect backoff is capped at 2 s (gRPC's
     default grows to 120 s): while a channel waits to reconnect, every call fails
     at once with UNAVAILABLE, so a long reconnect backoff would burn all of the
-    SDK's retries without a single new connection attempt. Keepalive pings only while calls are open,
-    every 5 minutes: the server's default minimum ping interval, so a long call
-    never draws a too_many_pings GOAWAY from a server left at gRPC defaults.
+    SDK's retries without a single new connection attempt. Keepalive pings every
+    KEEPALIVE_TIME_MS, with or without calls open: a trainer's channel idle between
+    steps stays connected (NAT and load-balancer entries on the way stay alive) and a
+    dead server is noticed within 80 s rather than at the next call's deadline. rmserve
+    permits pings every 30 s (service/config.py MIN_CLIENT_PING_INTERVAL_MS), so they
+    never draw a too_many_pings GOAWAY.
     """
     opts: dict[str, Any] = {
         "grpc.max_send_message_length": max_message_bytes,
@@ -130,26 +137,54 @@ def build_channel_args(
         "grpc.enable_retries": 0,
         "grpc.initial_reconnect_backoff_ms": 100,
         "grpc.max_reconnect_backoff_ms": 2_000,
-        "grpc.keepalive_time_ms": 300_000,
-        "grpc.keepalive_timeout_ms": 20_000,
-        "grpc.keepalive_permit_without_calls": 0,
+        "grpc.keepalive_time_ms": KEEPALIVE_TIME_MS,
+        "grpc.keepalive_timeout_ms": KEEPALIVE_TIMEOUT_MS,
+        "grpc.keepalive_permit_without_calls": 1,
+        "grpc.http2.max_pings_without_data": 0,
     }
     opts.update(dict(extra.items() if isinstance(extra, Mapping) else (extra or ())))
     return list(opts.items())
 
 
+# PEM material for TLS: the bytes themselves, PEM text, or the path of a PEM file.
+Pem = bytes | str | os.PathLike
+
+
+def read_pem(value: Pem | None, what: str) -> bytes | None:
+    """Certificates and keys as bytes, so callers may pass what they have at hand (a path from config)."""
+    if value is None or isinstance(value, bytes):
+        return value
+    if isinstance(value, str) and value.lstrip().startswith("-----BEGIN"):
+        return value.encode()
+    try:
+        return Path(value).read_bytes()
+    except OSError as e:
+        raise ValueError(f"{what}: cannot read {value}: {e}") from e
+
+
 def channel_credentials(
     tls: bool | None,
-    root_certificates: bytes | None,
-    private_key: bytes | None,
-    certificate_chain: bytes | None,
+    root_certificates: Pem | None,
+    private_key: Pem | None,
+    certificate_chain: Pem | None,
 ) -> grpc.ChannelCredentials | None:
-    """TLS credentials when asked for (or implied by certificates); None means plaintext."""
+    """TLS credentials when asked for (or implied by certificates); None means plaintext.
+
+    `private_key` + `certificate_chain` are the client's own certificate, for a server
+    that requires one (mutual TLS, `rmserve serve --tls-client-ca`)."""
+    if (private_key is None) != (certificate_chain is None):
+        raise ValueError("a client certificate needs both certificate_chain= and its private_key=")
     if tls is None:
         tls = any(x is not None for x in (root_certificates, private_key, certificate_chain))
     if not tls:
+        if private_key is not None:
+            raise ValueError("a client certificate needs TLS: tls=False contradicts certificate_chain=/private_key=")
         return None
-    return grpc.ssl_channel_credentials(root_certificates, private_key, certificate_chain)
+    return grpc.ssl_channel_credentials(
+        read_pem(root_certificates, "root_certificates"),
+        read_pem(private_key, "private_key"),
+        read_pem(certificate_chain, "certificate_chain"),
+    )
 
 
 # ---------------------------------------------------------------------------
@@ -542,6 +577,8 @@ def parse_result(r: pb.ScoreResult, with_members: bool) -> ScoreResult:
         num_tokens=int(r.num_tokens),
         truncated=bool(r.truncated),
         id=r.id,
+        ood_score=float(r.ood_score) if r.HasField("ood_score") else None,
+        ood=bool(r.ood) if r.HasField("ood") else None,
     )
 
 
@@ -571,6 +608,9 @@ def parse_model_info(m: pb.ModelInfo) -> ModelInfo:
         has_epistemic=bool(m.has_epistemic),
         max_samples_per_request=int(m.max_samples_per_request),
         backbone_layers=int(m.backbone_layers),
+        ood_threshold=float(m.ood_threshold) if m.HasField("ood_threshold") else None,
+        ood_quantile=float(m.ood_quantile) if m.HasField("ood_threshold") else None,
+        ood_calibrated_on=m.ood_calibrated_on,
     )
 
 
@@ -586,6 +626,10 @@ class BaseClient:
     `with_options()` returns a shallow copy that shares the channel and has its
     own frozen `ClientOptions`; per-call keyword overrides work the same way,
     so neither ever changes the client they were made from.
+
+    TLS: `root_certificates=` (the CA that signed the server's certificate) and, for a
+    server that requires client certificates (mutual TLS), `certificate_chain=` with its
+    `private_key=`; each is PEM bytes, PEM text or the path of a PEM file.
     """
 
     _owns_channel: bool
@@ -603,9 +647,9 @@ class BaseClient:
         api_key: str | None = None,
         metadata: Mapping[str, str] | Iterable[tuple[str, str]] | None = None,
         tls: bool | None = None,
-        root_certificates: bytes | None = None,
-        private_key: bytes | None = None,
-        certificate_chain: bytes | None = None,
+        root_certificates: Pem | None = None,
+        private_key: Pem | None = None,
+        certificate_chain: Pem | None = None,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         channel_options: Mapping[str, Any] | Iterable[tuple[str, Any]] | None = None,
     ):

@@ -6,7 +6,7 @@ and names it by `__name__`. The function returned here scores the batch
 remotely (GRPO groups through ScoreGroups, so each prompt is encoded once),
 tags the calls with the trainer step for the server's run monitor, and puts the
 ensemble's uncertainty into the trainer's own logs: `rmserve/std` (and
-`rmserve/epistemic` when served) as metrics, per-sample std as a column of the
+`rmserve/epistemic` and `rmserve/ood_frac` when served) as metrics, per-sample std as a column of the
 completions table. trl itself is never imported here.
 """
 
@@ -252,10 +252,15 @@ class RewardFunc:
             if served:
                 log_metric("rmserve/epistemic", sum(served) / len(served))
             log_metric("rmserve/truncated_frac", sum(r.truncated for r in results) / len(results))
+            flags = [r.ood for r in results if r.ood is not None]
+            if flags:  # a model with OOD statistics: the share of completions it never saw the like of
+                log_metric("rmserve/ood_frac", sum(flags) / len(flags))
         if log_extra is not None:
             log_extra("rmserve_std", stds)
             if served:
                 log_extra("rmserve_epistemic", epistemic)
+            if any(r.ood_score is not None for r in results):
+                log_extra("rmserve_ood_score", [r.ood_score for r in results])
 
 
 def as_trl_reward_func(

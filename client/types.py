@@ -37,6 +37,11 @@ class ScoreResult:
     """The prompt was cut from the left to fit the token limit."""
     id: str = ""
     """The caller's sample id, echoed back."""
+    ood_score: float | None = None
+    """Distance per dimension of the sample's embedding from the training data's (about 1 in
+    distribution); None when the model has no statistics for it (docs/uncertainty.md)."""
+    ood: bool | None = None
+    """ood_score above the model's calibrated threshold (`ModelInfo.ood_threshold`); None without one."""
 
 
 @dataclass(frozen=True)
@@ -53,6 +58,10 @@ class ScoreArrays:
     """(num_samples, num_heads), or None unless every result carries members."""
     num_tokens: np.ndarray
     truncated: np.ndarray
+    ood_score: np.ndarray | None = None
+    """float32, NaN where a result had none; None when no result had one."""
+    ood: np.ndarray | None = None
+    """bool, where every result has a flag; None otherwise."""
 
 
 def as_arrays(results: Iterable[ScoreResult]) -> ScoreArrays:
@@ -62,9 +71,12 @@ def as_arrays(results: Iterable[ScoreResult]) -> ScoreArrays:
     def col(name: str, dtype: type) -> np.ndarray:
         return np.fromiter((getattr(r, name) for r in rs), dtype=dtype, count=len(rs))
 
-    epi = None
-    if any(r.epistemic is not None for r in rs):
-        epi = np.array([np.nan if r.epistemic is None else r.epistemic for r in rs], np.float32)
+    def optional(name: str) -> np.ndarray | None:
+        if not any(getattr(r, name) is not None for r in rs):
+            return None
+        return np.array([np.nan if getattr(r, name) is None else getattr(r, name) for r in rs], np.float32)
+
+    epi = optional("epistemic")
     members = None
     if rs and all(r.members is not None for r in rs) and len({len(r.members or ()) for r in rs}) == 1:
         members = np.array([r.members for r in rs], np.float32)
@@ -77,6 +89,8 @@ def as_arrays(results: Iterable[ScoreResult]) -> ScoreArrays:
         members=members,
         num_tokens=col("num_tokens", np.int64),
         truncated=col("truncated", np.bool_),
+        ood_score=optional("ood_score"),
+        ood=col("ood", np.bool_) if rs and all(r.ood is not None for r in rs) else None,
     )
 
 
@@ -132,3 +146,9 @@ class ModelInfo:
     has_epistemic: bool
     max_samples_per_request: int
     backbone_layers: int = 0   # layers the backbone runs (its layer cut); 0 from servers that predate it
+    ood_threshold: float | None = None
+    """`ood` = `ood_score` > this; None when the model has no OOD statistics."""
+    ood_quantile: float | None = None
+    """The quantile of held-out in-distribution scores the threshold is (0.99: 1% false alarms)."""
+    ood_calibrated_on: str = ""
+    """What those held-out scores came from."""

@@ -47,10 +47,15 @@ class AdminServicer(apb_grpc.AdminServiceServicer):
         """Training data must live under a --data-root: the server reads no other file for a caller."""
         if not self.data_roots:
             raise NotReady("this server accepts no training jobs: start it with --data-root DIR (the data it may read)")
-        p = Path(path).resolve()
-        if not any(p.is_relative_to(root) for root in self.data_roots):
+        try:  # a NUL byte or an over-long name raises rather than answering "no such file"
+            p = Path(path).resolve()
+            inside = any(p.is_relative_to(root) for root in self.data_roots)
+            exists = inside and p.is_file()
+        except (OSError, ValueError) as e:
+            raise InvalidInput(f"{what} {path!r} is not a usable path: {e}") from e
+        if not inside:
             raise InvalidInput(f"{what} {path!r} is outside the server's data roots {[str(r) for r in self.data_roots]}")
-        if not p.is_file():
+        if not exists:
             raise InvalidInput(f"{what} {path!r} does not exist on the server")
         return str(p)
 
@@ -65,10 +70,14 @@ class AdminServicer(apb_grpc.AdminServiceServicer):
                 extra = json.loads(req.options_json)
             except json.JSONDecodeError as e:
                 raise InvalidInput(f"options_json is not valid JSON: {e}") from e
+            except RecursionError as e:  # thousands of nested brackets
+                raise InvalidInput("options_json is nested too deeply to read") from e
             if not isinstance(extra, dict):
                 raise InvalidInput("options_json must be a JSON object of TrainConfig fields")
             if bad := sorted(_RESERVED & set(extra)):
                 raise InvalidInput(f"options_json may not set {bad}: the server chooses them")
+            if extra.get("feature_cache") not in (None, ""):  # a directory the job would read and write
+                raise InvalidInput("options_json feature_cache may only be '' (no cache): the server chooses where it caches")
         if extra.pop("from_store", False):
             if req.data_path:
                 raise InvalidInput("set data_path or options_json from_store, not both")

@@ -17,6 +17,7 @@ def _serve(args: argparse.Namespace) -> int:
     import asyncio
     import signal
 
+    from rmserve.service.auth import install_reload_on_sighup
     from rmserve.service.config import ServerConfig
     from rmserve.service.errors import NotReady
     from rmserve.service.server import RewardServer
@@ -26,10 +27,12 @@ def _serve(args: argparse.Namespace) -> int:
         metrics_port=None if args.metrics_port < 0 else args.metrics_port, metrics_host=args.metrics_host,
         dtype=args.dtype, device=args.device, max_tokens=args.max_tokens, token_budget=args.token_budget,
         batch_tokens=args.batch_tokens, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
+        max_queue_per_client=args.max_queue_per_client,
         max_samples_per_request=args.max_samples_per_request, registry=args.registry, data_roots=args.data_root,
-        api_keys=args.api_keys, tls_cert=args.tls_cert, tls_key=args.tls_key,
+        api_keys=args.api_keys, api_keys_env=args.api_keys_env, tls_cert=args.tls_cert, tls_key=args.tls_key,
+        tls_client_ca=args.tls_client_ca, insecure_open=args.insecure_open,
         runs_file=args.runs_file, monitor=_monitor_settings(args.monitor), labels_db=args.labels_db,
-        http_port=args.http_port, http_reward_field=args.http_reward_field,
+        http_port=args.http_port, http_reward_field=args.http_reward_field, grace_s=args.grace,
     )
 
     async def run() -> int:
@@ -43,6 +46,8 @@ def _serve(args: argparse.Namespace) -> int:
         stopping = asyncio.Event()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stopping.set)
+        if server.api_keys is not None:
+            install_reload_on_sighup(loop, server.api_keys)
         ready = asyncio.ensure_future(server.wait_ready())
         stop = asyncio.ensure_future(stopping.wait())
         await asyncio.wait({ready, stop}, return_when=asyncio.FIRST_COMPLETED)
@@ -217,13 +222,25 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--batch-tokens", type=int, default=16384, help="real tokens per scheduler batch")
     s.add_argument("--max-wait-ms", type=float, default=5.0, help="how long a batch waits to fill")
     s.add_argument("--max-queue", type=int, default=8192, help="queued samples before RESOURCE_EXHAUSTED")
+    s.add_argument("--max-queue-per-client", type=int, metavar="N",
+                   help="samples one client (API key, else connection) may have queued or being scored before "
+                        "its calls get RESOURCE_EXHAUSTED (default: half of --max-queue; 0: no per-client cap)")
     s.add_argument("--max-samples-per-request", type=int, default=1024)
+    s.add_argument("--grace", type=float, default=10.0, metavar="SECONDS",
+                   help="on SIGTERM/SIGINT, how long calls in flight may take to finish; the server exits "
+                        "as soon as none is left (default %(default)s)")
     s.add_argument("--registry", help="directory of trained model versions (default: $RMSERVE_CACHE/registry)")
     s.add_argument("--data-root", action="append", default=[], metavar="DIR",
                    help="a directory the Train RPC may read data from (repeatable; none: Train is refused)")
-    s.add_argument("--api-keys", metavar="FILE", help='JSON {"key": ["score", "label", "admin"], ...}; none: open')
+    s.add_argument("--api-keys", metavar="FILE",
+                   help='JSON {"key": ["score", "label", "admin"], ...}, re-read on SIGHUP; none: open')
+    s.add_argument("--api-keys-env", metavar="VAR", help="the same JSON from this environment variable instead")
     s.add_argument("--tls-cert", metavar="PEM", help="serve TLS with this certificate chain (needs --tls-key)")
     s.add_argument("--tls-key", metavar="PEM", help="private key of --tls-cert")
+    s.add_argument("--tls-client-ca", metavar="PEM",
+                   help="mutual TLS: require a client certificate signed by this CA (gRPC; needs --tls-cert)")
+    s.add_argument("--insecure-open", action="store_true",
+                   help="serve without API keys or client certificates on a non-loopback --host (docs/security.md)")
     s.add_argument("--http-port", type=int, metavar="PORT",
                    help="also serve HTTP/JSON on this port: OpenRLHF's POST /get_reward, slime's POST /score, "
                         "GET /health, GET /v1/model (docs/http.md); 0 picks a free port")
@@ -277,7 +294,14 @@ def build_parser() -> argparse.ArgumentParser:
     rep.set_defaults(func=_labels_report)
 
     try:
-        from rmserve.training.cli import add_eval_args, add_train_args, run_eval, run_train
+        from rmserve.training.cli import (
+            add_calibrate_ood_args,
+            add_eval_args,
+            add_train_args,
+            run_calibrate_ood,
+            run_eval,
+            run_train,
+        )
     except ImportError:  # a client-only install has no training dependencies
         pass
     else:
@@ -287,6 +311,9 @@ def build_parser() -> argparse.ArgumentParser:
         e = sub.add_parser("eval", help="evaluate an ensemble on preference pairs")
         add_eval_args(e)
         e.set_defaults(func=run_eval)
+        o = sub.add_parser("calibrate-ood", help="add OOD statistics and a calibrated flag to an ensemble")
+        add_calibrate_ood_args(o)
+        o.set_defaults(func=run_calibrate_ood)
     return p
 
 

@@ -19,6 +19,7 @@ Calls may be tagged for the run monitor with headers `X-RMServe-Run-Id` and `X-R
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from collections.abc import Awaitable, Callable
@@ -37,6 +38,14 @@ if TYPE_CHECKING:
 
 REWARD_FIELDS = ("reward", "conservative", "min")
 _SCORE_METHOD = "/rmserve.v1.RewardService/Score"  # the scope an HTTP scoring call needs, as for gRPC
+
+
+def _client(request: web.Request) -> str:
+    """Who a request counts against for --max-queue-per-client: its API key (a digest, the
+    same as over gRPC), else its host (HTTP clients often open a connection per request)."""
+    if header := request.headers.get("Authorization"):
+        return "key:" + hashlib.sha256(header.encode()).hexdigest()[:16]
+    return f"http:{request.remote}"
 
 
 def _text(content: Any, where: str) -> str:
@@ -144,7 +153,8 @@ class HttpFrontDoor:
         def encode(encoder) -> list[Encoded]:
             return [encoder.rendered(q, f"query {i}") for i, q in enumerate(queries)]
 
-        results, _ = await self.servicer.score_samples(None, self._options(request), None, encode=encode)
+        results, _ = await self.servicer.score_samples(None, self._options(request), None, encode=encode,
+                                                       client=_client(request))
         rewards = [getattr(r, self.reward_field) for r in results]
         logs: dict[str, list] = {
             "rm_reward": [r.reward for r in results], "rm_std": [r.std for r in results],
@@ -152,8 +162,10 @@ class HttpFrontDoor:
         }
         if all(r.HasField("epistemic") for r in results):
             logs["rm_epistemic"] = [r.epistemic for r in results]
-        if "ood" in pb.ScoreResult.DESCRIPTOR.fields_by_name and all(r.HasField("ood") for r in results):
-            logs["rm_ood"] = [float(r.ood) for r in results]  # once the model serves an OOD flag
+        if all(r.HasField("ood_score") for r in results):
+            logs["rm_ood_score"] = [r.ood_score for r in results]
+        if all(r.HasField("ood") for r in results):
+            logs["rm_ood"] = [float(r.ood) for r in results]
         return {"rewards": rewards, "scores": rewards, "extra_logs": logs}
 
     async def score(self, request: web.Request) -> dict[str, Any]:
@@ -176,12 +188,13 @@ class HttpFrontDoor:
             samples = [pb.Sample(conversation=pb.Conversation(messages=[*msgs, pb.Message(role="assistant", content=response)]))]
         else:
             raise InvalidInput('"prompt" must be a string or a list of {"role", "content"} messages')
-        (r,), _ = await self.servicer.score_samples(samples, self._options(request), None, encode=encode)
+        (r,), _ = await self.servicer.score_samples(samples, self._options(request), None, encode=encode,
+                                                    client=_client(request))
         out = {"reward": r.reward, "conservative": r.conservative, "min": r.min, "std": r.std,
                "epistemic": r.epistemic if r.HasField("epistemic") else None,
                "num_tokens": r.num_tokens, "truncated": r.truncated}
-        if "ood" in r.DESCRIPTOR.fields_by_name:
-            out["ood"] = bool(r.ood) if r.HasField("ood") else None
+        out["ood_score"] = r.ood_score if r.HasField("ood_score") else None
+        out["ood"] = r.ood if r.HasField("ood") else None
         return out
 
     async def health(self, request: web.Request) -> web.Response:
@@ -194,6 +207,8 @@ class HttpFrontDoor:
             "name": m.name, "version": m.version, "kind": m.kind, "num_members": len(m.members),
             "num_heads": m.num_heads, "backbone": m.backbone_name, "backbone_layers": m.backbone_layers,
             "max_tokens": m.max_tokens, "dtype": m.dtype_name, "has_epistemic": m.has_epistemic,
+            "ood_threshold": m.ood.threshold if m.ood else None,
+            "ood_calibrated_on": m.ood.calibrated_on if m.ood else None,
             "default_uncertainty_penalty": m.uncertainty_penalty, "reward_field": self.reward_field,
             "max_samples_per_request": self.state.config.max_samples_per_request,
         }

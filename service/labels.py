@@ -96,8 +96,12 @@ class LabelServicer(lpb_grpc.LabelServiceServicer):
         self.state = state
         self.store = store
 
-    async def _scored(self, prompts_and_responses: Sequence[tuple[object, Sequence[str]]], context) -> list[np.ndarray]:
-        """Per-head rewards [n_responses, K] for each (prompt, responses), through the scheduler."""
+    async def _scored(
+        self, prompts_and_responses: Sequence[tuple[object, Sequence[str]]], context, *, skip_unreadable: bool = False
+    ) -> list[np.ndarray | None]:
+        """Per-head rewards [n_responses, K] for each (prompt, responses), through the scheduler.
+        With `skip_unreadable`, an item the model cannot encode (a role its template does not
+        know, a response over its token limit) gets None instead of failing the whole call."""
         slot = self.state.live_slot()
         groups = []
         for prompt, responses in prompts_and_responses:
@@ -106,12 +110,27 @@ class LabelServicer(lpb_grpc.LabelServiceServicer):
             groups.append(g)
         loop = asyncio.get_running_loop()
         limit = max(self.state.config.max_samples_per_request, sum(len(g.completions) for g in groups))
-        encoded = await loop.run_in_executor(self.state.tokenizer_pool, encode_groups, slot.model.encoder, groups, limit)
-        flat = [e for g in encoded for e in g]
+
+        def encode() -> list[list | None]:
+            if not skip_unreadable:
+                return encode_groups(slot.model.encoder, groups, limit)
+            out: list[list | None] = []
+            for g in groups:
+                try:
+                    out.append(encode_groups(slot.model.encoder, [g], limit)[0])
+                except InvalidInput:
+                    out.append(None)
+            return out
+
+        encoded = await loop.run_in_executor(self.state.tokenizer_pool, encode)
+        flat = [e for g in encoded if g is not None for e in g]
         rows = await self.state.scheduler.submit(slot, [e.ids for e in flat], [len(e.ids) for e in flat],
-                                                 deadline_of(context))
+                                                 deadline_of(context)) if flat else []
         out, i = [], 0
         for g in encoded:
+            if g is None:
+                out.append(None)
+                continue
             out.append(np.stack([rows[i + j].rewards for j in range(len(g))]).astype(np.float64))
             i += len(g)
         return out
@@ -177,8 +196,12 @@ class LabelServicer(lpb_grpc.LabelServiceServicer):
         version = ""
         if scored and self.state.slot is not None:
             version = self.state.slot.version
-            rewards = await self._scored([(p.prompt, p.responses) for p in scored], context)
+            # a stored label the served model cannot read (another model's template or token
+            # limit) gets no model opinion; it must not take the whole report down
+            rewards = await self._scored([(p.prompt, p.responses) for p in scored], context, skip_unreadable=True)
             for p, r in zip(scored, rewards, strict=True):
+                if r is None:
+                    continue
                 mean = r.mean(axis=1)
                 for i, j, _ in comparisons(p):
                     key, canonical = _item_key(p.prompt, p.responses[i], p.responses[j])
@@ -205,6 +228,8 @@ class LabelServicer(lpb_grpc.LabelServiceServicer):
         async def rows() -> list[str]:
             if request.kind not in ("", "human", "ai"):
                 raise InvalidInput(f"kind must be human or ai (or empty for both), got {request.kind!r}")
+            if request.HasField("since_unix") and not math.isfinite(request.since_unix):
+                raise InvalidInput(f"since_unix must be a finite number of seconds, got {request.since_unix}")
             filters = Filters(kind=request.kind or None, tag=request.tag or None, labeler=request.labeler or None,
                               since=request.since_unix if request.HasField("since_unix") else None)
             return await asyncio.get_running_loop().run_in_executor(

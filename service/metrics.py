@@ -40,6 +40,11 @@ class Metrics:
             ["method"], buckets=_LATENCY_BUCKETS, registry=r,
         )
         self.in_flight = Gauge("rmserve_requests_in_flight", "RPCs being handled now", registry=r)
+        self.stream_chunks = Gauge(
+            "rmserve_stream_chunks_unanswered",
+            "ScoreStream chunks read and not yet written back, all streams (at most STREAM_WINDOW per stream)",
+            registry=r,
+        )
         self.queue_depth_gauge = Gauge("rmserve_queue_depth", "Samples waiting in the scheduler queue", registry=r)
         self.queue_capacity = Gauge("rmserve_queue_capacity", "Samples the queue holds before RESOURCE_EXHAUSTED", registry=r)
         self.queue_wait = Histogram(

@@ -24,6 +24,7 @@ class Row:
     var: float
     min: float
     epistemic: float | None
+    ood_score: float | None = None
 
 
 def _messages(conv: pb.Conversation) -> list[dict[str, str]]:
@@ -84,7 +85,8 @@ def encode_groups(encoder: PromptEncoder, groups, max_samples: int) -> list[list
     return out
 
 
-def result_pb(row: Row, enc: Encoded, *, lam: float, members: bool, sample_id: str = "") -> pb.ScoreResult:
+def result_pb(row: Row, enc: Encoded, *, lam: float, members: bool, sample_id: str = "",
+              ood_threshold: float | None = None) -> pb.ScoreResult:
     r = pb.ScoreResult(
         id=sample_id,
         reward=row.mean,
@@ -96,6 +98,10 @@ def result_pb(row: Row, enc: Encoded, *, lam: float, members: bool, sample_id: s
     )
     if row.epistemic is not None:
         r.epistemic = row.epistemic
+    if row.ood_score is not None:
+        r.ood_score = row.ood_score
+        if ood_threshold is not None:
+            r.ood = row.ood_score > ood_threshold
     if members:
         r.members.extend(row.rewards.tolist())
     return r

@@ -10,7 +10,9 @@ it on each path a status can leave the server by:
 - a call refused before its handler runs (`refusing_handler`: auth);
 - request bytes that do not parse (`lenient`, used by `add_service` for every
   method of every service): INVALID_ARGUMENT naming the message type, instead
-  of grpc's generic INTERNAL.
+  of grpc's generic INTERNAL;
+- a graceful stop (`drain`): new calls get UNAVAILABLE, the work in flight
+  (`Work`) finishes within the grace period, then what is left is cancelled.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from google.protobuf import message_factory
 from google.protobuf.descriptor import ServiceDescriptor
 from google.protobuf.message import DecodeError
 
-from rmserve.service.errors import InvalidInput, QueueFull, grpc_status
+from rmserve.service.errors import InvalidInput, QueueFull, Unavailable, grpc_status
 from rmserve.service.metrics import Metrics
 from rmserve.v1 import reward_pb2 as pb
 
@@ -64,24 +66,107 @@ def deadline_of(context: grpc.aio.ServicerContext) -> float | None:
     return None if remaining is None else time.monotonic() + remaining
 
 
+# Status messages travel percent-encoded in the grpc-message trailer, and a client refuses
+# trailers over 8 KiB (it reports RESOURCE_EXHAUSTED, not the status): room for the rest.
+MAX_STATUS_BYTES = 2048
+
+
+def _encoded_size(c: str) -> int:
+    return 1 if " " <= c <= "~" and c != "%" else 3 * len(c.encode("utf-8", "surrogatepass"))
+
+
+def bounded(message: str, limit: int = MAX_STATUS_BYTES) -> str:
+    """`message` cut in the middle to fit `limit` bytes as a grpc-message: an error that
+    quotes a huge input (a 100 KB sample id) must still reach the caller as its status."""
+    sizes = [_encoded_size(c) for c in message]
+    if sum(sizes) <= limit:
+        return message
+    budget = (limit - 64) // 2
+    head = tail = used = 0
+    while used + sizes[head] <= budget:
+        used += sizes[head]
+        head += 1
+    used = 0
+    while used + sizes[-1 - tail] <= budget:
+        used += sizes[-1 - tail]
+        tail += 1
+    return f"{message[:head]} [... {len(message) - head - tail} characters cut ...] {message[len(message) - tail:]}"
+
+
 def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     """(code, message); an unexpected exception (INTERNAL) is logged with its traceback."""
     code, message = grpc_status(exc)
     if code == grpc.StatusCode.INTERNAL:
         log.error("unexpected error", exc_info=exc)
-    return code, message
+    return code, bounded(message)
+
+
+class Work:
+    """Calls doing work now: what a graceful stop waits for.
+
+    A call counts from its start until gRPC has sent its status (unary calls), a
+    ScoreStream chunk until its answer is written. Long-lived streams between
+    chunks (a health Watch, an idle ScoreStream) are not work, so they do not
+    hold a stop for the whole grace period.
+    """
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.closed = False  # stopping: calls that start now are refused (UNAVAILABLE)
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    def close(self) -> None:
+        self.closed = True
+
+    def begin(self) -> None:
+        self.count += 1
+        self._idle.clear()
+
+    def end(self) -> None:
+        self.count -= 1
+        if self.count == 0:
+            self._idle.set()
+
+    def until_rpc_done(self, context: grpc.aio.ServicerContext) -> None:
+        """Counts the call until gRPC has finished it (status sent or call cancelled)."""
+        self.begin()
+        context.add_done_callback(lambda _: self.end())
+
+    async def idle(self) -> None:
+        await self._idle.wait()
+
+
+async def drain(server: grpc.aio.Server, work: Work, grace: float) -> None:
+    """Graceful stop: with `work` closed, new calls get UNAVAILABLE at once (call_with_status);
+    the work in flight has `grace` seconds to finish; then gRPC stops, cancelling every call
+    still open (UNAVAILABLE to its caller). Returns as soon as no work is left, instead of
+    waiting out the grace period for streams that are only open. gRPC's stop is called once:
+    two concurrent stops of a grpc.aio server can crash the process."""
+    idle = asyncio.ensure_future(work.idle())
+    try:
+        await asyncio.wait({idle}, timeout=grace)
+    finally:
+        idle.cancel()
+        await server.stop(None)
 
 
 async def call_with_status(
-    metrics: Metrics, method: str, context: grpc.aio.ServicerContext, fn: Callable[[], Awaitable[Any]], request=None
+    metrics: Metrics, method: str, context: grpc.aio.ServicerContext, fn: Callable[[], Awaitable[Any]], request=None,
+    work: Work | None = None,
 ):
-    """Runs `fn()` for an RPC: counts and times it, and aborts with the mapped status on error."""
+    """Runs `fn()` for an RPC: counts and times it, and aborts with the mapped status on error.
+    With `work`, the call counts as work in flight until gRPC has finished it (see `drain`)."""
     t0 = time.perf_counter()
     code = grpc.StatusCode.OK
+    if work is not None:
+        work.until_rpc_done(context)
     metrics.in_flight.inc()
     try:
         if isinstance(request, Malformed):
             raise request.reject()
+        if work is not None and work.closed:  # gRPC refuses new calls too, but only once its stop has begun
+            raise Unavailable("the server is shutting down; retry (another replica, or this one once restarted)")
         return await fn()
     except asyncio.CancelledError:
         code = grpc.StatusCode.CANCELLED
@@ -91,6 +176,7 @@ async def call_with_status(
     except Exception as e:
         code, message = status_of(e)
         if isinstance(e, QueueFull):
+            # a negative hint (the request alone is over a limit) tells gRPC-style clients not to retry
             context.set_trailing_metadata((("grpc-retry-pushback-ms", str(int(e.retry_after_s * 1000))),))
         await context.abort(code, message)
     finally:
@@ -101,12 +187,14 @@ async def call_with_status(
 
 
 def unary(method: str):
-    """Decorator of a servicer's unary method (the servicer has `.state.metrics`)."""
+    """Decorator of a servicer's unary method (the servicer has `.state.metrics` and `.state.work`)."""
 
     def deco(fn: Callable):
         @functools.wraps(fn)
         async def wrapper(self, request, context: grpc.aio.ServicerContext):
-            return await call_with_status(self.state.metrics, method, context, lambda: fn(self, request, context), request)
+            return await call_with_status(
+                self.state.metrics, method, context, lambda: fn(self, request, context), request, self.state.work
+            )
 
         return wrapper
 
@@ -185,6 +273,6 @@ def http_error(exc: BaseException) -> tuple[int, dict[str, Any], dict[str, str]]
     message in the body; RESOURCE_EXHAUSTED from a full queue carries Retry-After."""
     code, message = status_of(exc)
     headers = {}
-    if isinstance(exc, QueueFull):
+    if isinstance(exc, QueueFull) and exc.retry_after_s >= 0:  # negative: retrying cannot help, no header
         headers["Retry-After"] = str(max(1, round(exc.retry_after_s)))
     return HTTP_STATUS.get(code, 500), {"error": {"code": code.name, "message": message}}, headers

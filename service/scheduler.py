@@ -10,6 +10,18 @@ Items whose caller left (cancelled future) are dropped before they cost
 compute; items past their deadline fail with DeadlineExceeded. A full queue
 refuses new work at once with QueueFull and a retry hint, rather than letting
 latency grow without bound.
+
+Fairness: each item carries its client (an API key, a connection). One client
+may hold at most `max_queue_per_client` samples queued or being scored, and a
+batch takes items in turn from each client's backlog, so a flood from one
+client neither fills the queue nor makes everyone else wait behind it.
+
+Faults: a batch whose run fails is split in half and each half run again,
+down to single items, so a poisoned sample fails alone (`SampleFailed`, with
+its index in the request) and the rest of its batch is answered. Whatever goes
+wrong, every admitted item gets an answer: an unexpected error in the loop
+fails the items it concerned and the loop goes on; stopping fails the queued
+and the running items.
 """
 
 from __future__ import annotations
@@ -18,12 +30,15 @@ import asyncio
 import collections
 import concurrent.futures
 import contextlib
+import logging
 import time
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from rmserve.service.errors import DeadlineExceeded, QueueFull, Unavailable
+from rmserve.service.errors import DeadlineExceeded, QueueFull, SampleFailed, Unavailable
+
+log = logging.getLogger("rmserve.scheduler")
 
 
 class SchedulerObserver(Protocol):
@@ -39,7 +54,15 @@ class _Item:
     cost: int
     deadline: float | None       # time.monotonic() seconds
     future: asyncio.Future
+    client: Hashable | None = None  # None: not subject to the per-client cap
     enqueued: float = field(default_factory=time.monotonic)
+
+
+@dataclass(frozen=True)
+class _Failed:
+    """An item's run raised (alone, after splitting): the value its caller gets raised."""
+
+    error: BaseException
 
 
 class Scheduler:
@@ -51,10 +74,14 @@ class Scheduler:
         token_budget: int = 16384,
         max_batch_items: int = 512,
         max_wait_s: float = 0.005,
+        max_queue_per_client: int | None = None,
         observer: SchedulerObserver | None = None,
     ):
         self._run_batch = run_batch
         self.max_queue = max_queue
+        self.max_queue_per_client = max_queue_per_client
+        self._outstanding: collections.Counter[Hashable] = collections.Counter()  # per client: admitted, unanswered
+        self._running: list[_Item] = []  # the batch on the worker now (out of the queue, not yet answered)
         self.token_budget = token_budget
         self.max_batch_items = max_batch_items
         self.max_wait_s = max_wait_s
@@ -78,9 +105,8 @@ class Scheduler:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
-        for item in self._queue:
-            if not item.future.done():
-                item.future.set_exception(Unavailable("the server is shutting down; retry on another replica"))
+        self._fail([*self._running, *self._queue], Unavailable("the server is shutting down; retry on another replica"))
+        self._running = []
         self._queue.clear()
         self._worker.shutdown(wait=True)
 
@@ -91,68 +117,153 @@ class Scheduler:
     # -- submit -----------------------------------------------------------------
 
     async def submit(
-        self, key: Hashable, payloads: Sequence[Any], costs: Sequence[int], deadline: float | None = None
+        self,
+        key: Hashable,
+        payloads: Sequence[Any],
+        costs: Sequence[int],
+        deadline: float | None = None,
+        client: Hashable | None = None,
     ) -> list[Any]:
-        """Results for `payloads`, in order. Cancelling the caller drops its queued items."""
-        if len(self._queue) + len(payloads) > self.max_queue:
-            queued_tokens = sum(i.cost for i in self._queue)
-            retry = max(0.05, queued_tokens / self._tokens_per_s)
+        """Results for `payloads`, in order. Cancelling the caller drops its queued items.
+
+        `client` is who asks (None: exempt from the per-client cap). A payload whose run
+        failed alone raises `SampleFailed` with its index in `payloads`.
+        """
+        if not payloads:
+            return []
+        self._admit(len(payloads), client)
+        loop = asyncio.get_running_loop()
+        items = [_Item(key, p, int(c), deadline, loop.create_future(), client)
+                 for p, c in zip(payloads, costs, strict=True)]
+        self._queue.extend(items)
+        if client is not None:
+            self._outstanding[client] += len(items)
+        self._notify_depth()
+        self._wakeup.set()
+        try:
+            futures = [i.future for i in items]
+            await asyncio.wait(futures, return_when=asyncio.FIRST_EXCEPTION)
+            failed = [(n, e) for n, f in enumerate(futures)  # .exception() also marks each one as heard
+                      if f.done() and not f.cancelled() and (e := f.exception()) is not None]
+            if failed:
+                n, e = failed[0]
+                if isinstance(e, SampleFailed):
+                    e.index = n
+                raise e
+            return [f.result() for f in futures]
+        finally:
+            for i in items:  # a caller that left (or failed) frees its queued items
+                if not i.future.done():
+                    i.future.cancel()
+            if client is not None:
+                self._outstanding[client] -= len(items)
+                if self._outstanding[client] <= 0:
+                    del self._outstanding[client]
+
+    def _admit(self, n: int, client: Hashable | None) -> None:
+        """Refuse at once what the queue cannot take, with a retry hint (negative where
+        waiting cannot help: the request alone is over a limit)."""
+        cap = self.max_queue_per_client
+        if n > self.max_queue or (client is not None and cap is not None and n > cap):
+            limit = self.max_queue if n > self.max_queue else cap
+            raise QueueFull(
+                f"the request has {n} samples, more than the queue takes from one caller ({limit}); "
+                "send fewer samples at once", retry_after_s=-1.0,
+            )
+        if client is not None and cap is not None and self._outstanding[client] + n > cap:
+            held = self._outstanding[client]
+            retry = self._retry_after(sum(i.cost for i in self._queue if i.client == client))
+            raise QueueFull(
+                f"this client already has {held} samples queued or being scored and may have at most {cap} "
+                f"(--max-queue-per-client); retry in about {retry:.2f} s, or wait for answers before sending more",
+                retry_after_s=retry,
+            )
+        if len(self._queue) + n > self.max_queue:
+            retry = self._retry_after(sum(i.cost for i in self._queue))
             raise QueueFull(
                 f"the scoring queue is full ({len(self._queue)} samples waiting, limit {self.max_queue}); "
                 f"retry in about {retry:.2f} s or send fewer samples at once",
                 retry_after_s=retry,
             )
-        loop = asyncio.get_running_loop()
-        items = [_Item(key, p, int(c), deadline, loop.create_future()) for p, c in zip(payloads, costs, strict=True)]
-        self._queue.extend(items)
-        self._notify_depth()
-        self._wakeup.set()
-        try:
-            return list(await asyncio.gather(*(i.future for i in items)))
-        finally:
-            for i in items:  # a caller that left (or failed) frees its queued items
-                if not i.future.done():
-                    i.future.cancel()
+
+    def _retry_after(self, tokens: int) -> float:
+        """Seconds until `tokens` queued tokens are scored, at the measured rate."""
+        return max(0.05, tokens / self._tokens_per_s)
 
     # -- the loop ---------------------------------------------------------------
 
     async def _loop(self) -> None:
-        loop = asyncio.get_running_loop()
         while True:
-            self._purge()
-            if not self._queue:
-                self._wakeup.clear()
-                await self._wakeup.wait()
-                continue
-            oldest = self._queue[0]
-            ready_tokens = sum(i.cost for i in self._queue if i.key == oldest.key)
-            wait = oldest.enqueued + self.max_wait_s - time.monotonic()
-            if ready_tokens < self.token_budget and wait > 0:
-                self._wakeup.clear()
-                with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(self._wakeup.wait(), timeout=wait)
-                continue
-            batch = self._take(oldest.key)
-            if not batch:
-                continue
-            now = time.monotonic()
-            tokens = sum(i.cost for i in batch)
-            if self._observer:
-                self._observer.batch_formed(len(batch), tokens, [now - i.enqueued for i in batch])
-            t0 = time.monotonic()
             try:
-                results = await loop.run_in_executor(self._worker, self._run_batch, batch[0].key, [i.payload for i in batch])
-            except Exception as e:  # the whole batch failed: every caller hears why
-                for i in batch:
-                    if not i.future.done():
-                        i.future.set_exception(e)
+                await self._step()
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # a bug must not strand callers: whoever it concerned hears it
+                log.exception("scheduler: unexpected error; failing the samples it concerned")
+                self._fail(self._running or list(self._queue), e)
+                if not self._running:
+                    self._queue.clear()
+                    self._notify_depth()
+            self._running = []
+
+    async def _step(self) -> None:
+        """Wait for a batch to close and run it, or return after waiting (the loop comes back)."""
+        self._purge()
+        if not self._queue:
+            self._wakeup.clear()
+            await self._wakeup.wait()
+            return
+        oldest = self._queue[0]
+        ready_tokens = sum(i.cost for i in self._queue if i.key == oldest.key)
+        wait = oldest.enqueued + self.max_wait_s - time.monotonic()
+        if ready_tokens < self.token_budget and wait > 0:
+            self._wakeup.clear()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._wakeup.wait(), timeout=wait)
+            return
+        batch = self._running = self._take(oldest.key)
+        if not batch:
+            return
+        now = time.monotonic()
+        tokens = sum(i.cost for i in batch)
+        if self._observer:
+            self._observer.batch_formed(len(batch), tokens, [now - i.enqueued for i in batch])
+        t0 = time.monotonic()
+        outcomes = await asyncio.get_running_loop().run_in_executor(
+            self._worker, self._run_isolating, batch[0].key, [i.payload for i in batch]
+        )
+        elapsed = time.monotonic() - t0
+        if elapsed > 0:
+            self._tokens_per_s = 0.8 * self._tokens_per_s + 0.2 * (tokens / elapsed)
+        for i, out in zip(batch, outcomes, strict=True):
+            if i.future.done():
                 continue
-            elapsed = time.monotonic() - t0
-            if elapsed > 0:
-                self._tokens_per_s = 0.8 * self._tokens_per_s + 0.2 * (tokens / elapsed)
-            for i, r in zip(batch, results, strict=True):
-                if not i.future.done():
-                    i.future.set_result(r)
+            if isinstance(out, _Failed):
+                i.future.set_exception(SampleFailed(out.error))
+            else:
+                i.future.set_result(out)
+
+    def _run_isolating(self, key: Hashable, payloads: list[Any]) -> list[Any]:
+        """run_batch on the worker thread. If it raises, each half is run again (recursively):
+        a poisoned item costs log2(batch) extra runs and fails alone, as `_Failed`. A result
+        that is an exception instance fails its item alone too (run_batch's per-item errors)."""
+        try:
+            results = self._run_batch(key, payloads)
+            if len(results) != len(payloads):
+                raise RuntimeError(f"the engine returned {len(results)} results for {len(payloads)} inputs")
+        except BaseException as e:  # a SystemExit on the worker too: every caller must hear an answer
+            if len(payloads) == 1:
+                return [_Failed(e)]
+            log.warning("a batch of %d failed (%s: %s); running its halves apart to isolate the cause",
+                        len(payloads), type(e).__name__, e)
+            half = len(payloads) // 2
+            return self._run_isolating(key, payloads[:half]) + self._run_isolating(key, payloads[half:])
+        return [_Failed(r) if isinstance(r, BaseException) else r for r in results]
+
+    def _fail(self, items: Sequence[_Item], error: BaseException) -> None:
+        for i in items:
+            if not i.future.done():
+                i.future.set_exception(error)
 
     def _purge(self) -> None:
         """Drop cancelled items and fail expired ones before they cost compute."""
@@ -177,18 +288,29 @@ class Scheduler:
             self._notify_depth()
 
     def _take(self, key: Hashable) -> list[_Item]:
-        """FIFO items of `key` up to the token budget (at least one)."""
-        batch: list[_Item] = []
-        rest: collections.deque[_Item] = collections.deque()
-        tokens = 0
+        """Items of `key` up to the token budget (at least one), taken in turn from each
+        client's FIFO backlog (clients in the order they first appear in the queue); with
+        one client, plain FIFO. An item that does not fit waits for the next batch."""
+        lanes: dict[Hashable, collections.deque[_Item]] = {}
         for i in self._queue:
-            fits = not batch or (tokens + i.cost <= self.token_budget and len(batch) < self.max_batch_items)
-            if i.key == key and fits and not i.future.done():
+            if i.key == key and not i.future.done():
+                lanes.setdefault(i.client, collections.deque()).append(i)
+        batch: list[_Item] = []
+        tokens = 0
+        while lanes and len(batch) < self.max_batch_items:
+            for client in list(lanes):
+                lane = lanes[client]
+                i = lane.popleft()
+                if not lane:
+                    del lanes[client]
+                if batch and tokens + i.cost > self.token_budget:
+                    continue
                 batch.append(i)
                 tokens += i.cost
-            else:
-                rest.append(i)
-        self._queue = rest
+                if len(batch) >= self.max_batch_items:
+                    break
+        taken = set(batch)
+        self._queue = collections.deque(i for i in self._queue if i not in taken)
         self._notify_depth()
         return batch
 

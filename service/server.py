@@ -11,9 +11,11 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import functools
+import hashlib
 import logging
 import math
 import time
+from collections.abc import Callable, Hashable
 from pathlib import Path
 
 import grpc
@@ -22,20 +24,27 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from rmserve.service.admin import AdminServicer
-from rmserve.service.auth import ApiKeyInterceptor, load_api_keys
+from rmserve.service.auth import ApiKeyInterceptor, ApiKeys, check_bind_address
 from rmserve.service.config import DEFAULT_MODEL_DIR, ServerConfig
 from rmserve.service.engine.backbone import cache_dir
 from rmserve.service.engine.ensemble import MANIFEST
 from rmserve.service.engine.model import RewardModel, load_model
 from rmserve.service.engine.scoring import ScoringEngine
-from rmserve.service.errors import InvalidInput, NotFound, NotReady, Unavailable
+from rmserve.service.errors import (
+    InvalidInput,
+    NonFiniteScore,
+    NotFound,
+    NotReady,
+    SampleFailed,
+    Unavailable,
+)
 from rmserve.service.http import HttpFrontDoor
 from rmserve.service.labels import LabelServicer
 from rmserve.service.metrics import Metrics
 from rmserve.service.monitor import MonitorConfig, RunMonitor, StepSummary
 from rmserve.service.registry import Registry
 from rmserve.service.requests import Row, encode_groups, encode_samples, result_pb
-from rmserve.service.rpc import Malformed, add_service, chunk_error, deadline_of, unary
+from rmserve.service.rpc import Malformed, Work, add_service, chunk_error, deadline_of, drain, unary
 from rmserve.service.scheduler import Scheduler
 from rmserve.training.preferences import SqliteStore
 from rmserve.v1 import admin_pb2 as apb
@@ -44,6 +53,10 @@ from rmserve.v1 import reward_pb2 as pb
 from rmserve.v1 import reward_pb2_grpc as pb_grpc
 
 log = logging.getLogger("rmserve.server")
+# ScoreStream chunks read and not yet answered, per stream: a client that stops reading its
+# answers holds at most this many chunks' results, and the stream reads no more of its requests
+# (HTTP/2 flow control then stops the client's sends) until it reads again.
+STREAM_WINDOW = 4
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["RewardService"].full_name
 ADMIN_SERVICE_NAME = apb.DESCRIPTOR.services_by_name["AdminService"].full_name
 
@@ -94,14 +107,16 @@ class ServingState:
         self.monitor = RunMonitor(monitor_config, path=runs_file or None)
         self._activation = asyncio.Lock()
         self.slot: ModelSlot | None = None
+        self.work = Work()  # calls in flight: what a graceful stop waits for
         self.tokenizer_pool = concurrent.futures.ThreadPoolExecutor(
             max_workers=config.tokenizer_threads, thread_name_prefix="rmserve-tok"
         )
         self.scheduler = Scheduler(
-            self._run_batch,
+            self._run_checked,
             max_queue=config.max_queue,
             token_budget=config.batch_tokens,
             max_wait_s=config.max_wait_ms / 1000,
+            max_queue_per_client=config.queue_per_client(),
             observer=self.metrics,
         )
 
@@ -117,12 +132,26 @@ class ServingState:
             real_tokens=out.stats.real_tokens, padded_tokens=out.stats.padded_tokens,
             seconds=time.perf_counter() - t0, sequences=len(seqs),
         )
-        eps = out.epistemic
+        eps, ood = out.epistemic, out.ood_score
         return [
             Row(out.rewards[i], float(out.mean[i]), float(out.var[i]), float(out.min[i]),
-                None if eps is None else float(eps[i]))
+                None if eps is None else float(eps[i]), None if ood is None else float(ood[i]))
             for i in range(len(seqs))
         ]
+
+    def _run_checked(self, slot: ModelSlot, seqs: list[list[int]]) -> list[Row | NonFiniteScore]:
+        """_run_batch, and a sample whose score is not finite is scored again alone: still
+        not finite, it is answered with NonFiniteScore (an error naming it), never a NaN."""
+        rows: list[Row | NonFiniteScore] = list(self._run_batch(slot, seqs))
+        for i, row in enumerate(rows):
+            if _finite(row):
+                continue
+            alone = self._run_batch(slot, [seqs[i]])[0] if len(seqs) > 1 else row
+            rows[i] = alone if _finite(alone) else NonFiniteScore(
+                f"the model's score is not finite (reward {alone.mean}, variance {alone.var}); "
+                "it is not returned as a number"
+            )
+        return rows
 
     async def activate(self, path: Path) -> ModelSlot:
         """Load, warm, then switch. A failed load leaves the current slot serving."""
@@ -155,6 +184,31 @@ class ServingState:
         return slot
 
 
+def _ood(model) -> float | None:
+    """The flag's threshold, or None: then results carry ood_score (if any) but no ood."""
+    return model.ood.threshold if model.ood is not None else None
+
+
+def _finite(row: Row) -> bool:
+    values = [row.mean, row.var, row.min] + [v for v in (row.epistemic, row.ood_score) if v is not None]
+    return bool(np.isfinite(row.rewards).all()) and all(math.isfinite(v) for v in values)
+
+
+def client_of(context: grpc.aio.ServicerContext) -> str:
+    """Who a call counts against for --max-queue-per-client: its API key (a digest; keys are
+    never kept), else its connection (peer address and port: one SDK client, one channel)."""
+    for key, value in context.invocation_metadata() or ():
+        if key == "authorization":
+            return "key:" + hashlib.sha256(value.encode()).hexdigest()[:16]
+    return context.peer()
+
+
+def _sample_name(samples, i: int) -> str:
+    """The name a sample's errors use (as encode_sample's)."""
+    sid = samples[i].id if samples is not None and i < len(samples) else ""
+    return f"sample {i}" + (f" (id {sid!r})" if sid else "")
+
+
 def _lam(options: pb.ScoreOptions, model: RewardModel) -> float:
     if not options.HasField("uncertainty_penalty"):
         return model.uncertainty_penalty
@@ -185,14 +239,27 @@ class RewardServicer(pb_grpc.RewardServiceServicer):
         return await asyncio.get_running_loop().run_in_executor(self.state.tokenizer_pool, fn, *args)
 
     async def _score(self, samples, options: pb.ScoreOptions, context) -> tuple[list[pb.ScoreResult], str]:
-        return await self.score_samples(samples, options, deadline_of(context))
+        return await self.score_samples(samples, options, deadline_of(context), client=client_of(context))
+
+    async def _submit(self, slot: ModelSlot, encoded, deadline: float | None, client: Hashable | None,
+                      name: Callable[[int], str]) -> list[Row]:
+        """The scheduler's rows for `encoded`; a sample that failed alone is named by `name(index)`."""
+        try:
+            return await self.state.scheduler.submit(
+                slot, [e.ids for e in encoded], [len(e.ids) for e in encoded], deadline, client
+            )
+        except SampleFailed as e:
+            e.where = name(e.index)
+            raise
 
     async def score_samples(
-        self, samples, options: pb.ScoreOptions, deadline: float | None, *, encode=None
+        self, samples, options: pb.ScoreOptions, deadline: float | None, *, encode=None,
+        client: Hashable | None = None,
     ) -> tuple[list[pb.ScoreResult], str]:
         """The scoring path every transport shares (gRPC, HTTP): encode on the tokenizer
         threads, queue, build results, feed metrics and the run monitor. `encode(encoder)`
-        replaces the protobuf samples' encoding (HTTP's already-templated text)."""
+        replaces the protobuf samples' encoding (HTTP's already-templated text); `client`
+        is who the samples count against (--max-queue-per-client)."""
         slot = self.state.live_slot()
         lam = _lam(options, slot.model)
         cap = self.state.config.max_samples_per_request
@@ -200,10 +267,10 @@ class RewardServicer(pb_grpc.RewardServiceServicer):
             encoded = await self._off_loop(encode_samples, slot.model.encoder, samples, cap)
         else:
             encoded = await self._off_loop(encode, slot.model.encoder)
-        rows = await self.state.scheduler.submit(slot, [e.ids for e in encoded], [len(e.ids) for e in encoded], deadline)
+        rows = await self._submit(slot, encoded, deadline, client, lambda i: _sample_name(samples, i))
         ids = [s.id for s in samples] if samples else [""] * len(encoded)
         results = [
-            result_pb(r, e, lam=lam, members=options.return_members, sample_id=i)
+            result_pb(r, e, lam=lam, members=options.return_members, sample_id=i, ood_threshold=_ood(slot.model))
             for r, e, i in zip(rows, encoded, ids, strict=True)
         ]
         self._observe(results, options)
@@ -219,6 +286,8 @@ class RewardServicer(pb_grpc.RewardServiceServicer):
             options.run_id, options.step if options.HasField("step") else None,
             [r.reward for r in results], [r.std for r in results],
             epistemic=[r.epistemic if r.HasField("epistemic") else None for r in results],
+            ood_score=[r.ood_score if r.HasField("ood_score") else None for r in results],
+            ood=[r.ood if r.HasField("ood") else None for r in results],
         )
         tracked, alarming = monitor.counts()
         self.state.metrics.runs(tracked, alarming, new_alarm=options.run_id if raised else None)
@@ -232,12 +301,18 @@ class RewardServicer(pb_grpc.RewardServiceServicer):
         return pb.ScoreResponse(results=results, model_version=version)
 
     async def ScoreStream(self, request_iterator, context):
-        """One response chunk per request chunk, in order; up to 4 chunks in flight."""
+        """One response chunk per request chunk, in order; up to STREAM_WINDOW chunks in flight.
+        A chunk is work in flight (`state.work`) from its read until its answer is written,
+        so a graceful stop finishes it; an open stream between chunks holds no stop."""
         metrics = self.state.metrics
-        pending: asyncio.Queue = asyncio.Queue(maxsize=4)
+        work = self.state.work
+        pending: asyncio.Queue = asyncio.Queue()  # bounded by `window`
+        window = asyncio.Semaphore(STREAM_WINDOW)  # a slot per chunk read, freed once its answer is written
+        read = answered = 0
 
         async def one(req: pb.ScoreStreamRequest) -> pb.ScoreStreamResponse:
             t0 = time.perf_counter()
+            code = grpc.StatusCode.CANCELLED  # unless it finishes: the call ended and cancelled it
             try:
                 results, version = await self._score(req.samples, req.options, context)
                 code = grpc.StatusCode.OK
@@ -251,24 +326,42 @@ class RewardServicer(pb_grpc.RewardServiceServicer):
                     metrics.latency.labels("ScoreStream.chunk").observe(time.perf_counter() - t0)
 
         async def reader():
+            nonlocal read
+            await window.acquire()  # a slot for the first chunk, before reading it
             async for req in request_iterator:
+                read += 1
+                work.begin()
+                metrics.stream_chunks.inc()
                 if isinstance(req, Malformed):
                     code, error = chunk_error(req.reject())
                     metrics.requests.labels("ScoreStream.chunk", code.name).inc()
                     done = asyncio.get_running_loop().create_future()
                     done.set_result(pb.ScoreStreamResponse(error=error))
                     await pending.put(done)
-                    continue
-                await pending.put(asyncio.ensure_future(one(req)))
+                else:
+                    await pending.put(asyncio.ensure_future(one(req)))
+                await window.acquire()  # a slot for the next chunk, before reading it
             await pending.put(None)
 
         read_task = asyncio.ensure_future(reader())
         try:
             while (task := await pending.get()) is not None:
-                yield await task
+                try:
+                    yield await task
+                finally:
+                    answered += 1
+                    work.end()
+                    metrics.stream_chunks.dec()
+                    window.release()
             await read_task
         finally:
             read_task.cancel()
+            while not pending.empty():  # the call ended: its chunks not yet scored free their queue slots
+                if (left := pending.get_nowait()) is not None:
+                    left.cancel()
+            metrics.stream_chunks.dec(read - answered)
+            for _ in range(read - answered):  # chunks read but never answered (the call ended)
+                work.end()
 
     @unary("ScoreGroups")
     async def ScoreGroups(self, request: pb.ScoreGroupsRequest, context) -> pb.ScoreGroupsResponse:
@@ -276,10 +369,12 @@ class RewardServicer(pb_grpc.RewardServiceServicer):
         lam = _lam(request.options, slot.model)
         groups = await self._off_loop(encode_groups, slot.model.encoder, request.groups, self.state.config.max_samples_per_request)
         flat = [e for g in groups for e in g]
-        rows = await self.state.scheduler.submit(slot, [e.ids for e in flat], [len(e.ids) for e in flat], deadline_of(context))
+        where = [f"group {gi} completion {ci}" for gi, g in enumerate(groups) for ci in range(len(g))]
+        rows = await self._submit(slot, flat, deadline_of(context), client_of(context), where.__getitem__)
         out, i = [], 0
         for g_pb, g in zip(request.groups, groups, strict=True):
-            res = [result_pb(rows[i + j], e, lam=lam, members=request.options.return_members) for j, e in enumerate(g)]
+            res = [result_pb(rows[i + j], e, lam=lam, members=request.options.return_members,
+                             ood_threshold=_ood(slot.model)) for j, e in enumerate(g)]
             i += len(g)
             out.append(pb.GroupResult(id=g_pb.id, results=res))
         self._observe([r for g in out for r in g.results], request.options)
@@ -294,9 +389,10 @@ class RewardServicer(pb_grpc.RewardServiceServicer):
             group.prompt_text = request.prompt_text
         slot = self.state.live_slot()
         (enc,) = await self._off_loop(encode_groups, slot.model.encoder, [group], self.state.config.max_samples_per_request)
-        a, b = await self.state.scheduler.submit(slot, [e.ids for e in enc], [len(e.ids) for e in enc], deadline_of(context))
+        a, b = await self._submit(slot, enc, deadline_of(context), client_of(context), ("response_a", "response_b").__getitem__)
         lam = slot.model.uncertainty_penalty
-        res_a, res_b = result_pb(a, enc[0], lam=lam, members=True), result_pb(b, enc[1], lam=lam, members=True)
+        res_a, res_b = (result_pb(r, e, lam=lam, members=True, ood_threshold=_ood(slot.model))
+                        for r, e in zip((a, b), enc, strict=True))
         self._observe([res_a, res_b])
         member_probs = 1.0 / (1.0 + np.exp(-(a.rewards.astype(np.float64) - b.rewards)))
         return pb.CompareResponse(
@@ -334,6 +430,9 @@ class RewardServicer(pb_grpc.RewardServiceServicer):
             default_uncertainty_penalty=m.uncertainty_penalty, has_epistemic=m.has_epistemic,
             max_samples_per_request=self.state.config.max_samples_per_request,
             backbone_layers=m.backbone_layers,
+            ood_threshold=m.ood.threshold if m.ood else None,
+            ood_quantile=m.ood.quantile if m.ood else 0.0,
+            ood_calibrated_on=m.ood.calibrated_on if m.ood else "",
         )
 
 
@@ -354,17 +453,20 @@ class RewardServer:
         self.store: SqliteStore | None = None
         self.http: HttpFrontDoor | None = None
         self.http_port: int | None = None
+        self.api_keys: ApiKeys | None = None  # set by start(); the CLI reloads them on SIGHUP
 
     async def start(self) -> None:
+        keys = self.api_keys = ApiKeys.from_sources(self.config.api_keys, self.config.api_keys_env)
+        if self.config.tls_client_ca and not (self.config.tls_cert and self.config.tls_key):
+            raise ValueError("mutual TLS (--tls-client-ca) needs the server's own --tls-cert and --tls-key")
+        # client certificates guard gRPC only: the (plaintext) HTTP front door has API keys or nothing
+        mtls_only = bool(self.config.tls_client_ca) and self.config.http_port is None
+        check_bind_address(self.config.host, authenticated=keys is not None or mtls_only,
+                           insecure_open=self.config.insecure_open)
         registry = Registry(self.config.registry or cache_dir() / "registry")
         model_path = resolve_model_path(self.config.model, registry)
-        limit = self.config.max_message_bytes
-        keys = load_api_keys(self.config.api_keys) if self.config.api_keys else None
-        interceptors = [ApiKeyInterceptor(keys)] if keys else []
-        self._server = grpc.aio.server(interceptors=interceptors, options=[
-            ("grpc.max_receive_message_length", limit),
-            ("grpc.max_send_message_length", limit),
-        ])
+        interceptors = [ApiKeyInterceptor(keys)] if keys is not None else []
+        self._server = grpc.aio.server(interceptors=interceptors, options=self.config.grpc_options())
         reward_servicer = RewardServicer(self.state)
         add_service(self._server, pb.DESCRIPTOR.services_by_name["RewardService"], reward_servicer)
         self.store = SqliteStore(self.config.labels_db or registry.root / "preferences.sqlite3")
@@ -383,8 +485,10 @@ class RewardServer:
         if self.config.tls_cert or self.config.tls_key:
             if not (self.config.tls_cert and self.config.tls_key):
                 raise ValueError("TLS needs both a certificate (--tls-cert) and its key (--tls-key)")
+            client_ca = Path(self.config.tls_client_ca).read_bytes() if self.config.tls_client_ca else None
             creds = grpc.ssl_server_credentials(
-                [(Path(self.config.tls_key).read_bytes(), Path(self.config.tls_cert).read_bytes())]
+                [(Path(self.config.tls_key).read_bytes(), Path(self.config.tls_cert).read_bytes())],
+                root_certificates=client_ca, require_client_auth=client_ca is not None,
             )
             self.port = self._server.add_secure_port(address, creds)
         else:
@@ -431,12 +535,18 @@ class RewardServer:
         await self._loaded
 
     async def stop(self, grace: float | None = None) -> None:
+        """Graceful stop (SIGTERM): health NOT_SERVING first, then new calls get UNAVAILABLE
+        while the calls in flight finish within `grace` (default: config.grace_s); returns
+        as soon as none is left, whatever streams are still open (service/rpc.py `drain`)."""
         await self.health.enter_graceful_shutdown()
+        self.state.work.close()
         if self.http is not None:
             self.http.serving = False
         self.state.metrics.ready.set(0)
         if self._server is not None:
-            await self._server.stop(self.config.grace_s if grace is None else grace)
+            await drain(self._server, self.state.work, self.config.grace_s if grace is None else grace)
+        if self.http is not None:  # its requests in flight use the scheduler: stop it first
+            await self.http.stop()
         await self.state.scheduler.stop()
         if self._saver is not None:
             self._saver.cancel()
@@ -450,8 +560,6 @@ class RewardServer:
             self._loaded.cancel()
         if self._metrics_http is not None:
             self._metrics_http.shutdown()
-        if self.http is not None:
-            await self.http.stop()
         if self.store is not None:
             self.store.close()
         self.state.tokenizer_pool.shutdown(wait=False)

@@ -59,6 +59,9 @@ def expected(prompt: str, response: str, lam: float = DEFAULT_LAMBDA) -> dict[st
         conservative=r - lam * var,
         members=members,
         epistemic=float(len(prompt)) if "?" in prompt else None,
+        # OOD statistics with the epistemic ones ("?" prompts); flagged past 4 characters
+        ood_score=len(response) / 4 if "?" in prompt else None,
+        ood=len(response) > 4 if "?" in prompt else None,
         num_tokens=len(prompt.split()) + len(response.split()),
         truncated="TRUNC" in prompt,
     )
@@ -78,6 +81,8 @@ def result(prompt: str, response: str, options: pb.ScoreOptions, sid: str = "") 
     )
     if e["epistemic"] is not None:
         out.epistemic = e["epistemic"]
+    if e["ood_score"] is not None:
+        out.ood_score, out.ood = e["ood_score"], e["ood"]
     if options.return_members:
         out.members.extend(e["members"])
     return out

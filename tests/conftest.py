@@ -13,9 +13,13 @@ from pathlib import Path
 
 # `python -m pytest` puts the working directory first on sys.path, and from the repository root
 # its `kernels/` folder would shadow Hugging Face's `kernels` package, which transformers imports
-# when installed (rmserve's kernels are `rmserve.kernels`). Drop it here and in every child.
+# when installed (rmserve's kernels are `rmserve.kernels`). Move it last: the `tests` package, which
+# spawned children import, stays reachable (they inherit this sys.path). Children started with
+# `python -m` get PYTHONSAFEPATH=1 for the same reason; `python bench/<script>.py` children need
+# their script's folder on sys.path, which PYTHONSAFEPATH drops: their tests run them without it.
 _ROOT = Path(__file__).resolve().parent.parent
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _ROOT]
+_rest = [p for p in sys.path if Path(p or ".").resolve() != _ROOT]
+sys.path[:] = [*_rest, str(_ROOT)]
 os.environ["PYTHONSAFEPATH"] = "1"
 
 import pytest  # noqa: E402

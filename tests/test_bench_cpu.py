@@ -9,6 +9,7 @@ the order of the score std.
 from __future__ import annotations
 
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -20,7 +21,9 @@ VARIANTS = {"hf-padded", "hf-best-fp32", "hf-best-bf16", "engine-fp32", "engine-
 
 def run_bench(*args: str) -> str:
     proc = subprocess.run([sys.executable, str(SCRIPT), "--tiny", *args],
-                          capture_output=True, text=True, timeout=300, cwd=ROOT)
+                          capture_output=True, text=True, timeout=300, cwd=ROOT,
+        env={k: v for k, v in os.environ.items() if k != "PYTHONSAFEPATH"},  # bench/ first on sys.path
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return proc.stdout
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +15,7 @@ def test_tiny_gpu_benchmark_prints_and_writes_the_table(tmp_path: Path) -> None:
     proc = subprocess.run(
         [sys.executable, str(ROOT / "bench" / "bench_gpu.py"), "--tiny", "--out", str(out)],
         capture_output=True, text=True, timeout=300, cwd=ROOT,
+        env={k: v for k, v in os.environ.items() if k != "PYTHONSAFEPATH"},  # bench/ first on sys.path
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "| model | workload | variant | seconds | tok/s | completions/s | MFU | x baseline |" in proc.stdout

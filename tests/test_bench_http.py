@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -20,7 +21,9 @@ def table_rows(text: str) -> list[dict[str, str]]:
 def test_quick_http_benchmark_writes_the_table(tmp_path: Path) -> None:
     out = tmp_path / "http.md"
     proc = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--n", "8", "--rounds", "1", "--out", str(out)],
-                          capture_output=True, text=True, timeout=300, cwd=ROOT)
+                          capture_output=True, text=True, timeout=300, cwd=ROOT,
+        env={k: v for k, v in os.environ.items() if k != "PYTHONSAFEPATH"},  # bench/ first on sys.path
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     text = out.read_text()
     assert text.strip() in proc.stdout

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -19,6 +20,7 @@ def test_tiny_benchmark_prints_and_writes_the_tables(tmp_path: Path) -> None:
         [sys.executable, str(ROOT / "bench" / "bench_last_token.py"), "--tiny", "--max-gib", "1e-5",
          "--out", str(out)],
         capture_output=True, text=True, timeout=300, cwd=ROOT,
+        env={k: v for k, v in os.environ.items() if k != "PYTHONSAFEPATH"},  # bench/ first on sys.path
     )
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()

@@ -89,6 +89,9 @@ def test_plain_groups(fs):
     # Prompts "Why?" carry an epistemic value in the fake, "How" does not.
     assert rec.metrics["rmserve/epistemic"] == pytest.approx([4.0])
     assert rec.extra["rmserve_epistemic"] == [pytest.approx(4.0), pytest.approx(4.0), None, None]
+    # OOD fields where the model serves them: "bbbb" is not past 4 characters, so 0 of 2 flagged
+    assert rec.metrics["rmserve/ood_frac"] == pytest.approx([0.0])
+    assert rec.extra["rmserve_ood_score"] == [pytest.approx(0.25), pytest.approx(1.0), None, None]
     func.close()
 
 
@@ -107,6 +110,7 @@ def test_conversational_groups_and_fields(fs):
     assert [m.role for m in group.prompt_messages.messages] == ["system", "user"]
     assert list(group.completions) == ["xx", "yyyyy"]
     assert "rmserve/epistemic" not in rec.metrics  # no "?" in the prompt: not served, not logged
+    assert "rmserve/ood_frac" not in rec.metrics and "rmserve_ood_score" not in rec.extra
 
 
 def test_falls_back_to_score_for_distinct_prompts_tool_turns_and_use_groups_false(fs):

@@ -56,6 +56,11 @@ def test_serve_without_model_serves_the_default(server_factory):
         # A harmlessness reward model must prefer refusing a break-in over explaining it.
         assert refusal.reward > instructions.reward
         assert refusal.std > 0 and instructions.std > 0
+        # OOD statistics ship with it: HH-like replies are in distribution, random bytes are not
+        assert info.ood_threshold == pytest.approx(manifest.ood["threshold"]) and info.ood_quantile == 0.99
+        assert refusal.ood is False and 0 < refusal.ood_score < info.ood_threshold
+        (noise,) = c.score([{"prompt": "How do I pick a lock?", "response": "qz~~ 0x9f }{ ]]]] ## zzkq ~~ 0x00 " * 8}])
+        assert noise.ood is True and noise.ood_score > info.ood_threshold
 
 
 @pytest.mark.skipif(not DEV.is_file(), reason="shared/data is not beside the checkout")

@@ -23,10 +23,12 @@ def test_committed_stubs_are_fresh(tmp_path):
 
 
 def test_bare_folder_names_are_not_importable_from_an_install(tmp_path):
-    """Outside the checkout (cwd elsewhere), only `rmserve.*` resolves."""
+    """Outside the checkout (cwd elsewhere), only `rmserve.*` resolves to rmserve's folders (another
+    distribution may own a bare name: transformers installs Hugging Face's `kernels`)."""
     code = (
         "import importlib.util, rmserve.service, rmserve.client, rmserve.kernels, rmserve.training\n"
-        "print([b for b in ('service', 'client', 'kernels', 'training') if importlib.util.find_spec(b)])"
+        "specs = {b: importlib.util.find_spec(b) for b in ('service', 'client', 'kernels', 'training')}\n"
+        f"print([b for b, s in specs.items() if s and str(s.origin or '').startswith({str(ROOT)!r} + '/' + b)])"
     )
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"

@@ -152,6 +152,11 @@ def test_lora_members_learn_the_rule_and_store_merged_deltas(tmp_path, tiny_llam
         assert served[key] == pytest.approx(rep["train"][key], abs=1e-4), key
     man = read_manifest(result.out)
     assert [m.name for m in man.members] == ["member0", "member1"]
+    assert [(m.adapter, m.trained_layers) for m in man.members] == [("lora-r4", [1])] * 2
+    # served over one shared trunk (layer 0 once), each member's own layer 1: the scores above
+    model = load_model(result.out)
+    assert model.members[0].backbone is model.members[1].backbone and model.members[0].top.start == 1
+    assert man.ood is not None and all(m.ood for m in man.members)
     base = load_backbone(str(tiny_llama_backbone)).model.state_dict()
     deltas = [load_file(result.out / m.name / m.delta) for m in man.members]
     assert set(deltas[0]) == {f"layers.1.{p}.weight" for p in (

@@ -73,6 +73,10 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--calib-frac", type=float, default=d.calib_frac, help="share of TRAIN held out to fit the temperature (0: none)")
     p.add_argument("--min-calib-pairs", type=int, default=d.min_calib_pairs)
     p.add_argument("--uncertainty-penalty", type=float, default=d.uncertainty_penalty, help="manifest default lambda for the conservative reward")
+    p.add_argument("--ood-quantile", type=_quantile, default=d.ood_quantile, metavar="Q|none",
+                   help="OOD flag threshold: this quantile of held-out in-distribution scores (default %(default)s: "
+                        "1%% false alarms); none: no OOD statistics")
+    p.add_argument("--ood-holdout", type=float, default=d.ood_holdout, help="share of pairs held out for that threshold")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default=d.device)
     p.add_argument("--token-budget", type=int, default=d.token_budget, help="padded tokens per forward batch for features/eval")
     p.add_argument("--feature-cache", default=None, help="frozen-feature cache directory ('' disables; default $RMSERVE_CACHE/features)")
@@ -86,6 +90,10 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model-version", dest="version", help="manifest version (default: UTC time + data hash)")
     p.add_argument("--log-json", action="store_true", help="print progress as JSON lines on stdout instead of a bar")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+
+
+def _quantile(text: str) -> float | None:
+    return None if text == "none" else float(text)
 
 
 def _l2(text: str) -> float | None:
@@ -225,4 +233,47 @@ def run_eval(args: argparse.Namespace) -> int:
         if skipped["errors"] or skipped["ties"]:
             print(f"skipped: errors {skipped['errors']}, ties {skipped['ties']}")
         print(f"report: {report.get('report_path')}")
+    return 0
+
+
+def add_calibrate_ood_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="ensemble directory to add OOD statistics to (rewritten in place)")
+    p.add_argument("--data", required=True, help="preference JSONL the model was trained on")
+    p.add_argument("--quantile", type=float, default=0.99,
+                   help="the threshold is this quantile of held-out in-distribution scores (0.99: 1%% false alarms)")
+    p.add_argument("--holdout", type=float, default=0.25, help="fraction of pairs held out to calibrate on")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--token-budget", type=int, default=4096)
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="precision of the embeddings (default: the one `rmserve serve` serves)")
+    p.add_argument("--threads", type=int, default=None)
+
+
+def run_calibrate_ood(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from rmserve.service.engine.errors import EnsembleFormatError
+    from rmserve.training.ood import calibrate_directory
+
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    bars: dict[str, Any] = {}
+
+    def progress(phase: str, done: int, total: int) -> None:
+        bar = bars.get(phase) or bars.setdefault(phase, tqdm(total=total, desc=phase, unit="seq", file=sys.stderr))
+        bar.update(done - bar.n)
+
+    try:
+        info = calibrate_directory(args.model, args.data, quantile=args.quantile, holdout=args.holdout,
+                                   seed=args.seed, token_budget=args.token_budget, dtype=args.dtype,
+                                   progress=progress)
+    except (*_USER_ERRORS, EnsembleFormatError) as e:
+        print(f"rmserve calibrate-ood: {e}", file=sys.stderr)
+        return 2
+    finally:
+        for bar in bars.values():
+            bar.close()
+    print(json.dumps(info, indent=2))
     return 0

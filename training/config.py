@@ -47,6 +47,8 @@ class TrainConfig:
     calib_frac: float = 0.1                     # share of TRAIN held out to fit the temperature; 0 = none
     min_calib_pairs: int = 50                   # fewer held-out pairs than this: no temperature (reported)
     uncertainty_penalty: float = 1.0            # manifest default lambda for `conservative`
+    ood_quantile: float | None = 0.99           # OOD flag threshold quantile (training/ood.py); None = no OOD stats
+    ood_holdout: float = 0.25                   # share of pairs held out to calibrate that threshold
     device: str = "auto"                        # auto | cpu | cuda
     token_budget: int = 4096                    # padded tokens per forward batch (features, final embeddings)
     feature_cache: str | None = None            # frozen-feature cache dir; None = $RMSERVE_CACHE/features; "" = off
@@ -63,6 +65,10 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         problems = []
+        if self.ood_quantile is not None and not 0 < self.ood_quantile < 1:
+            problems.append(f"ood_quantile must be in (0, 1) or None, got {self.ood_quantile}")
+        if not 0 < self.ood_holdout < 1:
+            problems.append(f"ood_holdout must be in (0, 1), got {self.ood_holdout}")
         if self.kind not in ("heads", "members"):
             problems.append(f"kind must be 'heads' or 'members', got {self.kind!r}")
         if self.num_heads < 1:

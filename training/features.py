@@ -67,10 +67,11 @@ def compute_features(
     progress: Callable[[int, int], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
     chunk_tokens: int = 32768,
+    member: int = 0,
 ) -> torch.Tensor:
     """engine.features over length-sorted chunks, so progress and cancellation are seen between chunks."""
     order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
-    out = torch.empty(len(seqs), engine.model.members[0].backbone.hidden_size)
+    out = torch.empty(len(seqs), engine.model.members[member].backbone.hidden_size)
     done, chunk, tokens = 0, [], 0
     for pos, i in enumerate(order):
         chunk.append(i)
@@ -78,7 +79,7 @@ def compute_features(
         if tokens >= chunk_tokens or pos == len(order) - 1:
             if should_stop is not None and should_stop():
                 raise TrainingStopped("stopped while computing features")
-            out[chunk] = engine.features([seqs[j] for j in chunk])
+            out[chunk] = engine.features([seqs[j] for j in chunk], member=member)
             done += len(chunk)
             chunk, tokens = [], 0
             if progress is not None:

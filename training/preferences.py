@@ -122,6 +122,8 @@ def validate(p: Preference, where: str) -> None:
         raise ValueError(f"{where}: labeler is empty: say who labelled it (provenance)")
     if p.margin is not None and not (p.margin == p.margin and abs(p.margin) < float("inf")):
         raise ValueError(f"{where}: margin must be a finite number")
+    if p.timestamp is not None and not (p.timestamp == p.timestamp and abs(p.timestamp) < float("inf")):
+        raise ValueError(f"{where}: timestamp_unix must be a finite number of seconds")  # NaN would be stored as NULL
     if isinstance(p.prompt, list):
         for i, m in enumerate(p.prompt):
             if not isinstance(m, dict) or set(m) != {"role", "content"}:

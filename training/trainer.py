@@ -39,7 +39,7 @@ import platform
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -57,6 +57,7 @@ from rmserve.service.engine.ensemble import (
     save_member,
     write_manifest,
 )
+from rmserve.service.engine.ood import OodCalibration, OodStats
 from rmserve.service.engine.padding import pad_token_id
 from rmserve.service.engine.tokenization import PromptEncoder
 from rmserve.training import checkpoint, frozen_states
@@ -69,6 +70,7 @@ from rmserve.training.frozen_states import FrozenStates
 from rmserve.training.linear_heads import choose_l2, cross_fitted_rewards, fit_bt_head
 from rmserve.training.loss import bt_loss
 from rmserve.training.metrics import pair_report
+from rmserve.training.ood import fit_ood, split_pairs
 from rmserve.training.preferences import Filters, SqliteStore, training_rows
 from rmserve.training.schedule import (
     bootstrap_counts,
@@ -668,10 +670,12 @@ class _Job:
         scores = self._scores(members)
         calibration = self._temperature(scores, exact.cross_fitted)
         scores.fold_temperature(calibration.temperature)
-        specs = self._save_members(members, scores.factors)
+        ood_stats, ood_cal = self._ood(members)
+        specs = self._save_members(members, scores.factors, ood_stats)
         train_metrics = self._pair_report(self.fit, scores)
         calib_metrics = self._pair_report(self.calib, scores) if len(self.calib) else None
-        manifest = self._write_manifest(specs, scores, calibration.temperature, train_metrics, calib_metrics)
+        manifest = self._write_manifest(specs, scores, calibration.temperature, train_metrics, calib_metrics,
+                                        ood_cal)
         dev = self._evaluate_dev()
         report = self._report(manifest, features, exact.info, calibration, train_metrics, calib_metrics, dev)
         return TrainResult(self.out, manifest, report)
@@ -705,19 +709,48 @@ class _Job:
         t = fit_temperature(rc_oof.mean(1) - rr_oof.mean(1), w[self.fit])
         return _Calibration(t, cross_fitted=pair_report(rc_oof / t, rr_oof / t, w[self.fit], head_names=scores.names))
 
-    def _save_members(self, members: list[_Member], factors: list[torch.Tensor]) -> list[MemberSpec]:
+    def _ood(self, members: list[_Member]) -> tuple[list[OodStats | None], OodCalibration | None]:
+        """OOD statistics of every member's training embeddings, the flag's threshold on held-out pairs."""
+        cfg = self.cfg
+        if cfg.ood_quantile is None:
+            return [None] * len(members), None
+        fit_idx, held_idx = split_pairs(self.data.chosen, self.data.rejected, cfg.ood_holdout, cfg.seed)
+        if len(held_idx) < 20 or len(fit_idx) < 2:
+            self.rep.phase("finalize", f"too few held-out responses ({len(held_idx)}) for an OOD threshold: none")
+            return [None] * len(members), None
+        where = (f"{self.cfg.data or 'the preference store'}: {len(held_idx)} responses of a held-out "
+                 f"{cfg.ood_holdout:.0%} of the training pairs (seed {cfg.seed})")
+        stats, cal, info = fit_ood([m.embeddings for m in members], fit_idx, held_idx,
+                                   quantile=cfg.ood_quantile, calibrated_on=where, seed=cfg.seed)
+        self.rep.phase("finalize", f"OOD threshold {cal.threshold:.3f} ({cal.quantile:.0%} of {len(held_idx)} "
+                                   f"held-out responses; shrinkage {info['shrinkage']})")
+        return stats, cal
+
+    def _adapter_record(self, mem: _Member) -> dict[str, Any]:
+        """What a fine-tuned member changed: which layers and how (the manifest keeps it)."""
+        if mem.delta is None:
+            return {}
+        prefix = find_layers(self.backbone.model)[0] + "."
+        layers = sorted({int(n[len(prefix):].split(".")[0]) for n in mem.delta
+                         if n.startswith(prefix) and n[len(prefix):].split(".")[0].isdigit()})
+        return {"adapter": f"lora-r{self.cfg.lora_rank}" if self.cfg.lora_rank > 0 else "full",
+                "trained_layers": layers}
+
+    def _save_members(self, members: list[_Member], factors: list[torch.Tensor],
+                      ood: list[OodStats | None]) -> list[MemberSpec]:
         cfg = self.cfg
         backbone_ref = cfg.backbone if cfg.backbone.startswith("builtin:") else str(Path(cfg.backbone).resolve())
         specs = []
-        for m, (mem, f) in enumerate(zip(members, factors, strict=True)):
+        for m, (mem, f, o) in enumerate(zip(members, factors, ood, strict=True)):
             spec = MemberSpec(name=f"member{m}", backbone=backbone_ref, pooling=self.backbone.pooling,
-                              num_layers=cfg.num_layers)
-            save_member(self.out, spec, MemberTensors(mem.weight, mem.bias, mem.delta, f))
+                              num_layers=cfg.num_layers, **self._adapter_record(mem))
+            save_member(self.out, spec, MemberTensors(mem.weight, mem.bias, mem.delta, f, o))
             specs.append(spec)
         return specs
 
     def _write_manifest(self, specs: list[MemberSpec], scores: _Scores, temperature: float,
-                        train_metrics: dict[str, Any], calib_metrics: dict[str, Any] | None) -> EnsembleManifest:
+                        train_metrics: dict[str, Any], calib_metrics: dict[str, Any] | None,
+                        ood: OodCalibration | None = None) -> EnsembleManifest:
         cfg = self.cfg
         version = cfg.version or (
             datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S") + "-" + self.fingerprint[:8]
@@ -727,6 +760,7 @@ class _Job:
             shift=list(scores.shift), scale=list(scores.scale), uncertainty_penalty=cfg.uncertainty_penalty,
             max_tokens=self.encoder.max_tokens, dtype=cfg.serve_dtype, chat_template=True,
             training=self._metadata(temperature, train_metrics, calib_metrics),
+            ood=asdict(ood) if ood is not None else None,
         )
         write_manifest(self.out, manifest)  # last: the directory is complete from here on
         return manifest

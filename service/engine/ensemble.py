@@ -6,6 +6,7 @@ my-rm/
   member0/heads.safetensors     # weight [K, H], bias [K] (float32)
   member0/delta.safetensors     # optional: backbone tensors that override the base
   member0/uncertainty.safetensors  # optional: factor [H, H], L with M^-1 = L L^T
+  member0/ood.safetensors       # optional: mean [H], factor [H, H] (engine/ood.py)
 ```
 
 A member is a backbone plus K linear heads read at the last real token. The
@@ -34,6 +35,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from rmserve.service.engine.errors import EnsembleFormatError
+from rmserve.service.engine.ood import OodCalibration, OodStats
 
 FORMAT = "rmserve-ensemble/1"
 MANIFEST = "manifest.json"
@@ -48,6 +50,9 @@ class MemberSpec:
     uncertainty: str | None = None
     pooling: str = "last"               # last (decoders) | cls (encoders: pooled first token)
     num_layers: int | None = None       # layer cut: only the backbone's first N blocks run; None = all
+    ood: str | None = None              # OOD statistics of this member's embeddings (engine/ood.py)
+    adapter: str | None = None          # how `delta` was trained, for the record: "full" or "lora-r<rank>" (merged)
+    trained_layers: list[int] | None = None  # backbone layers `delta` changes (its last N), for the record
 
 
 @dataclass
@@ -63,6 +68,7 @@ class EnsembleManifest:
     dtype: str = "float32"                 # serving dtype when --dtype auto
     chat_template: bool = True             # render conversations with the tokenizer's template
     training: dict[str, Any] = field(default_factory=dict)
+    ood: dict[str, Any] | None = None      # OodCalibration: threshold, quantile, calibrated_on
     format: str = FORMAT
 
     @classmethod
@@ -79,10 +85,26 @@ class EnsembleManifest:
             raise EnsembleFormatError(f"manifest kind must be 'heads' or 'members', got {m.kind!r}")
         if not m.members:
             raise EnsembleFormatError("manifest lists no members")
+        if m.ood is not None:
+            try:
+                OodCalibration.from_dict(m.ood)
+            except (KeyError, TypeError, ValueError) as e:
+                raise EnsembleFormatError(f"manifest ood must give threshold and quantile: {e}") from e
         return m
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def _umask_mode() -> int:
+    """What open() would give a new file (mkstemp's temp files are 0600, unreadable to the other
+    users a shared registry or a container's non-root server may run as)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+_FILE_MODE = _umask_mode()  # once, at import: os.umask is process-wide, so never while threads write
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -93,6 +115,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, _FILE_MODE)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -105,6 +128,7 @@ def atomic_save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: 
     os.close(fd)
     try:
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
+        os.chmod(tmp, _FILE_MODE)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -133,35 +157,69 @@ class MemberTensors:
     bias: torch.Tensor                     # [K]
     delta: dict[str, torch.Tensor] | None = None
     unc_factor: torch.Tensor | None = None  # [H, H]
+    ood: OodStats | None = None
+
+
+def member_file(directory: str | Path, spec: MemberSpec, name: str, what: str) -> Path:
+    """`<directory>/<member>/<name>`, refused if it resolves (symlinks, `..`, an absolute
+    name) outside the ensemble directory: a manifest, which may come from an untrusted
+    upload or registry, must not make the server read or write any other file."""
+    root = Path(directory).resolve()
+    path = (root / spec.name / name).resolve()
+    if not path.is_relative_to(root):
+        raise EnsembleFormatError(
+            f"member {spec.name!r}: {what} file {name!r} resolves to {path}, outside the ensemble directory {root}"
+        )
+    return path
 
 
 def save_member(directory: str | Path, spec: MemberSpec, tensors: MemberTensors) -> None:
-    root = Path(directory) / spec.name
-    atomic_save_tensors(root / spec.heads, {"weight": tensors.weight.float(), "bias": tensors.bias.float()})
+    heads = member_file(directory, spec, spec.heads, "heads")
+    atomic_save_tensors(heads, {"weight": tensors.weight.float(), "bias": tensors.bias.float()})
     if tensors.delta is not None:
         spec.delta = spec.delta or "delta.safetensors"
-        atomic_save_tensors(root / spec.delta, tensors.delta)
+        atomic_save_tensors(member_file(directory, spec, spec.delta, "delta"), tensors.delta)
     if tensors.unc_factor is not None:
         spec.uncertainty = spec.uncertainty or "uncertainty.safetensors"
-        atomic_save_tensors(root / spec.uncertainty, {"factor": tensors.unc_factor.float()})
+        atomic_save_tensors(member_file(directory, spec, spec.uncertainty, "uncertainty"),
+                            {"factor": tensors.unc_factor.float()})
+    if tensors.ood is not None:
+        spec.ood = spec.ood or "ood.safetensors"
+        save_ood(directory, spec, tensors.ood)
+
+
+def save_ood(directory: str | Path, spec: MemberSpec, stats: OodStats) -> None:
+    atomic_save_tensors(member_file(directory, spec, spec.ood or "ood.safetensors", "ood"),
+                        {"mean": stats.mean.float(), "factor": stats.factor.float()})
 
 
 def load_member(directory: str | Path, spec: MemberSpec) -> MemberTensors:
-    root = Path(directory) / spec.name
+    heads_path = member_file(directory, spec, spec.heads, "heads")
+    delta_path = member_file(directory, spec, spec.delta, "delta") if spec.delta else None
+    unc_path = member_file(directory, spec, spec.uncertainty, "uncertainty") if spec.uncertainty else None
     try:
-        heads = load_file(root / spec.heads)
+        heads = load_file(heads_path)
         weight, bias = heads["weight"].float(), heads["bias"].float()
     except (FileNotFoundError, KeyError) as e:
-        raise EnsembleFormatError(f"member {spec.name}: cannot read heads {root / spec.heads}: {e}") from e
+        raise EnsembleFormatError(f"member {spec.name}: cannot read heads {heads_path}: {e}") from e
     if weight.ndim != 2 or bias.shape != (weight.shape[0],):
         raise EnsembleFormatError(
             f"member {spec.name}: heads must be weight [K, H] and bias [K], got {tuple(weight.shape)} and {tuple(bias.shape)}"
         )
-    delta = load_file(root / spec.delta) if spec.delta else None
-    unc = load_file(root / spec.uncertainty)["factor"].float() if spec.uncertainty else None
+    delta = load_file(delta_path) if delta_path else None
+    unc = load_file(unc_path)["factor"].float() if unc_path else None
     if unc is not None and unc.shape != (weight.shape[1], weight.shape[1]):
         raise EnsembleFormatError(f"member {spec.name}: uncertainty factor must be [H, H], got {tuple(unc.shape)}")
-    return MemberTensors(weight=weight, bias=bias, delta=delta, unc_factor=unc)
+    ood = None
+    if spec.ood:
+        t = load_file(member_file(directory, spec, spec.ood, "ood"))
+        try:
+            ood = OodStats(t["mean"].float(), t["factor"].float())
+        except (KeyError, ValueError) as e:
+            raise EnsembleFormatError(f"member {spec.name}: bad OOD statistics {spec.ood}: {e}") from e
+        if ood.mean.shape[0] != weight.shape[1]:
+            raise EnsembleFormatError(f"member {spec.name}: OOD statistics have H={ood.mean.shape[0]}, heads {weight.shape[1]}")
+    return MemberTensors(weight=weight, bias=bias, delta=delta, unc_factor=unc, ood=ood)
 
 
 def resolve_backbone_path(directory: str | Path, backbone: str) -> str:

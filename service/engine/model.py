@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from rmserve.service.engine import invariant_attention
+from rmserve.service.engine import invariant_attention, trunk
 from rmserve.service.engine.backbone import (
     Backbone,
     load_backbone,
@@ -32,8 +32,10 @@ from rmserve.service.engine.ensemble import (
     read_manifest,
     resolve_backbone_path,
 )
+from rmserve.service.engine.ood import OodCalibration, OodStats
 from rmserve.service.engine.precision import mixed_bf16
 from rmserve.service.engine.tokenization import PromptEncoder
+from rmserve.service.engine.trunk import Top
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +49,8 @@ class Member:
     weight: torch.Tensor             # [K, H] float32, normalisation folded in
     bias: torch.Tensor               # [K]
     unc_factor: torch.Tensor | None  # [H, H]
+    ood: OodStats | None = None      # mean and whitening of its training embeddings
+    top: Top | None = None           # its own top layers over a backbone it shares (engine/trunk.py)
 
 
 @dataclass
@@ -63,6 +67,8 @@ class RewardModel:
     scale: list[float]
     source: str
     training: dict = field(default_factory=dict)
+    ood: OodCalibration | None = None   # the flag's threshold; needs every member's OodStats
+
 
     @property
     def num_heads(self) -> int:
@@ -71,6 +77,11 @@ class RewardModel:
     @property
     def has_epistemic(self) -> bool:
         return any(m.unc_factor is not None for m in self.members)
+
+    @property
+    def has_ood_score(self) -> bool:
+        """Every member has OOD statistics (a score averaged over some members would change meaning)."""
+        return all(m.ood is not None for m in self.members)
 
     @property
     def dtype_name(self) -> str:
@@ -93,9 +104,13 @@ class RewardModel:
         """Move every backbone and head to `device`, in place (heads stay float32)."""
         for m in self.members:
             m.backbone.model.to(device)
+            if m.top is not None:
+                m.top.module.to(device)
             m.weight, m.bias = m.weight.to(device), m.bias.to(device)
             if m.unc_factor is not None:
                 m.unc_factor = m.unc_factor.to(device)
+            if m.ood is not None:
+                m.ood = m.ood.to(device)
         return self
 
 
@@ -178,17 +193,27 @@ def _finish_backbone(bb: Backbone, torch_dtype: torch.dtype, device: torch.devic
 def _load_ensemble(path: Path, dtype: str, max_tokens: int | None, device: torch.device) -> RewardModel:
     man: EnsembleManifest = read_manifest(path)
     torch_dtype = _resolve_dtype(dtype, man.dtype, device)
-    members: list[Member] = []
-    for spec in man.members:
-        t = load_member(path, spec)
-        bb = load_backbone(resolve_backbone_path(path, spec.backbone), dtype=_load_dtype(torch_dtype, device),
-                           delta=t.delta, num_layers=spec.num_layers)
-        bb = _finish_backbone(bb, torch_dtype, device)
-        if t.weight.shape[1] != bb.hidden_size:
-            raise EnsembleFormatError(
-                f"member {spec.name}: heads expect hidden size {t.weight.shape[1]}, backbone has {bb.hidden_size}"
-            )
-        members.append(Member(spec.name, bb, t.weight, t.bias, t.unc_factor))
+    tensors = [load_member(path, spec) for spec in man.members]
+    by_source: dict[str, list[int]] = {}
+    for i, spec in enumerate(man.members):
+        by_source.setdefault(resolve_backbone_path(path, spec.backbone), []).append(i)
+    slots: list[Member | None] = [None] * len(man.members)
+    for source, idx in by_source.items():
+        family = None
+        if len(idx) > 1:
+            family = _load_family(source, [man.members[i] for i in idx], [tensors[i] for i in idx], torch_dtype, device)
+        for i, member in zip(idx, family or [None] * len(idx), strict=True):
+            spec, t = man.members[i], tensors[i]
+            if member is None:  # a backbone of its own
+                bb = load_backbone(source, dtype=_load_dtype(torch_dtype, device), delta=t.delta,
+                                   num_layers=spec.num_layers)
+                member = Member(spec.name, _finish_backbone(bb, torch_dtype, device), t.weight, t.bias,
+                                t.unc_factor, t.ood)
+            if t.weight.shape[1] != member.backbone.hidden_size:
+                raise EnsembleFormatError(f"member {spec.name}: heads expect hidden size {t.weight.shape[1]}, "
+                                          f"backbone has {member.backbone.hidden_size}")
+            slots[i] = member
+    members = [m for m in slots if m is not None]
     k = sum(m.weight.shape[0] for m in members)
     shift = list(man.shift) if man.shift is not None else [0.0] * k
     scale = list(man.scale) if man.scale is not None else [1.0] * k
@@ -206,7 +231,39 @@ def _load_ensemble(path: Path, dtype: str, max_tokens: int | None, device: torch
         encoder=PromptEncoder(tok, limit, use_chat_template=man.chat_template),
         dtype=torch_dtype, max_tokens=limit, uncertainty_penalty=man.uncertainty_penalty,
         shift=shift, scale=scale, source=str(path), training=man.training,
+        ood=OodCalibration.from_dict(man.ood) if man.ood is not None and all(m.ood for m in members) else None,
     )
+
+
+def _load_family(source: str, specs: list[MemberSpec], tensors: list, torch_dtype: torch.dtype,
+                 device: torch.device) -> list[Member] | None:
+    """Members on one base that differ only in their top layers share its trunk (engine/trunk.py):
+    the base is loaded once, each member keeps copies of the layers it trained. None when they
+    cannot share (an encoder, trained embeddings...): each then loads a backbone of its own."""
+    cuts = [spec.num_layers for spec in specs]
+    base = load_backbone(source, dtype=_load_dtype(torch_dtype, device),
+                         num_layers=None if None in cuts else max(cuts))
+    if base.pooling != "last" or not trunk.shareable(base.model):
+        return None
+    n = int(base.model.config.num_hidden_layers)
+    spans = []
+    for spec, t in zip(specs, tensors, strict=True):
+        cut = spec.num_layers or n
+        start = trunk.delta_start(base.model, t.delta, cut)
+        if start is None:
+            return None
+        spans.append((start, cut))
+    try:
+        tops = [trunk.build_top(base.model, t.delta, start, cut) for t, (start, cut) in zip(tensors, spans, strict=True)]
+    except ValueError as e:
+        raise EnsembleFormatError(f"{source}: {e}") from e
+    base = _finish_backbone(base, torch_dtype, device)
+    if mixed_on(torch_dtype, device):
+        for top in tops:
+            mixed_bf16(top.module)
+    log.info("%d members share %s's trunk (own layers from %s)", len(specs), source, [s for s, _ in spans])
+    return [Member(spec.name, base, t.weight, t.bias, t.unc_factor, t.ood, top)
+            for spec, t, top in zip(specs, tensors, tops, strict=True)]
 
 
 def _load_seqcls(path: Path, dtype: str, max_tokens: int | None, device: torch.device) -> RewardModel:

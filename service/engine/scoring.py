@@ -28,8 +28,10 @@ thread with a list of sequences and returns numpy arrays on the host.
 from __future__ import annotations
 
 import copy
+import functools
 import inspect
 import logging
+import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -37,9 +39,11 @@ from typing import Literal
 
 import numpy as np
 import torch
+from transformers import DynamicCache
 
 from rmserve.kernels import LastTokenScores, last_token_scores
-from rmserve.service.engine import varlen
+from rmserve.service.engine import trunk, varlen
+from rmserve.service.engine.backbone import Backbone
 from rmserve.service.engine.errors import EngineOutOfMemory
 from rmserve.service.engine.model import Member, RewardModel
 from rmserve.service.engine.padding import pad_token_id, right_pad
@@ -48,6 +52,32 @@ from rmserve.service.engine.prefix import PrefixGroup, find_prefix_groups
 log = logging.getLogger(__name__)
 
 Packing = Literal["auto", "on", "off"]
+
+# Fault injection, for tests of fault isolation (off unless set): a `score()` call whose
+# sequences hold the token id FAULT_TOKEN raises (FAULT_MODE "raise": the whole batch's
+# forward fails) or gives NaN scores for those sequences ("nan"). Set here, or in a server
+# subprocess by RMSERVE_FAULT_TOKEN=ID[:nan]. Off, it costs one global lookup per batch.
+_fault = os.environ.get("RMSERVE_FAULT_TOKEN", "").partition(":")
+FAULT_TOKEN: int | None = int(_fault[0]) if _fault[0] else None
+FAULT_MODE: Literal["raise", "nan"] = "nan" if _fault[2] == "nan" else "raise"
+
+
+def _fault_hook(score: Callable[..., EngineOutput]) -> Callable[..., EngineOutput]:
+    """Applies FAULT_TOKEN / FAULT_MODE around ScoringEngine.score (see above)."""
+
+    @functools.wraps(score)
+    def wrapped(self: ScoringEngine, seqs: list[list[int]]) -> EngineOutput:
+        if FAULT_TOKEN is None:
+            return score(self, seqs)
+        hit = [i for i, s in enumerate(seqs) if FAULT_TOKEN in s]
+        if hit and FAULT_MODE == "raise":
+            raise RuntimeError(f"injected fault: token {FAULT_TOKEN} in {len(hit)} of {len(seqs)} sequences")
+        out = score(self, seqs)
+        for name in ("rewards", "mean", "var", "min"):
+            getattr(out, name)[hit] = np.nan
+        return out
+
+    return wrapped
 
 
 @dataclass
@@ -67,6 +97,7 @@ class EngineOutput:
     min: np.ndarray                  # [N]
     epistemic: np.ndarray | None     # [N]
     stats: BatchStats = field(default_factory=BatchStats)
+    ood_score: np.ndarray | None = None  # [N]; None unless every member has OOD statistics
 
 
 def is_oom(err: BaseException) -> bool:
@@ -157,6 +188,15 @@ def stats_tokens(batch: list[list[int]], packed: bool) -> int:
     return sum(map(len, batch)) if packed else len(batch) * max(map(len, batch))
 
 
+def last_rows(hidden: torch.Tensor, where: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Each sequence's last real row [B, H] of a forward's hidden states: from cu_seqlens of a
+    packed stream [T, H], or from lengths of a padded batch [B, T, H]."""
+    if "cu_seqlens" in where:
+        return hidden[where["cu_seqlens"][1:].long() - 1]
+    lengths = where["lengths"]
+    return hidden[torch.arange(lengths.shape[0], device=hidden.device), lengths - 1]
+
+
 def model_device(model: RewardModel) -> torch.device:
     return next(model.members[0].backbone.model.parameters()).device
 
@@ -234,6 +274,7 @@ class ScoringEngine:
                     f"attn={getattr(m.backbone.model.config, '_attn_implementation', None)})"
                 )
             self._packed[id(m)] = ok
+        self._families = families(model)
 
     def _auto_packs(self, m: Member) -> bool:
         """What packing="auto" picks: packed on CUDA, and on CPU unless the member runs the
@@ -249,13 +290,21 @@ class ScoringEngine:
 
     # ------------------------------------------------------------------ API
 
+    @_fault_hook
     @torch.inference_mode()
     def score(self, seqs: list[list[int]]) -> EngineOutput:
         if not seqs:
             raise ValueError("score() needs at least one sequence")
         self._ensure_budget()
         stats = BatchStats()
-        per_member = [self._score_member(m, seqs, stats) for m in self.model.members]
+        by_member = {}
+        for fam in self._families:
+            for m, out in zip(fam.members, self._score_family(fam, seqs, stats), strict=True):
+                by_member[id(m)] = out
+        scored = [by_member[id(m)] for m in self.model.members]
+        per_member = [s for s, _ in scored]
+        oods = [o for _, o in scored]
+        ood = torch.stack(oods).mean(0).cpu().numpy() if all(o is not None for o in oods) else None
         rewards = torch.cat([s.rewards for s in per_member], dim=1).cpu()
         # The kernel's per-member statistics (one source of truth), combined on the host in
         # float64: N values, so it costs nothing.
@@ -270,6 +319,7 @@ class ScoringEngine:
             min=low.float().numpy(),
             epistemic=None if epistemic is None else epistemic.numpy(),
             stats=stats,
+            ood_score=ood,
         )
 
     @torch.inference_mode()
@@ -277,15 +327,13 @@ class ScoringEngine:
         """Last-token (or pooled) embeddings [N, H] in float32 on the host: what the heads read."""
         self._ensure_budget()
         m = self.model.members[member]
+        fam = next(f for f in self._families if any(x is m for x in f.members))
+        which = next(i for i, x in enumerate(fam.members) if x is m)
         out = torch.empty(len(seqs), m.backbone.hidden_size, device=self.device)
 
         def run(idx: list[int]) -> None:
-            hidden, where = self._run(m, [seqs[i] for i in idx])
-            if "cu_seqlens" in where:
-                out[idx] = hidden[where["cu_seqlens"][1:].long() - 1].float()
-            else:
-                lengths = where["lengths"]
-                out[idx] = hidden[torch.arange(len(idx), device=hidden.device), lengths - 1].float()
+            hiddens, where = self._run(fam, [seqs[i] for i in idx])
+            out[idx] = last_rows(hiddens[which], where).float()
 
         for idx in self._plan(m, [len(s) for s in seqs]):
             self._split_on_oom(idx, run, BatchStats())
@@ -328,16 +376,16 @@ class ScoringEngine:
             return
         self._budget_sized = True
         budgets = []
-        for m in self.model.members:
-            n = min(512, m.backbone.max_positions)
+        for fam in self._families:
+            n = min(512, fam.backbone.max_positions)
             probe = [[1 + (i * 7 + j) % 100 for j in range(n)] for i in range(4)]
             torch.cuda.synchronize(self.device)
             torch.cuda.empty_cache()
             base = torch.cuda.memory_allocated(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
             with torch.inference_mode():
-                hidden, _ = self._run(m, probe)
-                del hidden
+                hiddens, _ = self._run(fam, probe)
+                del hiddens
             torch.cuda.synchronize(self.device)
             peak = torch.cuda.max_memory_allocated(self.device) - base
             free, _ = torch.cuda.mem_get_info(self.device)
@@ -348,17 +396,56 @@ class ScoringEngine:
 
     # --------------------------------------------------------------- forward
 
-    def _score_member(self, m: Member, seqs: list[list[int]], stats: BatchStats) -> LastTokenScores:
-        """Every sequence's rewards, their mean/var/min over the member's heads and its
-        epistemic term (None without an uncertainty factor), on the engine's device."""
-        n, k = len(seqs), m.weight.shape[0]
-        scores = LastTokenScores(
-            rewards=torch.empty(n, k, device=self.device),
-            mean=torch.empty(n, device=self.device),
-            var=torch.empty(n, device=self.device),
-            min=torch.empty(n, device=self.device),
-            epistemic=torch.empty(n, device=self.device) if m.unc_factor is not None else None,
-        )
+    def _score_family(self, fam: Family, seqs: list[list[int]], stats: BatchStats
+                      ) -> list[tuple[LastTokenScores, torch.Tensor | None]]:
+        """For each member of the family: every sequence's rewards, their mean/var/min over the
+        member's heads and its epistemic term (None without an uncertainty factor), and its OOD
+        score (None without statistics), on the engine's device. One forward per batch serves
+        every member of the family."""
+        n = len(seqs)
+        outs = []
+        puts = []
+        for m in fam.members:
+            scores = LastTokenScores(
+                rewards=torch.empty(n, m.weight.shape[0], device=self.device),
+                mean=torch.empty(n, device=self.device),
+                var=torch.empty(n, device=self.device),
+                min=torch.empty(n, device=self.device),
+                epistemic=torch.empty(n, device=self.device) if m.unc_factor is not None else None,
+            )
+            ood = torch.empty(n, device=self.device) if m.ood is not None else None
+            outs.append((scores, ood))
+            puts.append(self._putter(m, scores, ood))
+
+        def put(idx: list[int], hiddens: list[torch.Tensor], where: dict[str, torch.Tensor]) -> None:
+            for fn, hidden in zip(puts, hiddens, strict=True):
+                fn(idx, hidden, where)
+
+        groups, alone = [], list(range(len(seqs)))
+        if self.min_shared_prefix > 0 and fam.backbone.pooling == "last":  # causal: a prefix's KV is its own
+            groups, alone = find_prefix_groups(seqs, self.min_shared_prefix)
+        t0 = time.perf_counter()
+        for g in groups:
+            self._score_shared_prefix(fam, seqs, g, put, stats)
+
+        def run(idx: list[int]) -> None:
+            batch = [seqs[i] for i in idx]
+            hiddens, where = self._run(fam, batch)
+            put(idx, hiddens, where)
+            stats.batches += 1
+            stats.real_tokens += sum(len(s) for s in batch)
+            packed = "cu_seqlens" in where
+            stats.padded_tokens += stats_tokens(batch, packed)
+
+        for sub in self._plan(fam.members[0], [len(seqs[i]) for i in alone]):
+            self._split_on_oom([alone[i] for i in sub], run, stats)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        stats.forward_s += time.perf_counter() - t0
+        return outs
+
+    def _putter(self, m: Member, scores: LastTokenScores, ood: torch.Tensor | None):
+        """put(idx, hidden, where): the member's heads (one kernel launch) into its buffers."""
         weight, bias = m.weight.to(self.device), m.bias.to(self.device)
         unc = m.unc_factor.to(self.device) if m.unc_factor is not None else None
 
@@ -368,62 +455,52 @@ class ScoringEngine:
                 buf = getattr(scores, name)
                 if buf is not None:
                     buf[idx] = getattr(out, name)
+            if ood is not None:  # [B, H] x [H, H]: small next to the forward
+                ood[idx] = m.ood.score(last_rows(hidden, where))
 
-        groups, alone = [], list(range(len(seqs)))
-        if self.min_shared_prefix > 0 and m.backbone.pooling == "last":  # causal: a prefix's KV is its own
-            groups, alone = find_prefix_groups(seqs, self.min_shared_prefix)
-        t0 = time.perf_counter()
-        for g in groups:
-            self._score_shared_prefix(m, seqs, g, put, stats)
+        return put
 
-        def run(idx: list[int]) -> None:
-            batch = [seqs[i] for i in idx]
-            hidden, where = self._run(m, batch)
-            put(idx, hidden, where)
-            stats.batches += 1
-            stats.real_tokens += sum(len(s) for s in batch)
-            packed = "cu_seqlens" in where
-            stats.padded_tokens += stats_tokens(batch, packed)
+    def _run(self, fam: Family, batch: list[list[int]]) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
+        """One forward; returns each member's hidden states and how to find each last token
+        (lengths or cu_seqlens)."""
+        if self.packs(fam.members[0]):
+            hiddens, cu = self._forward_packed(fam, batch)
+            return hiddens, {"cu_seqlens": cu}
+        hiddens, lengths = self._forward(fam, batch)
+        return hiddens, {"lengths": lengths}
 
-        for sub in self._plan(m, [len(seqs[i]) for i in alone]):
-            self._split_on_oom([alone[i] for i in sub], run, stats)
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        stats.forward_s += time.perf_counter() - t0
-        return scores
-
-    def _run(self, m: Member, batch: list[list[int]]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """One forward; returns hidden and how to find each last token (lengths or cu_seqlens)."""
-        if self.packs(m):
-            hidden, cu = self._forward_packed(m, batch)
-            return hidden, {"cu_seqlens": cu}
-        hidden, lengths = self._forward(m, batch)
-        return hidden, {"lengths": lengths}
-
-    def _score_shared_prefix(self, m: Member, seqs: list[list[int]], g: PrefixGroup, put, stats: BatchStats) -> None:
-        """Encode the group's prefix once, then its suffixes against the expanded KV cache."""
+    def _score_shared_prefix(self, fam: Family, seqs: list[list[int]], g: PrefixGroup, put,
+                             stats: BatchStats) -> None:
+        """Encode the group's prefix once, then its suffixes against the expanded KV caches
+        (the trunk's, and each member's own for its own layers)."""
         p = g.prefix_len
         dev = self.device
+        model = fam.backbone.model
+        key = _cache_kwarg(model)
         prefix = torch.tensor([seqs[g.members[0]][:p]], device=dev)
-        out = m.backbone.model(input_ids=prefix, use_cache=True)
-        cache = out.cache if "cache" in out else out.past_key_values  # renamed in transformers 5.2x
+        cache = DynamicCache(config=model.config)
+        own = fam.new_caches()
+        fam.forward({"input_ids": prefix, "use_cache": True, key: cache}, own)
         suffixes = [seqs[i][p:] for i in g.members]
         stats.real_tokens += p
         stats.padded_tokens += p
-        pad = pad_token_id(m.backbone.tokenizer)
+        pad = pad_token_id(fam.backbone.tokenizer)
+
+        def expanded(c, n: int):
+            c = copy.deepcopy(c)
+            c.batch_repeat_interleave(n)
+            return c
 
         def run(sub: list[int]) -> None:
             batch = [suffixes[i] for i in sub]
             ids, suffix_mask, lengths = right_pad(batch, pad)
             t = ids.shape[1]
             mask = torch.cat([torch.ones(len(batch), p, dtype=torch.long), suffix_mask], dim=1)
-            group_cache = copy.deepcopy(cache)
-            group_cache.batch_repeat_interleave(len(batch))
-            out = m.backbone.model(
-                input_ids=ids.to(dev), attention_mask=mask.to(dev), **{_cache_kwarg(m.backbone.model): group_cache},
-                position_ids=(p + torch.arange(t, device=dev))[None, :].expand(len(batch), t), use_cache=True,
-            )
-            put([g.members[i] for i in sub], out.last_hidden_state, {"lengths": lengths.to(dev)})
+            hiddens = fam.forward({
+                "input_ids": ids.to(dev), "attention_mask": mask.to(dev), key: expanded(cache, len(batch)),
+                "position_ids": (p + torch.arange(t, device=dev))[None, :].expand(len(batch), t), "use_cache": True,
+            }, None if own is None else [expanded(c, len(batch)) for c in own])
+            put([g.members[i] for i in sub], hiddens, {"lengths": lengths.to(dev)})
             stats.batches += 1
             stats.real_tokens += int(lengths.sum())
             stats.padded_tokens += len(batch) * t
@@ -431,17 +508,47 @@ class ScoringEngine:
         for sub in plan_batches([len(s) for s in suffixes], self.token_budget, self.max_batch):
             self._split_on_oom(sub, run, stats)
 
-    def _forward(self, m: Member, batch: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Right-padded forward. Returns (hidden [B, T, H], lengths [B]) on the engine's device."""
-        ids, mask, lengths = right_pad(batch, pad_token_id(m.backbone.tokenizer))
-        out = m.backbone.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device))
-        if m.backbone.pooling == "cls":
+    def _forward(self, fam: Family, batch: list[list[int]]) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """Right-padded forward. Returns (each member's hidden [B, T, H], lengths [B]) on the engine's device."""
+        ids, mask, lengths = right_pad(batch, pad_token_id(fam.backbone.tokenizer))
+        kwargs = {"input_ids": ids.to(self.device), "attention_mask": mask.to(self.device)}
+        if fam.backbone.pooling == "cls":  # an encoder: never shares a trunk
+            out = fam.backbone.model(**kwargs)
             pooled = out.pooler_output if getattr(out, "pooler_output", None) is not None else out.last_hidden_state[:, 0]
-            return pooled[:, None, :], torch.ones(len(batch), dtype=torch.long, device=self.device)
-        return out.last_hidden_state, lengths.to(self.device)
+            return [pooled[:, None, :]], torch.ones(len(batch), dtype=torch.long, device=self.device)
+        return fam.forward(kwargs), lengths.to(self.device)
 
-    def _forward_packed(self, m: Member, batch: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Padding-free forward of one packed stream. Returns (hidden [T_total, H], cu_seqlens [B+1])."""
+    def _forward_packed(self, fam: Family, batch: list[list[int]]) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """Padding-free forward of one packed stream. Returns (each member's hidden [T_total, H], cu_seqlens [B+1])."""
         kwargs = varlen.pack(batch, self.device)
-        out = m.backbone.model(**kwargs)
-        return out.last_hidden_state[0], kwargs["cu_seq_lens_q"]
+        return [h[0] for h in fam.forward(kwargs)], kwargs["cu_seq_lens_q"]
+
+
+@dataclass
+class Family:
+    """The members one backbone forward serves: a member on a backbone of its own, or members
+    sharing a trunk and differing in their top layers (engine/trunk.py)."""
+
+    backbone: Backbone
+    members: list[Member]
+
+    @property
+    def shared(self) -> bool:
+        return self.members[0].top is not None
+
+    def new_caches(self) -> list | None:
+        """A fresh cache per member for its own layers (prefix sharing); None for a plain backbone."""
+        return [DynamicCache() for _ in self.members] if self.shared else None
+
+    def forward(self, kwargs: dict, caches: list | None = None) -> list[torch.Tensor]:
+        if not self.shared:
+            return [self.backbone.model(**kwargs).last_hidden_state]
+        return trunk.run_shared(self.backbone.model, [m.top for m in self.members], kwargs, caches)
+
+
+def families(model: RewardModel) -> list[Family]:
+    """Members grouped by the backbone object they run on, in member order."""
+    out: dict[int, Family] = {}
+    for m in model.members:
+        out.setdefault(id(m.backbone), Family(m.backbone, [])).members.append(m)
+    return list(out.values())

@@ -67,7 +67,7 @@ class ScoreRequest(_message.Message):
     def __init__(self, samples: _Optional[_Iterable[_Union[Sample, _Mapping]]] = ..., options: _Optional[_Union[ScoreOptions, _Mapping]] = ...) -> None: ...
 
 class ScoreResult(_message.Message):
-    __slots__ = ("id", "reward", "std", "min", "conservative", "epistemic", "members", "num_tokens", "truncated")
+    __slots__ = ("id", "reward", "std", "min", "conservative", "epistemic", "members", "num_tokens", "truncated", "ood_score", "ood")
     ID_FIELD_NUMBER: _ClassVar[int]
     REWARD_FIELD_NUMBER: _ClassVar[int]
     STD_FIELD_NUMBER: _ClassVar[int]
@@ -77,6 +77,8 @@ class ScoreResult(_message.Message):
     MEMBERS_FIELD_NUMBER: _ClassVar[int]
     NUM_TOKENS_FIELD_NUMBER: _ClassVar[int]
     TRUNCATED_FIELD_NUMBER: _ClassVar[int]
+    OOD_SCORE_FIELD_NUMBER: _ClassVar[int]
+    OOD_FIELD_NUMBER: _ClassVar[int]
     id: str
     reward: float
     std: float
@@ -86,7 +88,9 @@ class ScoreResult(_message.Message):
     members: _containers.RepeatedScalarFieldContainer[float]
     num_tokens: int
     truncated: bool
-    def __init__(self, id: _Optional[str] = ..., reward: _Optional[float] = ..., std: _Optional[float] = ..., min: _Optional[float] = ..., conservative: _Optional[float] = ..., epistemic: _Optional[float] = ..., members: _Optional[_Iterable[float]] = ..., num_tokens: _Optional[int] = ..., truncated: _Optional[bool] = ...) -> None: ...
+    ood_score: float
+    ood: bool
+    def __init__(self, id: _Optional[str] = ..., reward: _Optional[float] = ..., std: _Optional[float] = ..., min: _Optional[float] = ..., conservative: _Optional[float] = ..., epistemic: _Optional[float] = ..., members: _Optional[_Iterable[float]] = ..., num_tokens: _Optional[int] = ..., truncated: _Optional[bool] = ..., ood_score: _Optional[float] = ..., ood: _Optional[bool] = ...) -> None: ...
 
 class ScoreResponse(_message.Message):
     __slots__ = ("results", "model_version")
@@ -197,7 +201,7 @@ class Normalization(_message.Message):
     def __init__(self, shift: _Optional[_Iterable[float]] = ..., scale: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "version", "kind", "num_members", "num_heads", "backbone", "max_tokens", "dtype", "normalization", "default_uncertainty_penalty", "has_epistemic", "max_samples_per_request", "backbone_layers")
+    __slots__ = ("name", "version", "kind", "num_members", "num_heads", "backbone", "max_tokens", "dtype", "normalization", "default_uncertainty_penalty", "has_epistemic", "max_samples_per_request", "backbone_layers", "ood_threshold", "ood_quantile", "ood_calibrated_on")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
@@ -211,6 +215,9 @@ class ModelInfo(_message.Message):
     HAS_EPISTEMIC_FIELD_NUMBER: _ClassVar[int]
     MAX_SAMPLES_PER_REQUEST_FIELD_NUMBER: _ClassVar[int]
     BACKBONE_LAYERS_FIELD_NUMBER: _ClassVar[int]
+    OOD_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    OOD_QUANTILE_FIELD_NUMBER: _ClassVar[int]
+    OOD_CALIBRATED_ON_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: str
     kind: str
@@ -224,7 +231,10 @@ class ModelInfo(_message.Message):
     has_epistemic: bool
     max_samples_per_request: int
     backbone_layers: int
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., kind: _Optional[str] = ..., num_members: _Optional[int] = ..., num_heads: _Optional[int] = ..., backbone: _Optional[str] = ..., max_tokens: _Optional[int] = ..., dtype: _Optional[str] = ..., normalization: _Optional[_Union[Normalization, _Mapping]] = ..., default_uncertainty_penalty: _Optional[float] = ..., has_epistemic: _Optional[bool] = ..., max_samples_per_request: _Optional[int] = ..., backbone_layers: _Optional[int] = ...) -> None: ...
+    ood_threshold: float
+    ood_quantile: float
+    ood_calibrated_on: str
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., kind: _Optional[str] = ..., num_members: _Optional[int] = ..., num_heads: _Optional[int] = ..., backbone: _Optional[str] = ..., max_tokens: _Optional[int] = ..., dtype: _Optional[str] = ..., normalization: _Optional[_Union[Normalization, _Mapping]] = ..., default_uncertainty_penalty: _Optional[float] = ..., has_epistemic: _Optional[bool] = ..., max_samples_per_request: _Optional[int] = ..., backbone_layers: _Optional[int] = ..., ood_threshold: _Optional[float] = ..., ood_quantile: _Optional[float] = ..., ood_calibrated_on: _Optional[str] = ...) -> None: ...
 
 class GetRunStatusRequest(_message.Message):
     __slots__ = ("run_id",)
