@@ -13,6 +13,7 @@ import math
 import operator
 import os
 import random
+import socket
 import time
 from collections import deque
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -113,6 +114,47 @@ def auth_metadata(
         pairs = [(k, v) for k, v in pairs if k.lower() != "authorization"]
         pairs.append(("authorization", f"Bearer {api_key}"))
     return tuple((str(k).lower(), str(v)) for k, v in pairs)
+
+
+def channel_target(address: str | Sequence[str]) -> str:
+    """The gRPC target for one address ("HOST:PORT", or a gRPC URI such as "dns:///rm.svc:50051",
+    which resolves to every replica) or several replicas (["h1:50051", "h2:50051"]).
+
+    Several addresses become one `ipv4:`/`ipv6:` target, resolved once here (gRPC's own list
+    schemes take IP literals only); calls are spread over them by the round_robin policy
+    (build_channel_args), and a call that fails with UNAVAILABLE on a replica that went away
+    is retried (RetryState) on another.
+    """
+    if isinstance(address, str):
+        if not address:
+            raise ValueError("address must be 'HOST:PORT', a gRPC target URI, or a list of 'HOST:PORT'")
+        return address
+    addresses = list(address)
+    if not addresses or not all(isinstance(a, str) and a for a in addresses):
+        raise ValueError(f"addresses must be a non-empty list of 'HOST:PORT' strings, got {address!r}")
+    if len(addresses) == 1:
+        return addresses[0]
+    v4, v6 = [], []
+    for a in addresses:
+        host, sep, port = a.rpartition(":")
+        if not sep or not port.isdigit() or not host:
+            raise ValueError(f"each address must be 'HOST:PORT', got {a!r}")
+        host = host.strip("[]")
+        try:
+            infos = socket.getaddrinfo(host, int(port), type=socket.SOCK_STREAM)
+        except socket.gaierror as e:
+            raise ValueError(f"cannot resolve {a!r}: {e}") from None
+        family, *_, sockaddr = infos[0]
+        (v6 if family == socket.AF_INET6 else v4).append(
+            f"[{sockaddr[0]}]:{port}" if family == socket.AF_INET6 else f"{sockaddr[0]}:{port}")
+    if v4 and v6:
+        raise ValueError("mix of IPv4 and IPv6 addresses: gRPC balances over one family per target")
+    return ("ipv6:" + ",".join(v6)) if v6 else ("ipv4:" + ",".join(v4))
+
+
+def is_balanced(target: str) -> bool:
+    """Several replicas (a list of addresses) or a DNS name that may resolve to several."""
+    return target.startswith(("ipv4:", "ipv6:", "dns:"))
 
 
 def build_channel_args(
@@ -636,7 +678,7 @@ class BaseClient:
 
     def __init__(
         self,
-        address: str,
+        address: str | Sequence[str],
         *,
         timeout: float | None = None,
         max_retries: int = DEFAULT_MAX_RETRIES,
@@ -653,9 +695,8 @@ class BaseClient:
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         channel_options: Mapping[str, Any] | Iterable[tuple[str, Any]] | None = None,
     ):
-        if not isinstance(address, str) or not address:
-            raise ValueError(f"address must be 'HOST:PORT', got {address!r}")
-        self.address = address
+        self.target = channel_target(address)
+        self.address = address if isinstance(address, str) else ",".join(address)
         self._options = ClientOptions(
             timeout=timeout,
             max_retries=max_retries,
@@ -667,6 +708,9 @@ class BaseClient:
         )
         self._credentials = channel_credentials(tls, root_certificates, private_key, certificate_chain)
         self._channel_args = build_channel_args(max_message_bytes, channel_options)
+        if is_balanced(self.target) and not any(k == "grpc.lb_policy_name" for k, _ in self._channel_args):
+            # spread calls over every replica the target names or resolves to
+            self._channel_args.append(("grpc.lb_policy_name", "round_robin"))
         self._max_message_bytes = max_message_bytes
         self._owns_channel = True
         self._open()

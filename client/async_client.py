@@ -73,7 +73,7 @@ class AsyncRewardClient(_core.BaseClient):
     """
 
     def _open(self) -> None:
-        self._conn = _LoopChannel(self.address, self._credentials, self._channel_args)
+        self._conn = _LoopChannel(self.target, self._credentials, self._channel_args)
 
     @property
     def _stub(self) -> pb_grpc.RewardServiceStub:

@@ -43,9 +43,9 @@ class RewardClient(_core.BaseClient):
 
     def _open(self) -> None:
         if self._credentials is None:
-            self._channel = grpc.insecure_channel(self.address, options=self._channel_args)
+            self._channel = grpc.insecure_channel(self.target, options=self._channel_args)
         else:
-            self._channel = grpc.secure_channel(self.address, self._credentials, options=self._channel_args)
+            self._channel = grpc.secure_channel(self.target, self._credentials, options=self._channel_args)
         self._stub = pb_grpc.RewardServiceStub(self._channel)
         self._admin = apb_grpc.AdminServiceStub(self._channel)
         self._labels = lpb_grpc.LabelServiceStub(self._channel)
