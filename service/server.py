@@ -269,8 +269,9 @@ class RewardServicer(pb_grpc.RewardServiceServicer):
             encoded = await self._off_loop(encode, slot.model.encoder)
         rows = await self._submit(slot, encoded, deadline, client, lambda i: _sample_name(samples, i))
         ids = [s.id for s in samples] if samples else [""] * len(encoded)
+        threshold = _ood(slot.model)
         results = [
-            result_pb(r, e, lam=lam, members=options.return_members, sample_id=i, ood_threshold=_ood(slot.model))
+            result_pb(r, e, lam=lam, members=options.return_members, sample_id=i, ood_threshold=threshold)
             for r, e, i in zip(rows, encoded, ids, strict=True)
         ]
         self._observe(results, options)
@@ -371,10 +372,10 @@ class RewardServicer(pb_grpc.RewardServiceServicer):
         flat = [e for g in groups for e in g]
         where = [f"group {gi} completion {ci}" for gi, g in enumerate(groups) for ci in range(len(g))]
         rows = await self._submit(slot, flat, deadline_of(context), client_of(context), where.__getitem__)
-        out, i = [], 0
+        out, i, threshold = [], 0, _ood(slot.model)
         for g_pb, g in zip(request.groups, groups, strict=True):
             res = [result_pb(rows[i + j], e, lam=lam, members=request.options.return_members,
-                             ood_threshold=_ood(slot.model)) for j, e in enumerate(g)]
+                             ood_threshold=threshold) for j, e in enumerate(g)]
             i += len(g)
             out.append(pb.GroupResult(id=g_pb.id, results=res))
         self._observe([r for g in out for r in g.results], request.options)

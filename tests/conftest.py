@@ -203,6 +203,39 @@ def tiny_server(tiny_ensemble):
 
 
 @pytest.fixture
+def serve_process():
+    """Start `rmserve serve` child processes, all killed after the test:
+    start(model, cwd, *flags) -> (process, address, metrics port or None) once SERVING."""
+    import re
+    import subprocess
+    import threading
+
+    started: list[subprocess.Popen] = []
+
+    def start(model, cwd: Path, *extra: str):
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "rmserve.service.cli", "serve", "--model", str(model), "--port", "0",
+             "--registry", str(cwd / "registry"), *extra],
+            stderr=subprocess.PIPE, text=True, cwd=cwd,
+            env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"},
+        )
+        started.append(proc)
+        log = []
+        while line := proc.stderr.readline():
+            log.append(line)
+            if m := re.search(r"SERVING .* on 127\.0\.0\.1:(\d+), metrics on (\w+)", line):
+                threading.Thread(target=proc.stderr.read, daemon=True).start()  # keep the pipe drained
+                return proc, f"127.0.0.1:{m.group(1)}", None if m.group(2) == "off" else int(m.group(2))
+        raise AssertionError("no SERVING line:\n" + "".join(log))
+
+    yield start
+    for p in started:
+        if p.poll() is None:
+            p.kill()
+        p.wait(30)
+
+
+@pytest.fixture
 def server_factory():
     """Start extra servers with their own config; all are stopped after the test."""
     started = []

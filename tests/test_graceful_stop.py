@@ -4,11 +4,8 @@ waiting out the grace period for streams that are merely open."""
 
 from __future__ import annotations
 
-import os
 import re
 import signal
-import subprocess
-import sys
 import threading
 import time
 import urllib.request
@@ -23,34 +20,6 @@ from rmserve.v1 import reward_pb2_grpc as pb_grpc
 
 GRACE_S = 60  # long: exiting well within it is the behaviour under test, not a speed
 REQ = pb.ScoreRequest(samples=[pb.Sample(text=pb.PromptResponse(prompt="How do I bake bread?", response="Knead."))])
-
-
-def serve(model, tmp_path, *extra: str) -> tuple[subprocess.Popen, str, int | None]:
-    """`rmserve serve` in a child process: (process, address, metrics port) once SERVING."""
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "rmserve.service.cli", "serve", "--model", str(model), "--port", "0",
-         "--registry", str(tmp_path / "registry"), "--grace", str(GRACE_S), *extra],
-        stderr=subprocess.PIPE, text=True, cwd=tmp_path,
-        env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "PYTHONSAFEPATH": "1"},
-    )
-    log = []
-    while line := proc.stderr.readline():
-        log.append(line)
-        if m := re.search(r"SERVING .* on 127\.0\.0\.1:(\d+), metrics on (\w+)", line):
-            threading.Thread(target=proc.stderr.read, daemon=True).start()  # keep the pipe drained
-            return proc, f"127.0.0.1:{m.group(1)}", None if m.group(2) == "off" else int(m.group(2))
-    proc.kill()
-    raise AssertionError("no SERVING line:\n" + "".join(log))
-
-
-@pytest.fixture
-def processes():
-    started: list[subprocess.Popen] = []
-    yield started
-    for p in started:
-        if p.poll() is None:
-            p.kill()
-            p.wait(30)
 
 
 def watch_health(channel: grpc.Channel) -> tuple[list[int], threading.Event]:
@@ -79,9 +48,8 @@ def wait_until(predicate, what: str, timeout: float = 60) -> None:
 
 
 @pytest.mark.timeout(300)
-def test_idle_server_exits_at_once_on_sigterm_despite_open_streams(tiny_ensemble, tmp_path, processes):
-    proc, address, _ = serve(tiny_ensemble, tmp_path, "--metrics-port", "-1")
-    processes.append(proc)
+def test_idle_server_exits_at_once_on_sigterm_despite_open_streams(tiny_ensemble, tmp_path, serve_process):
+    proc, address, _ = serve_process(tiny_ensemble, tmp_path, "--grace", str(GRACE_S), "--metrics-port", "-1")
     with grpc.insecure_channel(address) as ch:
         stub = pb_grpc.RewardServiceStub(ch)
         assert len(stub.Score(REQ, timeout=60).results) == 1
@@ -107,10 +75,10 @@ def test_idle_server_exits_at_once_on_sigterm_despite_open_streams(tiny_ensemble
 
 
 @pytest.mark.timeout(300)
-def test_sigterm_finishes_the_call_in_flight_and_refuses_new_ones(tiny_ensemble, tmp_path, processes):
+def test_sigterm_finishes_the_call_in_flight_and_refuses_new_ones(tiny_ensemble, tmp_path, serve_process):
     # every batch waits 3 s to fill: a call stays in flight long enough to SIGTERM under it
-    proc, address, metrics_port = serve(tiny_ensemble, tmp_path, "--metrics-port", "0", "--max-wait-ms", "3000")
-    processes.append(proc)
+    proc, address, metrics_port = serve_process(tiny_ensemble, tmp_path, "--grace", str(GRACE_S),
+                                                "--metrics-port", "0", "--max-wait-ms", "3000")
     metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
 
     def in_flight() -> float:

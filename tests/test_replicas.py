@@ -3,12 +3,6 @@ meets a replica killed mid-run (SIGKILL) is retried on another: every request ge
 
 from __future__ import annotations
 
-import os
-import re
-import subprocess
-import sys
-import threading
-
 import pytest
 
 from rmserve.client import RewardClient
@@ -30,48 +24,26 @@ def test_targets():
         channel_target(["no-such-host.invalid:1", "127.0.0.1:2"])
 
 
-def serve(model, tmp_path) -> tuple[subprocess.Popen, str]:
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "rmserve.service.cli", "serve", "--model", str(model), "--port", "0",
-         "--metrics-port", "-1", "--registry", str(tmp_path / "registry"), "--runs-file", ""],
-        stderr=subprocess.PIPE, text=True, cwd=tmp_path,
-        env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "PYTHONSAFEPATH": "1"},
-    )
-    log = []
-    while line := proc.stderr.readline():
-        log.append(line)
-        if m := re.search(r"SERVING .* on 127\.0\.0\.1:(\d+)", line):
-            threading.Thread(target=proc.stderr.read, daemon=True).start()  # keep the pipe drained
-            return proc, f"127.0.0.1:{m.group(1)}"
-    proc.kill()
-    raise AssertionError("no SERVING line:\n" + "".join(log))
-
-
 @pytest.mark.slow
-def test_a_replica_killed_mid_run_loses_no_request(tiny_ensemble, tmp_path):
+def test_a_replica_killed_mid_run_loses_no_request(tiny_ensemble, tmp_path, serve_process):
     procs = []
-    try:
-        for i in range(2):
-            (tmp_path / str(i)).mkdir()
-            procs.append(serve(tiny_ensemble, tmp_path / str(i)))
-        addresses = [a for _, a in procs]
-        with RewardClient(addresses[0], timeout=60) as one:
-            want = [r.reward for r in one.score(SAMPLES)]
-        results, errors = [], []
-        with RewardClient(addresses, timeout=60, max_retries=8, initial_backoff=0.05, max_samples_per_request=3) as c:
-            for step in range(40):
-                if step == 15:
-                    procs[0][0].kill()  # SIGKILL: no graceful stop, connections die mid-call
-                try:
-                    results.append([r.reward for r in c.score(SAMPLES)])
-                except Exception as e:  # counted, and the test fails on any
-                    errors.append(repr(e))
-        assert not errors, errors[:3]
-        assert len(results) == 40
-        for got in results:
-            assert got == pytest.approx(want, abs=1e-6)
-    finally:
-        for p, _ in procs:
-            if p.poll() is None:
-                p.kill()
-            p.wait(30)
+    for i in range(2):
+        (tmp_path / str(i)).mkdir()
+        proc, address, _ = serve_process(tiny_ensemble, tmp_path / str(i), "--metrics-port", "-1", "--runs-file", "")
+        procs.append((proc, address))
+    addresses = [a for _, a in procs]
+    with RewardClient(addresses[0], timeout=60) as one:
+        want = [r.reward for r in one.score(SAMPLES)]
+    results, errors = [], []
+    with RewardClient(addresses, timeout=60, max_retries=8, initial_backoff=0.05, max_samples_per_request=3) as c:
+        for step in range(40):
+            if step == 15:
+                procs[0][0].kill()  # SIGKILL: no graceful stop, connections die mid-call
+            try:
+                results.append([r.reward for r in c.score(SAMPLES)])
+            except Exception as e:  # counted, and the test fails on any
+                errors.append(repr(e))
+    assert not errors, errors[:3]
+    assert len(results) == 40
+    for got in results:
+        assert got == pytest.approx(want, abs=1e-6)

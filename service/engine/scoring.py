@@ -43,7 +43,7 @@ from transformers import DynamicCache
 
 from rmserve.kernels import LastTokenScores, last_token_scores
 from rmserve.service.engine import trunk, varlen
-from rmserve.service.engine.backbone import Backbone
+from rmserve.service.engine.backbone import Backbone, find_layers
 from rmserve.service.engine.errors import EngineOutOfMemory
 from rmserve.service.engine.model import Member, RewardModel
 from rmserve.service.engine.padding import pad_token_id, right_pad
@@ -536,6 +536,10 @@ class Family:
     def shared(self) -> bool:
         return self.members[0].top is not None
 
+    @functools.cached_property
+    def _blocks(self) -> torch.nn.ModuleList:
+        return find_layers(self.backbone.model)[1]  # walks every module: once, not per forward
+
     def new_caches(self) -> list | None:
         """A fresh cache per member for its own layers (prefix sharing); None for a plain backbone."""
         return [DynamicCache() for _ in self.members] if self.shared else None
@@ -543,7 +547,7 @@ class Family:
     def forward(self, kwargs: dict, caches: list | None = None) -> list[torch.Tensor]:
         if not self.shared:
             return [self.backbone.model(**kwargs).last_hidden_state]
-        return trunk.run_shared(self.backbone.model, [m.top for m in self.members], kwargs, caches)
+        return trunk.run_shared(self.backbone.model, self._blocks, [m.top for m in self.members], kwargs, caches)
 
 
 def families(model: RewardModel) -> list[Family]:

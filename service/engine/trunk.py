@@ -110,15 +110,15 @@ def cache_key(kwargs: dict[str, Any]) -> str | None:
     return next((k for k in CACHE_KWARGS if k in kwargs), None)
 
 
-def run_shared(model: nn.Module, tops: list[Top], kwargs: dict[str, Any],
+def run_shared(model: nn.Module, blocks: nn.ModuleList, tops: list[Top], kwargs: dict[str, Any],
                caches: list[Any] | None = None) -> list[torch.Tensor]:
     """One forward of the shared trunk, then every member's own layers and norm.
 
+    `blocks`: the base's transformer blocks (find_layers, looked up once by the caller).
     `kwargs` are the base model's forward kwargs (with an explicit cache when caching).
     `caches`: one cache per member for its own layers (prefix sharing), or None.
     Returns each member's last hidden states, shaped as the base model's would be.
     """
-    _, blocks = find_layers(model)
     n = int(model.config.num_hidden_layers)
     starts = sorted({t.start for t in tops})
     stop = starts[-1]
