@@ -43,6 +43,7 @@ class Activation:
     version: str
     previous_version: str
     load_seconds: float
+    propagated: bool = False   # the registry's ACTIVE pointer now names `version` (replicas on it follow)
 
 
 def build_train_request(
@@ -90,4 +91,4 @@ def parse_models(resp: apb.ListModelsResponse) -> list[ModelVersion]:
 
 
 def parse_activation(resp: apb.ActivateModelResponse) -> Activation:
-    return Activation(resp.version, resp.previous_version, float(resp.load_seconds))
+    return Activation(resp.version, resp.previous_version, float(resp.load_seconds), bool(resp.propagated))

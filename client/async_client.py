@@ -353,7 +353,8 @@ class AsyncRewardClient(_core.BaseClient):
         resp = await self._unary("ListModels", apb.ListModelsRequest(), opts, _core.Deadline(opts.timeout))
         return parse_models(resp)
 
-    async def activate_model(self, version: str, *, timeout: float | None = None) -> Activation:
+    async def activate_model(self, version: str, *, propagate: bool = True, timeout: float | None = None) -> Activation:
+        """See RewardClient.activate_model (`propagate`: the other replicas on the registry follow)."""
         opts = self._call_options(timeout)
-        req = apb.ActivateModelRequest(version=version)
+        req = apb.ActivateModelRequest(version=version, propagate=propagate)
         return parse_activation(await self._unary("ActivateModel", req, opts, _core.Deadline(opts.timeout)))

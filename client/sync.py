@@ -370,8 +370,13 @@ class RewardClient(_core.BaseClient):
         opts = self._call_options(timeout)
         return parse_models(self._unary("ListModels", apb.ListModelsRequest(), opts, _core.Deadline(opts.timeout)))
 
-    def activate_model(self, version: str, *, timeout: float | None = None) -> Activation:
-        """Load, warm and switch to `version`; in-flight requests finish on the old one."""
+    def activate_model(self, version: str, *, propagate: bool = True, timeout: float | None = None) -> Activation:
+        """Load, warm and switch to `version`; in-flight requests finish on the old one.
+
+        `propagate=True` (the default) also writes the registry's ACTIVE pointer: a restart serves
+        `version`, and replicas sharing the registry follow within their `--registry-poll`.
+        `propagate=False` switches only the replica this call reaches (a canary): use a client
+        with that replica's address alone. See docs/scaling.md."""
         opts = self._call_options(timeout)
-        req = apb.ActivateModelRequest(version=version)
+        req = apb.ActivateModelRequest(version=version, propagate=propagate)
         return parse_activation(self._unary("ActivateModel", req, opts, _core.Deadline(opts.timeout)))

@@ -134,8 +134,13 @@ class AdminServicer(apb_grpc.AdminServiceServicer):
     async def _job_succeeded(self, job: TrainingJob) -> None:
         if job.activate:
             t0 = time.perf_counter()
-            await self.state.activate(job.final)
-            self.registry.set_active(job.version)
+            try:
+                await self.state.activate(job.final)
+            except Exception:
+                self.state.metrics.activation("train", ok=False)
+                raise
+            self.state.metrics.activation("train", ok=True)
+            self.registry.set_active(job.version)  # replicas sharing the registry follow it
             self.jobs.publish(job, {"event": "activated", "phase": "", "message": f"serving {job.version} "
                                     f"(loaded and warmed in {time.perf_counter() - t0:.1f} s)"})
 
@@ -153,10 +158,20 @@ class AdminServicer(apb_grpc.AdminServiceServicer):
 
     @unary("ActivateModel")
     async def ActivateModel(self, request: apb.ActivateModelRequest, context) -> apb.ActivateModelResponse:
+        """propagate unset or true: once serving, write the registry's ACTIVE pointer (what a
+        restart serves, and what replicas on the same registry follow); false: this replica only.
+        A failed load writes nothing."""
         target = self.registry.get(request.version)
         previous = self.state.slot.version if self.state.slot else ""
         t0 = time.perf_counter()
-        await self.state.activate(target.path)
-        self.registry.set_active(target.version)
+        try:
+            await self.state.activate(target.path)
+        except Exception:
+            self.state.metrics.activation("rpc", ok=False)
+            raise
+        self.state.metrics.activation("rpc", ok=True)
+        propagate = request.propagate if request.HasField("propagate") else True
+        if propagate:
+            self.registry.set_active(target.version)
         return apb.ActivateModelResponse(version=target.version, previous_version=previous,
-                                         load_seconds=time.perf_counter() - t0)
+                                         load_seconds=time.perf_counter() - t0, propagated=propagate)

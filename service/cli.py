@@ -12,6 +12,28 @@ import logging
 import sys
 from collections.abc import Iterator
 
+from rmserve.service.config import BACKEND_NAMES
+
+_BACKEND_FLAGS = {  # option -> (flag, the backend it belongs to)
+    "device_map": ("--device-map", "accelerate"), "max_memory": ("--max-memory", "accelerate"),
+    "offload_folder": ("--offload-folder", "accelerate"),
+    "tensor_parallel_size": ("--tensor-parallel-size", "vllm"),
+    "gpu_memory_utilization": ("--gpu-memory-utilization", "vllm"),
+}
+
+
+def _backend_options(args: argparse.Namespace) -> dict:
+    """The --backend's own flags as load() keywords; a flag of another backend is an error."""
+    out = {}
+    for key, (flag, owner) in _BACKEND_FLAGS.items():
+        value = getattr(args, key, None)
+        if value is None:
+            continue
+        if args.backend != owner:
+            raise ValueError(f"{flag} applies to --backend {owner} (serving with --backend {args.backend})")
+        out[key] = value
+    return out
+
 
 def _serve(args: argparse.Namespace) -> int:
     import asyncio
@@ -22,13 +44,19 @@ def _serve(args: argparse.Namespace) -> int:
     from rmserve.service.errors import NotReady
     from rmserve.service.server import RewardServer
 
+    try:
+        backend_options = _backend_options(args)
+    except ValueError as e:
+        print(f"rmserve: {e}", file=sys.stderr)
+        return 2
     config = ServerConfig(
-        model=args.model, host=args.host, port=args.port,
+        model=args.model, host=args.host, port=args.port, backend_options=backend_options,
         metrics_port=None if args.metrics_port < 0 else args.metrics_port, metrics_host=args.metrics_host,
-        dtype=args.dtype, device=args.device, max_tokens=args.max_tokens, token_budget=args.token_budget,
+        dtype=args.dtype, device=args.device, backend=args.backend, max_tokens=args.max_tokens, token_budget=args.token_budget,
         batch_tokens=args.batch_tokens, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
         max_queue_per_client=args.max_queue_per_client,
         max_samples_per_request=args.max_samples_per_request, registry=args.registry, data_roots=args.data_root,
+        registry_poll_s=args.registry_poll,
         api_keys=args.api_keys, api_keys_env=args.api_keys_env, tls_cert=args.tls_cert, tls_key=args.tls_key,
         tls_client_ca=args.tls_client_ca, insecure_open=args.insecure_open,
         runs_file=args.runs_file, monitor=_monitor_settings(args.monitor), labels_db=args.labels_db,
@@ -186,6 +214,25 @@ def _labels_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export_onnx(args: argparse.Namespace) -> int:
+    try:
+        from rmserve.service.config import DEFAULT_MODEL_DIR
+        from rmserve.service.engine.errors import EnsembleFormatError
+        from rmserve.service.engine.onnx_export import export_onnx
+    except ImportError as e:
+        print(f"rmserve: export-onnx needs the onnx extra (pip install 'rmserve[onnx]'): {e}", file=sys.stderr)
+        return 2
+    source = DEFAULT_MODEL_DIR if args.model == "default" else args.model
+    try:
+        record = export_onnx(source, args.out, max_diff=args.max_diff, samples=args.samples, force=args.force,
+                             progress=lambda msg: print(f"export-onnx: {msg}", file=sys.stderr))
+    except (EnsembleFormatError, FileExistsError, FileNotFoundError, ValueError) as e:
+        print(f"rmserve: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(record["check"], indent=2))
+    return 0
+
+
 def _info(args: argparse.Namespace) -> int:
     import dataclasses
 
@@ -217,6 +264,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help="serving precision; auto = the model's own")
     s.add_argument("--device", default="cpu", help="cpu, cuda[:n] or auto (CUDA when there is one); "
                    "on CUDA the engine packs padding-free batches and sizes its token budget from memory")
+    s.add_argument("--backend", default="torch", choices=sorted(BACKEND_NAMES),
+                   help="what runs the forward: torch (default), onnx (a directory from `rmserve export-onnx`), "
+                   "accelerate (one model split over the node's GPUs), vllm (vLLM's pooling runner, tensor "
+                   "parallel); docs/big-models.md")
+    s.add_argument("--device-map", metavar="MAP",
+                   help="--backend accelerate: auto (default), balanced, balanced_low_0, sequential, or a JSON "
+                   'object {"module": GPU index | "cpu" | "disk"} (or a file holding one)')
+    s.add_argument("--max-memory", metavar="CAPS",
+                   help="--backend accelerate: the most each device may hold, e.g. 0=70GiB,1=70GiB,cpu=200GiB")
+    s.add_argument("--offload-folder", metavar="DIR",
+                   help='--backend accelerate: where "disk" modules are kept (default: a temporary folder)')
+    s.add_argument("--tensor-parallel-size", type=int, metavar="N",
+                   help="--backend vllm: GPUs one model is split over (default 1)")
+    s.add_argument("--gpu-memory-utilization", type=float, metavar="F",
+                   help="--backend vllm: the share of each GPU vLLM may take (default: vLLM's)")
     s.add_argument("--max-tokens", type=int, help="per-sample token limit (default: the model's)")
     s.add_argument("--token-budget", type=int, default=4096, help="padded tokens per engine forward")
     s.add_argument("--batch-tokens", type=int, default=16384, help="real tokens per scheduler batch")
@@ -230,6 +292,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="on SIGTERM/SIGINT, how long calls in flight may take to finish; the server exits "
                         "as soon as none is left (default %(default)s)")
     s.add_argument("--registry", help="directory of trained model versions (default: $RMSERVE_CACHE/registry)")
+    s.add_argument("--registry-poll", type=float, default=5.0, metavar="SECONDS",
+                   help="look at the registry's ACTIVE pointer this often and serve the version it names when it "
+                   "changes (replicas sharing a registry follow each other: docs/scaling.md); 0 = off")
     s.add_argument("--data-root", action="append", default=[], metavar="DIR",
                    help="a directory the Train RPC may read data from (repeatable; none: Train is refused)")
     s.add_argument("--api-keys", metavar="FILE",
@@ -292,6 +357,15 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--json", action="store_true", help="JSON instead of a table")
     rep.add_argument("--timeout", type=float, default=300.0)
     rep.set_defaults(func=_labels_report)
+
+    x = sub.add_parser("export-onnx", help="export a model for --backend onnx (checked against torch)")
+    x.add_argument("model", metavar="MODEL", help="ensemble directory or seq-cls checkpoint; `default`: the embedded model")
+    x.add_argument("--out", required=True, metavar="DIR", help="directory to write (serve it with --backend onnx --model DIR)")
+    x.add_argument("--max-diff", type=float, default=1e-3,
+                   help="refuse the export when any reward differs from the torch path by more (default 1e-3)")
+    x.add_argument("--samples", type=int, default=24, help="sequences the check scores through both paths")
+    x.add_argument("--force", action="store_true", help="replace DIR if it exists")
+    x.set_defaults(func=_export_onnx)
 
     try:
         from rmserve.training.cli import (

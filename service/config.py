@@ -20,6 +20,9 @@ KEEPALIVE_TIMEOUT_MS = 20_000
 MIN_CLIENT_PING_INTERVAL_MS = 30_000
 MAX_PING_STRIKES = 2
 
+# What `--backend` accepts (service/engine/backends.py implements each; a test keeps them equal).
+BACKEND_NAMES = ("torch", "onnx", "accelerate", "vllm")
+
 
 @dataclass
 class ServerConfig:
@@ -30,6 +33,10 @@ class ServerConfig:
     metrics_host: str | None = None     # None: same address as gRPC
     dtype: str = "auto"
     device: str = "cpu"                 # cpu | cuda[:n] | auto (CUDA when there is one)
+    backend: str = "torch"              # what runs the forward: service/engine/backends.py
+    backend_options: dict = field(default_factory=dict)  # the backend's own load settings (keyword arguments):
+                                        # accelerate: device_map, max_memory, offload_folder;
+                                        # vllm: tensor_parallel_size, gpu_memory_utilization (docs/big-models.md)
     max_tokens: int | None = None       # per-sample limit; default from the manifest
     token_budget: int = 4096            # padded tokens per engine forward
     batch_tokens: int = 16384           # real tokens per scheduler batch
@@ -46,6 +53,7 @@ class ServerConfig:
     min_client_ping_interval_ms: int = MIN_CLIENT_PING_INTERVAL_MS
     warmup: bool = True
     registry: str | None = None         # trained versions; None: $RMSERVE_CACHE/registry
+    registry_poll_s: float = 5.0        # follow the registry's ACTIVE pointer every N s (replica_sync.py); 0: off
     data_roots: list[str] = field(default_factory=list)  # where Train may read data; empty: no training
     api_keys: str | None = None         # JSON {key: [scopes]}; None: no authentication
     api_keys_env: str | None = None     # or: the name of an environment variable holding that JSON

@@ -74,6 +74,18 @@ class Metrics:
         self.reward_std = Histogram("rmserve_reward_std", "Ensemble std of scored samples", buckets=_STD_BUCKETS, registry=r)
         self.model_info = Info("rmserve_model", "The model being served", registry=r)
         self.ready = Gauge("rmserve_ready", "1 when a model is loaded and serving", registry=r)
+        self.activations = Counter(
+            "rmserve_model_activations",
+            "Hot swaps by what asked (rpc: ActivateModel, train: Train with activate, registry: following the "
+            "registry's ACTIVE pointer) and result (ok, failed: the previous version kept serving)",
+            ["source", "result"], registry=r,
+        )
+        self.registry_out_of_sync = Gauge(
+            "rmserve_registry_out_of_sync",
+            "1 while this replica serves a version other than its registry's ACTIVE one (a version it failed "
+            "to load, or a local-only ActivateModel); 0 otherwise or with --registry-poll 0",
+            registry=r,
+        )
         self.runs_tracked = Gauge("rmserve_runs_tracked", "Runs the run monitor holds statistics for", registry=r)
         self.runs_alarming = Gauge("rmserve_runs_alarming", "Tracked runs whose over-optimisation alarm has fired", registry=r)
         self.run_alarms = Counter("rmserve_run_alarms", "Over-optimisation alarms raised", registry=r)
@@ -109,6 +121,9 @@ class Metrics:
             self.padding_fraction.observe(1.0 - real_tokens / padded_tokens)
         self.tokens_scored.inc(real_tokens)
         self.sequences_scored.inc(sequences)
+
+    def activation(self, source: str, ok: bool) -> None:
+        self.activations.labels(source, "ok" if ok else "failed").inc()
 
     # -- run monitor ------------------------------------------------------------------
 

@@ -10,11 +10,18 @@ registry/
 A version directory appears only once complete: the trainer writes into a
 hidden staging directory and renames it into place. Activation itself lives in
 the server (load, warm, swap); the registry only finds, lists and remembers.
+
+Several replicas may share one registry directory (a shared volume, a mounted
+bucket): ACTIVE is then the fleet's version. It is replaced by rename (temp file
++ fsync + os.replace), so a reader sees the old pointer or the new one, never a
+half-written one, and it is written only after the version it names is complete.
+Replicas follow it with service/replica_sync.py (docs/scaling.md).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
 import time
 from dataclasses import dataclass
@@ -68,6 +75,19 @@ class Registry:
 
     def set_active(self, version: str) -> None:
         atomic_write_bytes(self.root / ACTIVE, (version + "\n").encode())
+
+    def pointer(self) -> tuple[str, tuple[int, int]] | None:
+        """ACTIVE as written, unchecked: (version, identity), None when there is none. The
+        identity (inode, mtime) changes with every write, even of the same version, so a
+        follower notices a version being activated again. Read through an open file, which on
+        NFS revalidates (close-to-open) where a bare stat may answer from a stale cache."""
+        try:
+            with open(self.root / ACTIVE, "rb") as f:
+                st = os.fstat(f.fileno())
+                version = f.read(4096).decode("utf-8", "replace").strip()
+        except FileNotFoundError:
+            return None
+        return version, (st.st_ino, st.st_mtime_ns)
 
     def active(self) -> str | None:
         f = self.root / ACTIVE

@@ -27,9 +27,9 @@ from rmserve.service.admin import AdminServicer
 from rmserve.service.auth import ApiKeyInterceptor, ApiKeys, check_bind_address
 from rmserve.service.config import DEFAULT_MODEL_DIR, ServerConfig
 from rmserve.service.engine.backbone import cache_dir
+from rmserve.service.engine.backends import Engine, backend
 from rmserve.service.engine.ensemble import MANIFEST
-from rmserve.service.engine.model import RewardModel, load_model
-from rmserve.service.engine.scoring import ScoringEngine
+from rmserve.service.engine.model import RewardModel
 from rmserve.service.errors import (
     InvalidInput,
     NonFiniteScore,
@@ -43,6 +43,7 @@ from rmserve.service.labels import LabelServicer
 from rmserve.service.metrics import Metrics
 from rmserve.service.monitor import MonitorConfig, RunMonitor, StepSummary
 from rmserve.service.registry import Registry
+from rmserve.service.replica_sync import RegistryFollower
 from rmserve.service.requests import Row, encode_groups, encode_samples, result_pb
 from rmserve.service.rpc import Malformed, Work, add_service, chunk_error, deadline_of, drain, unary
 from rmserve.service.scheduler import Scheduler
@@ -65,7 +66,7 @@ class ModelSlot:
     """One loaded model version. Batches are keyed by slot, so a request
     finishes on the version it started on, even across a hot swap."""
 
-    def __init__(self, model: RewardModel, engine: ScoringEngine):
+    def __init__(self, model: RewardModel, engine: Engine):
         self.model = model
         self.engine = engine
 
@@ -160,8 +161,8 @@ class ServingState:
             try:
                 model = await loop.run_in_executor(
                     None, functools.partial(
-                        load_model, path, dtype=self.config.dtype, max_tokens=self.config.max_tokens,
-                        device=self.config.device,
+                        backend(self.config.backend).load, path, dtype=self.config.dtype, max_tokens=self.config.max_tokens,
+                        device=self.config.device, **self.config.backend_options,
                     )
                 )
                 return await loop.run_in_executor(None, self.install, model)
@@ -171,7 +172,7 @@ class ServingState:
 
     def install(self, model: RewardModel) -> ModelSlot:
         """Warm a loaded model and make it the live one (atomic swap of one reference)."""
-        engine = ScoringEngine(model, token_budget=self.config.token_budget)
+        engine = backend(self.config.backend).engine(model, token_budget=self.config.token_budget)
         if self.config.warmup:
             engine.score([model.encoder.prompt_response("Hello", "Hi! How can I help?").ids])
         slot = ModelSlot(model, engine)
@@ -451,6 +452,7 @@ class RewardServer:
         self._loaded: asyncio.Future | None = None
         self._saver: asyncio.Future | None = None
         self.admin: AdminServicer | None = None
+        self.follower: RegistryFollower | None = None  # follows the registry's ACTIVE (--registry-poll)
         self.store: SqliteStore | None = None
         self.http: HttpFrontDoor | None = None
         self.http_port: int | None = None
@@ -465,6 +467,7 @@ class RewardServer:
         check_bind_address(self.config.host, authenticated=keys is not None or mtls_only,
                            insecure_open=self.config.insecure_open)
         registry = Registry(self.config.registry or cache_dir() / "registry")
+        self.follower = RegistryFollower(self.state, registry, self.config.registry_poll_s)  # before resolving
         model_path = resolve_model_path(self.config.model, registry)
         interceptors = [ApiKeyInterceptor(keys)] if keys is not None else []
         self._server = grpc.aio.server(interceptors=interceptors, options=self.config.grpc_options())
@@ -507,6 +510,7 @@ class RewardServer:
         self._saver = asyncio.ensure_future(self._save_runs_periodically())
         log.info("listening on %s:%d; loading %s (health reports not ready until it is warm)", self.config.host, self.port, model_path)
         self._loaded = asyncio.ensure_future(self._load(model_path))
+        self.follower.start()
 
     async def _save_runs_periodically(self, every_s: float = 5.0) -> None:
         """The run monitor's summaries reach disk within `every_s` (and at stop)."""
@@ -541,6 +545,8 @@ class RewardServer:
         as soon as none is left, whatever streams are still open (service/rpc.py `drain`)."""
         await self.health.enter_graceful_shutdown()
         self.state.work.close()
+        if self.follower is not None:  # no hot swap while stopping
+            await self.follower.stop()
         if self.http is not None:
             self.http.serving = False
         self.state.metrics.ready.set(0)

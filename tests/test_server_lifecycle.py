@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import urllib.request
 
@@ -10,6 +11,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 import rmserve.service.server as server_mod
+from rmserve.service.engine import backends
 from rmserve.service.errors import NotReady
 from rmserve.v1 import reward_pb2 as pb
 from rmserve.v1 import reward_pb2_grpc as pb_grpc
@@ -24,13 +26,13 @@ def health(address: str) -> int:
 
 def test_health_is_serving_only_after_the_model_is_loaded(tiny_ensemble, server_factory, monkeypatch):
     gate = threading.Event()
-    real_load = server_mod.load_model
+    real = backends.BACKENDS["torch"]
 
     def slow_load(*args, **kwargs):
         gate.wait(30)
-        return real_load(*args, **kwargs)
+        return real.load(*args, **kwargs)
 
-    monkeypatch.setattr(server_mod, "load_model", slow_load)
+    monkeypatch.setitem(backends.BACKENDS, "torch", dataclasses.replace(real, load=slow_load))
     s = server_factory(tiny_ensemble, wait_ready=False)
     assert health(s.address) == health_pb2.HealthCheckResponse.NOT_SERVING
     with grpc.insecure_channel(s.address) as ch:

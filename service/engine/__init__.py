@@ -11,6 +11,9 @@
     model.py                RewardModel: members, heads, normalisation, `load_model`
     scoring.py              ScoringEngine: batches -> forward -> last-token kernel -> results
     errors.py               plain exceptions; the server maps them to gRPC codes
+    backends.py             the --backend seam: torch, onnx, accelerate, vllm
+    sharded.py              --backend accelerate: one model split over a node's GPUs (device_map)
+    vllm_backend.py         --backend vllm: vLLM's pooling runner, rmserve's heads on its vectors
 
 Both the server (`rmserve.service`) and the trainer (`rmserve.training`) build on
 this package; it imports neither of them, nor grpc (import-linter checks it in CI).

@@ -162,16 +162,54 @@ def cut_layers(model: torch.nn.Module, num_layers: int) -> None:
         model.config.layer_types = model.config.layer_types[:num_layers]
 
 
+@dataclass(frozen=True)
+class Placement:
+    """Where accelerate puts a backbone's modules (big-model inference, engine/sharded.py).
+
+    `device_map`: a strategy ("auto", "balanced", "balanced_low_0", "sequential": over every
+    visible GPU, then the CPU and disk) or an explicit {module name: GPU index | "cpu" | "disk"};
+    `max_memory`: {GPU index | "cpu": "70GiB" or bytes} caps a strategy; `offload_folder`: where
+    "disk" modules are kept. Passed as they are to `from_pretrained`, which dispatches the
+    model with accelerate's hooks (each module runs on its device, activations follow).
+    """
+
+    device_map: str | dict[str, int | str] = "auto"
+    max_memory: dict[int | str, int | str] | None = None
+    offload_folder: str | None = None
+
+    def kwargs(self) -> dict:
+        kw: dict = {"device_map": self.device_map}
+        if self.max_memory is not None:
+            kw["max_memory"] = self.max_memory
+        if self.offload_folder is not None:
+            kw["offload_folder"] = self.offload_folder
+        return kw
+
+
+def _cut_config(config, num_layers: int) -> None:
+    """The config of a layer cut (as cut_layers leaves it), so that the cut layers are never loaded."""
+    total = int(config.num_hidden_layers)
+    if not 1 <= num_layers <= total:
+        raise ValueError(f"num_layers must be in [1, {total}] for this backbone, got {num_layers}")
+    config.num_hidden_layers = num_layers
+    if isinstance(getattr(config, "layer_types", None), list):
+        config.layer_types = config.layer_types[:num_layers]
+
+
 def load_backbone(
     source: str,
     *,
     dtype: torch.dtype = torch.float32,
     delta: dict[str, torch.Tensor] | None = None,
     num_layers: int | None = None,
+    placement: Placement | None = None,
 ) -> Backbone:
     """Bare transformer + tokenizer from a directory or `builtin:<name>`.
 
     `num_layers`: keep only the first N blocks (see cut_layers); `delta` applies after the cut.
+    `placement`: shard the model over devices with accelerate (see Placement); the cut is then
+    made in the config, so the layers past it are never loaded and the split counts only the
+    layers served.
     """
     quiet_transformers()
     name = source
@@ -179,13 +217,27 @@ def load_backbone(
         source = str(resolve_builtin(source.removeprefix("builtin:")))
     if not Path(source).is_dir():
         raise FileNotFoundError(f"backbone {name!r}: no such directory")
-    model = AutoModel.from_pretrained(source, dtype=dtype)
-    if num_layers is not None:
-        cut_layers(model, num_layers)
+    if placement is None:
+        model = AutoModel.from_pretrained(source, dtype=dtype)
+        if num_layers is not None:
+            cut_layers(model, num_layers)
+    else:
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(source)
+        if num_layers is not None:
+            _cut_config(config, num_layers)
+        model = AutoModel.from_pretrained(source, config=config, dtype=dtype, **placement.kwargs())
     if delta:
-        missing = set(delta) - set(model.state_dict())
+        params = dict(model.state_dict())
+        missing = set(delta) - set(params)
         if missing:
             raise ValueError(f"backbone {name!r}: delta names tensors the model lacks: {sorted(missing)[:5]}")
+        offloaded = sorted(k for k in delta if params[k].device.type == "meta")
+        if offloaded:
+            raise ValueError(f"backbone {name!r}: trained tensors of the model ({offloaded[:3]}...) would be "
+                             "offloaded to the CPU or disk, where they cannot be replaced; give the GPUs room "
+                             "for them (--max-memory) or serve with --backend torch")
         model.load_state_dict(delta, strict=False)
     return wrap_backbone(model, AutoTokenizer.from_pretrained(source), name, num_layers=num_layers)
 

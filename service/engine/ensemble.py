@@ -105,6 +105,8 @@ def _umask_mode() -> int:
 
 
 _FILE_MODE = _umask_mode()  # once, at import: os.umask is process-wide, so never while threads write
+# a directory made by mkdtemp (0700) and published by rename gets what mkdir would have given it
+DIR_MODE = _FILE_MODE | (_FILE_MODE & 0o444) >> 2
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:

@@ -19,6 +19,7 @@ import torch
 from rmserve.service.engine import invariant_attention, trunk
 from rmserve.service.engine.backbone import (
     Backbone,
+    Placement,
     load_backbone,
     quiet_transformers,
     wrap_backbone,
@@ -98,7 +99,7 @@ class RewardModel:
 
     @property
     def device(self) -> torch.device:
-        return next(self.members[0].backbone.model.parameters()).device
+        return input_device(self.members[0].backbone.model)
 
     def to(self, device: str | torch.device) -> RewardModel:
         """Move every backbone and head to `device`, in place (heads stay float32)."""
@@ -106,12 +107,28 @@ class RewardModel:
             m.backbone.model.to(device)
             if m.top is not None:
                 m.top.module.to(device)
+        return self.heads_to(device)
+
+    def heads_to(self, device: str | torch.device) -> RewardModel:
+        """Move the heads, uncertainty factors and OOD statistics to `device`, in place: where
+        the hidden states arrive when something else places the backbones (a sharded model,
+        a remote engine)."""
+        for m in self.members:
             m.weight, m.bias = m.weight.to(device), m.bias.to(device)
             if m.unc_factor is not None:
                 m.unc_factor = m.unc_factor.to(device)
             if m.ood is not None:
                 m.ood = m.ood.to(device)
         return self
+
+
+def input_device(module: torch.nn.Module) -> torch.device:
+    """Where a backbone takes its inputs: its parameters' device, or for one accelerate placed
+    over several devices (engine/sharded.py) the device its dispatch hook runs inputs on."""
+    hook = getattr(module, "_hf_hook", None)
+    if getattr(hook, "execution_device", None) is not None:
+        return torch.device(hook.execution_device)
+    return next(module.parameters()).device
 
 
 def _fold(weight: torch.Tensor, bias: torch.Tensor, shift: list[float], scale: list[float]):
@@ -190,7 +207,10 @@ def _finish_backbone(bb: Backbone, torch_dtype: torch.dtype, device: torch.devic
     return bb
 
 
-def _load_ensemble(path: Path, dtype: str, max_tokens: int | None, device: torch.device) -> RewardModel:
+def _load_ensemble(path: Path, dtype: str, max_tokens: int | None, device: torch.device,
+                   placement: Placement | None = None) -> RewardModel:
+    """`placement`: shard every backbone over devices with accelerate (engine/sharded.py); the
+    caller then places the heads (RewardModel.heads_to) instead of moving the model."""
     man: EnsembleManifest = read_manifest(path)
     torch_dtype = _resolve_dtype(dtype, man.dtype, device)
     tensors = [load_member(path, spec) for spec in man.members]
@@ -201,19 +221,28 @@ def _load_ensemble(path: Path, dtype: str, max_tokens: int | None, device: torch
     for source, idx in by_source.items():
         family = None
         if len(idx) > 1:
-            family = _load_family(source, [man.members[i] for i in idx], [tensors[i] for i in idx], torch_dtype, device)
+            family = _load_family(source, [man.members[i] for i in idx], [tensors[i] for i in idx], torch_dtype, device,
+                                  placement)
         for i, member in zip(idx, family or [None] * len(idx), strict=True):
             spec, t = man.members[i], tensors[i]
             if member is None:  # a backbone of its own
                 bb = load_backbone(source, dtype=_load_dtype(torch_dtype, device), delta=t.delta,
-                                   num_layers=spec.num_layers)
+                                   num_layers=spec.num_layers, placement=placement)
                 member = Member(spec.name, _finish_backbone(bb, torch_dtype, device), t.weight, t.bias,
                                 t.unc_factor, t.ood)
             if t.weight.shape[1] != member.backbone.hidden_size:
                 raise EnsembleFormatError(f"member {spec.name}: heads expect hidden size {t.weight.shape[1]}, "
                                           f"backbone has {member.backbone.hidden_size}")
             slots[i] = member
-    members = [m for m in slots if m is not None]
+    return assemble_ensemble(path, man, [m for m in slots if m is not None], torch_dtype, max_tokens)
+
+
+def assemble_ensemble(path: Path, man: EnsembleManifest, members: list[Member], torch_dtype: torch.dtype,
+                      max_tokens: int | None) -> RewardModel:
+    """The RewardModel of a manifest whose members are built: normalisation folded into the
+    heads, the token limit, the prompt encoder, the OOD calibration. Shared by every backend
+    that reads an ensemble directory (engine/vllm_backend.py builds members without a torch
+    backbone)."""
     k = sum(m.weight.shape[0] for m in members)
     shift = list(man.shift) if man.shift is not None else [0.0] * k
     scale = list(man.scale) if man.scale is not None else [1.0] * k
@@ -236,13 +265,13 @@ def _load_ensemble(path: Path, dtype: str, max_tokens: int | None, device: torch
 
 
 def _load_family(source: str, specs: list[MemberSpec], tensors: list, torch_dtype: torch.dtype,
-                 device: torch.device) -> list[Member] | None:
+                 device: torch.device, placement: Placement | None = None) -> list[Member] | None:
     """Members on one base that differ only in their top layers share its trunk (engine/trunk.py):
     the base is loaded once, each member keeps copies of the layers it trained. None when they
     cannot share (an encoder, trained embeddings...): each then loads a backbone of its own."""
     cuts = [spec.num_layers for spec in specs]
     base = load_backbone(source, dtype=_load_dtype(torch_dtype, device),
-                         num_layers=None if None in cuts else max(cuts))
+                         num_layers=None if None in cuts else max(cuts), placement=placement)
     if base.pooling != "last" or not trunk.shareable(base.model):
         return None
     n = int(base.model.config.num_hidden_layers)
@@ -254,7 +283,12 @@ def _load_family(source: str, specs: list[MemberSpec], tensors: list, torch_dtyp
             return None
         spans.append((start, cut))
     try:
-        tops = [trunk.build_top(base.model, t.delta, start, cut) for t, (start, cut) in zip(tensors, spans, strict=True)]
+        if placement is None:
+            tops = [trunk.build_top(base.model, t.delta, start, cut) for t, (start, cut) in zip(tensors, spans, strict=True)]
+        else:  # a sharded trunk: each member's own layers go where its copies begin
+            from rmserve.service.engine import sharded
+
+            tops = sharded.build_tops(base.model, [t.delta for t in tensors], spans)
     except ValueError as e:
         raise EnsembleFormatError(f"{source}: {e}") from e
     base = _finish_backbone(base, torch_dtype, device)
@@ -266,8 +300,10 @@ def _load_family(source: str, specs: list[MemberSpec], tensors: list, torch_dtyp
             for spec, t, top in zip(specs, tensors, tops, strict=True)]
 
 
-def _load_seqcls(path: Path, dtype: str, max_tokens: int | None, device: torch.device) -> RewardModel:
-    """A `*ForSequenceClassification` checkpoint with one label is a one-head ensemble."""
+def _load_seqcls(path: Path, dtype: str, max_tokens: int | None, device: torch.device,
+                 placement: Placement | None = None) -> RewardModel:
+    """A `*ForSequenceClassification` checkpoint with one label is a one-head ensemble.
+    `placement`: shard it over devices with accelerate (engine/sharded.py)."""
     from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
     quiet_transformers()
@@ -280,15 +316,18 @@ def _load_seqcls(path: Path, dtype: str, max_tokens: int | None, device: torch.d
         )
     default = str(getattr(config, "dtype", None) or "float32").removeprefix("torch.")
     torch_dtype = _resolve_dtype(dtype, default if default in DTYPES else "float32", device)
-    full = AutoModelForSequenceClassification.from_pretrained(path, dtype=_load_dtype(torch_dtype, device))
+    full = AutoModelForSequenceClassification.from_pretrained(path, dtype=_load_dtype(torch_dtype, device),
+                                                              **(placement.kwargs() if placement else {}))
     head = next(
         (mod for n, mod in full.named_children() if n in ("score", "classifier") and isinstance(mod, torch.nn.Linear)),
         None,
     )
     if head is None:
         raise EnsembleFormatError(f"{path}: its classification head is not a single linear layer; rmserve cannot read it")
-    weight = head.weight.detach().float().reshape(1, -1)
-    bias = head.bias.detach().float().reshape(1) if head.bias is not None else torch.zeros(1)
+    if head.weight.device.type == "meta":
+        raise EnsembleFormatError(f"{path}: the device map offloads the classification head; keep it on a GPU")
+    weight = head.weight.detach().float().reshape(1, -1).cpu()
+    bias = head.bias.detach().float().reshape(1).cpu() if head.bias is not None else torch.zeros(1)
     bb = _finish_backbone(wrap_backbone(full.base_model, AutoTokenizer.from_pretrained(path), str(path)),
                           torch_dtype, device)
     limit = min(max_tokens or 2048, bb.max_positions)

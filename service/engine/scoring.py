@@ -45,7 +45,7 @@ from rmserve.kernels import LastTokenScores, last_token_scores
 from rmserve.service.engine import trunk, varlen
 from rmserve.service.engine.backbone import Backbone, find_layers
 from rmserve.service.engine.errors import EngineOutOfMemory
-from rmserve.service.engine.model import Member, RewardModel
+from rmserve.service.engine.model import Member, RewardModel, input_device
 from rmserve.service.engine.padding import pad_token_id, right_pad
 from rmserve.service.engine.prefix import PrefixGroup, find_prefix_groups
 
@@ -198,7 +198,20 @@ def last_rows(hidden: torch.Tensor, where: dict[str, torch.Tensor]) -> torch.Ten
 
 
 def model_device(model: RewardModel) -> torch.device:
-    return next(model.members[0].backbone.model.parameters()).device
+    """Where the model takes its inputs: its parameters' device, or for a backbone accelerate
+    placed over several devices (engine/sharded.py) the device its dispatch hook runs inputs on."""
+    return input_device(model.members[0].backbone.model)
+
+
+def placed_devices(model: RewardModel) -> set[torch.device]:
+    """Every device accelerate placed a backbone's modules on (engine/sharded.py); empty for a
+    model on one device, which the engine may move. "disk" and offloaded "cpu" entries count
+    as the CPU."""
+    out: set[torch.device] = set()
+    for m in model.members:
+        for d in (getattr(m.backbone.model, "hf_device_map", None) or {}).values():
+            out.add(torch.device("cpu") if d == "disk" else torch.device(d))
+    return out
 
 
 def combine_member_stats(
@@ -224,6 +237,45 @@ def combine_member_stats(
     mean = sum(c * m for c, m in zip(counts, means, strict=True)) / k
     var = sum(c * (v + (m - mean) ** 2) for c, m, v in zip(counts, means, variances, strict=True)) / k
     return mean, var, torch.stack(list(minima)).amin(0)
+
+
+def member_scores(m: Member, hidden: torch.Tensor, where: dict[str, torch.Tensor]
+                  ) -> tuple[LastTokenScores, torch.Tensor | None]:
+    """One member's heads on a forward's hidden states (one `last_token_scores` launch: rewards,
+    mean/var/min over its heads, epistemic term) and its OOD score (None without statistics).
+    `where` finds each sequence's last token: {"lengths": [B]} for [B, T, H] (lengths of 1 for
+    rows that already are last tokens, [B, 1, H]) or {"cu_seqlens": [B+1]} for a packed [T, H]."""
+    dev = hidden.device
+    unc = m.unc_factor.to(dev) if m.unc_factor is not None else None
+    out = last_token_scores(hidden, m.weight.to(dev), m.bias.to(dev), unc_factor=unc, **where)
+    ood = m.ood.score(last_rows(hidden, where)) if m.ood is not None else None  # [B, H] x [H, H]
+    return out, ood
+
+
+def engine_output(scored: Sequence[tuple[LastTokenScores, torch.Tensor | None]], stats: BatchStats) -> EngineOutput:
+    """Every member's scores (in member order) as the ensemble's EngineOutput on the host: all
+    heads' rewards side by side, the kernel's per-member statistics combined over all heads, the
+    epistemic term averaged over the members that have one, the OOD score over all members (None
+    unless every member has one). Every backend reports through this one function."""
+    per_member = [s for s, _ in scored]
+    oods = [o for _, o in scored]
+    ood = torch.stack([o.cpu() for o in oods]).mean(0).numpy() if all(o is not None for o in oods) else None
+    rewards = torch.cat([s.rewards.cpu() for s in per_member], dim=1)
+    # The kernel's per-member statistics (one source of truth), combined on the host in
+    # float64: N values, so it costs nothing.
+    host = [[getattr(s, name).cpu().double() for s in per_member] for name in ("mean", "var", "min")]
+    mean, var, low = combine_member_stats([s.rewards.shape[1] for s in per_member], *host)
+    eps = [s.epistemic.cpu() for s in per_member if s.epistemic is not None]
+    epistemic = torch.stack(eps).mean(0) if eps else None
+    return EngineOutput(
+        rewards=rewards.float().numpy(),
+        mean=mean.float().numpy(),
+        var=var.float().numpy(),
+        min=low.float().numpy(),
+        epistemic=None if epistemic is None else epistemic.float().numpy(),
+        stats=stats,
+        ood_score=ood,
+    )
 
 
 class ScoringEngine:
@@ -259,6 +311,9 @@ class ScoringEngine:
         if self.device.type == "cuda" and self.device.index is None:  # "cuda" and "cuda:0" must compare equal
             self.device = torch.device("cuda", torch.cuda.current_device())
         if model_device(model) != self.device:
+            if placed_devices(model):
+                raise ValueError(f"the model is placed over {sorted(map(str, placed_devices(model)))} by accelerate "
+                                 f"and takes its inputs on {model_device(model)}; it cannot move to {self.device}")
             model.to(self.device)
         self.packing = packing
         self.memory_fraction = memory_fraction
@@ -301,26 +356,7 @@ class ScoringEngine:
         for fam in self._families:
             for m, out in zip(fam.members, self._score_family(fam, seqs, stats), strict=True):
                 by_member[id(m)] = out
-        scored = [by_member[id(m)] for m in self.model.members]
-        per_member = [s for s, _ in scored]
-        oods = [o for _, o in scored]
-        ood = torch.stack(oods).mean(0).cpu().numpy() if all(o is not None for o in oods) else None
-        rewards = torch.cat([s.rewards for s in per_member], dim=1).cpu()
-        # The kernel's per-member statistics (one source of truth), combined on the host in
-        # float64: N values, so it costs nothing.
-        host = [[getattr(s, name).cpu().double() for s in per_member] for name in ("mean", "var", "min")]
-        mean, var, low = combine_member_stats([s.rewards.shape[1] for s in per_member], *host)
-        eps = [s.epistemic for s in per_member if s.epistemic is not None]
-        epistemic = torch.stack(eps).mean(0).cpu() if eps else None
-        return EngineOutput(
-            rewards=rewards.numpy(),
-            mean=mean.float().numpy(),
-            var=var.float().numpy(),
-            min=low.float().numpy(),
-            epistemic=None if epistemic is None else epistemic.numpy(),
-            stats=stats,
-            ood_score=ood,
-        )
+        return engine_output([by_member[id(m)] for m in self.model.members], stats)
 
     @torch.inference_mode()
     def features(self, seqs: list[list[int]], member: int = 0) -> torch.Tensor:
@@ -376,21 +412,31 @@ class ScoringEngine:
             return
         self._budget_sized = True
         budgets = []
+        # a model sharded over several GPUs (engine/sharded.py) holds activations on each: the
+        # tightest device sets the budget
+        devices = sorted({self.device} | {d for d in placed_devices(self.model) if d.type == "cuda"}, key=str)
         for fam in self._families:
             n = min(512, fam.backbone.max_positions)
             probe = [[1 + (i * 7 + j) % 100 for j in range(n)] for i in range(4)]
-            torch.cuda.synchronize(self.device)
-            torch.cuda.empty_cache()
-            base = torch.cuda.memory_allocated(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
+            base = {}
+            for d in devices:
+                torch.cuda.synchronize(d)
+                torch.cuda.empty_cache()
+                base[d] = torch.cuda.memory_allocated(d)
+                torch.cuda.reset_peak_memory_stats(d)
             with torch.inference_mode():
                 hiddens, _ = self._run(fam, probe)
                 del hiddens
-            torch.cuda.synchronize(self.device)
-            peak = torch.cuda.max_memory_allocated(self.device) - base
-            free, _ = torch.cuda.mem_get_info(self.device)
-            free += torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
-            budgets.append(budget_from_memory(free, 4 * n, peak, fraction=self.memory_fraction or 0.9))
+            for d in devices:
+                torch.cuda.synchronize(d)
+                peak = torch.cuda.max_memory_allocated(d) - base[d]
+                if peak <= 0:  # a device holding no activations (a shard's last norm alone)
+                    continue
+                free, _ = torch.cuda.mem_get_info(d)
+                free += torch.cuda.memory_reserved(d) - torch.cuda.memory_allocated(d)
+                budgets.append(budget_from_memory(free, 4 * n, peak, fraction=self.memory_fraction or 0.9))
+        if not budgets:
+            return
         self.token_budget = min(budgets)
         log.info("token budget sized from measured memory: %d tokens per forward", self.token_budget)
 
@@ -446,17 +492,16 @@ class ScoringEngine:
 
     def _putter(self, m: Member, scores: LastTokenScores, ood: torch.Tensor | None):
         """put(idx, hidden, where): the member's heads (one kernel launch) into its buffers."""
-        weight, bias = m.weight.to(self.device), m.bias.to(self.device)
-        unc = m.unc_factor.to(self.device) if m.unc_factor is not None else None
 
         def put(idx: list[int], hidden: torch.Tensor, where: dict[str, torch.Tensor]) -> None:
-            out = last_token_scores(hidden, weight, bias, unc_factor=unc, **where)
+            # a sharded trunk's member layers may end on another device (engine/sharded.py)
+            out, member_ood = member_scores(m, hidden.to(self.device), where)
             for name in ("rewards", "mean", "var", "min", "epistemic"):
                 buf = getattr(scores, name)
                 if buf is not None:
                     buf[idx] = getattr(out, name)
-            if ood is not None:  # [B, H] x [H, H]: small next to the forward
-                ood[idx] = m.ood.score(last_rows(hidden, where))
+            if ood is not None:
+                ood[idx] = member_ood
 
         return put
 

@@ -106,6 +106,17 @@ def build_top(model: nn.Module, delta: dict[str, torch.Tensor] | None, start: in
     return Top(start, module)
 
 
+def _to(value: Any, device: torch.device) -> Any:
+    """Tensors (also inside tuples, lists, dicts) moved to `device`; anything else as it is."""
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, (tuple, list)):
+        return type(value)(_to(v, device) for v in value)
+    if isinstance(value, dict):
+        return {k: _to(v, device) for k, v in value.items()}
+    return value
+
+
 def cache_key(kwargs: dict[str, Any]) -> str | None:
     return next((k for k in CACHE_KWARGS if k in kwargs), None)
 
@@ -144,7 +155,10 @@ def run_shared(model: nn.Module, blocks: nn.ModuleList, tops: list[Top], kwargs:
     out = []
     for j, top in enumerate(tops):
         h, kw = captured[top.start]  # a member with layers starts below n: the kwargs its first layer gets
-        kw = dict(kw)
+        # where the member's layers run: a trunk split over devices (engine/sharded.py) leaves the
+        # captured activations and kwargs on other devices; on one device these moves are no-ops
+        dev = next(top.module.parameters(), h).device
+        h, kw = h.to(dev), {k: _to(v, dev) for k, v in kw.items()}
         if (key := cache_key(kw)) is not None:
             kw[key] = caches[j] if caches is not None else None
         for layer in top.layers:

@@ -93,17 +93,21 @@ class ListModelsResponse(_message.Message):
     def __init__(self, models: _Optional[_Iterable[_Union[ModelVersion, _Mapping]]] = ..., active_version: _Optional[str] = ...) -> None: ...
 
 class ActivateModelRequest(_message.Message):
-    __slots__ = ("version",)
+    __slots__ = ("version", "propagate")
     VERSION_FIELD_NUMBER: _ClassVar[int]
+    PROPAGATE_FIELD_NUMBER: _ClassVar[int]
     version: str
-    def __init__(self, version: _Optional[str] = ...) -> None: ...
+    propagate: bool
+    def __init__(self, version: _Optional[str] = ..., propagate: _Optional[bool] = ...) -> None: ...
 
 class ActivateModelResponse(_message.Message):
-    __slots__ = ("version", "previous_version", "load_seconds")
+    __slots__ = ("version", "previous_version", "load_seconds", "propagated")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     PREVIOUS_VERSION_FIELD_NUMBER: _ClassVar[int]
     LOAD_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    PROPAGATED_FIELD_NUMBER: _ClassVar[int]
     version: str
     previous_version: str
     load_seconds: float
-    def __init__(self, version: _Optional[str] = ..., previous_version: _Optional[str] = ..., load_seconds: _Optional[float] = ...) -> None: ...
+    propagated: bool
+    def __init__(self, version: _Optional[str] = ..., previous_version: _Optional[str] = ..., load_seconds: _Optional[float] = ..., propagated: _Optional[bool] = ...) -> None: ...

@@ -73,7 +73,9 @@ class AdminServiceServicer:
     def ActivateModel(self, request, context):
         """Loads and warms `version`, then switches to it atomically. Requests in
         flight finish on the version they started on; a failed load leaves the
-        current version serving. Rollback = activate the previous version.
+        current version serving (and the registry's pointer untouched). Rollback =
+        activate the previous version. With several replicas on one registry, see
+        `propagate` (docs/scaling.md).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

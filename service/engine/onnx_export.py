@@ -1,0 +1,205 @@
+"""`rmserve export-onnx`: a served model as an ONNX graph plus its heads (onnx_runtime.py reads it).
+
+The graph is the backbone forward up to each member's last-token embedding, with
+dynamic batch and sequence axes; members sharing a trunk are one graph with one
+output per member. It is exported by torch's dynamo exporter (`torch.onnx.export(...,
+dynamo=True)`), then checked against the torch path: the same sequences scored by
+both backends, the largest difference of any head's reward (and OOD score) recorded
+in onnx.json, and the export refused when it exceeds `max_diff`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import random
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from rmserve.service.engine.ensemble import (
+    DIR_MODE,
+    EnsembleFormatError,
+    EnsembleManifest,
+    MemberSpec,
+    MemberTensors,
+    atomic_write_bytes,
+    save_member,
+)
+from rmserve.service.engine.errors import InvalidInput
+from rmserve.service.engine.model import RewardModel, load_model
+from rmserve.service.engine.onnx_runtime import (
+    FORMAT,
+    GRAPH,
+    RECORD,
+    TOKENIZER,
+    OnnxEngine,
+    load_onnx_model,
+)
+from rmserve.service.engine.scoring import EngineOutput, ScoringEngine, families
+
+log = logging.getLogger(__name__)
+
+OPSET = 18
+
+
+class ExportGraph(torch.nn.Module):
+    """input_ids, attention_mask [B, T] (right-padded) -> each member's embedding [B, H]: what
+    its heads read (the last real token; an encoder's pooled first token)."""
+
+    def __init__(self, model: RewardModel):
+        super().__init__()
+        self.families = families(model)
+        # registered, so that export sees every backbone's and top's weights as the module's own
+        self.backbones = torch.nn.ModuleList([f.backbone.model for f in self.families])
+        self.tops = torch.nn.ModuleList([m.top.module for f in self.families for m in f.members if m.top is not None])
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        rows = torch.arange(input_ids.shape[0], device=input_ids.device)
+        last = attention_mask.sum(1) - 1
+        kwargs = {"input_ids": input_ids, "attention_mask": attention_mask}
+        out: list[torch.Tensor] = []
+        for fam in self.families:
+            if fam.backbone.pooling == "cls":
+                o = fam.backbone.model(**kwargs)
+                pooled = o.pooler_output if getattr(o, "pooler_output", None) is not None else o.last_hidden_state[:, 0]
+                out.append(pooled)
+                continue
+            out.extend(h[rows, last] for h in fam.forward(kwargs))
+        return tuple(out)
+
+
+def sample_sequences(model: RewardModel, n: int = 24, seed: int = 0) -> list[list[int]]:
+    """What the check scores: conversations through the model's own template, and random token
+    ids of lengths from 1 to the model's limit (short and long, padding in every batch)."""
+    rng = random.Random(seed)
+    enc = model.encoder
+    talk = [("Hello", "Hi! How can I help?"),
+            ("What is 17 times 23?", "17 times 23 is 391."),
+            ("Write a haiku about rain.", "Soft rain on the roof / the gutters hum their one note / night drinks it all in"),
+            ("Explain recursion briefly.", "A function that calls itself on a smaller input until a base case stops it.")]
+    seqs = []
+    for p, r in talk:
+        with contextlib.suppress(InvalidInput):  # longer than a small model's limit: the random ones cover it
+            seqs.append(enc.prompt_response(p, r).ids)
+    top = min(enc.max_tokens, 384)
+    vocab = enc.vocab_size
+    while len(seqs) < n:
+        length = rng.choice([1, 2, 3, rng.randint(4, 64), rng.randint(64, top)])
+        seqs.append([rng.randrange(3, vocab) for _ in range(min(length, top))])
+    return seqs
+
+
+def max_differences(a: EngineOutput, b: EngineOutput) -> dict[str, float]:
+    """The largest absolute difference of each output two backends give for the same sequences."""
+    diffs = {"rewards": float(np.abs(a.rewards - b.rewards).max()),
+             "mean": float(np.abs(a.mean - b.mean).max()),
+             "std": float(np.abs(np.sqrt(a.var) - np.sqrt(b.var)).max())}
+    if a.epistemic is not None and b.epistemic is not None:
+        diffs["epistemic"] = float(np.abs(a.epistemic - b.epistemic).max())
+    if a.ood_score is not None and b.ood_score is not None:
+        diffs["ood_score"] = float(np.abs(a.ood_score - b.ood_score).max())
+    return diffs
+
+
+def export_onnx(source: str | Path, out: str | Path, *, max_diff: float = 1e-3, samples: int = 24,
+                force: bool = False, progress=print) -> dict:
+    """Export the model at `source` (an ensemble directory or a seq-cls checkpoint) to `out`.
+
+    Written to a temporary sibling and renamed into place only after the check passed, so
+    `out` is either a complete, checked export or absent. Returns the onnx.json record.
+    """
+    import onnx
+    import onnxruntime
+
+    for noisy in ("onnx_ir", "onnxscript", "torch.onnx"):  # per-initialiser INFO lines by the thousand
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    out = Path(out)
+    if out.exists() and any(out.iterdir()) and not force:
+        raise FileExistsError(f"{out} exists and is not empty; pass --force to replace it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    progress(f"loading {source} (float32, CPU)")
+    model = load_model(source, dtype="float32", device="cpu")
+    stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    stage.chmod(DIR_MODE)
+    try:
+        record = _export_into(model, stage, progress)
+        _write_record(stage, record)
+        progress(f"checking {samples} sequences against the torch path")
+        seqs = sample_sequences(model, samples)
+        want = ScoringEngine(model, min_shared_prefix=0).score(seqs)
+        exported = load_onnx_model(stage)
+        got = OnnxEngine(exported).score(seqs)
+        diffs = max_differences(want, got)
+        worst = max(diffs["rewards"], diffs.get("ood_score", 0.0))
+        record["check"] = {
+            "samples": len(seqs), "max_abs_diff": worst, "max_abs_diff_by_output": diffs,
+            "tolerance": max(1e-4, 10 * worst), "reference": "torch ScoringEngine, float32, CPU",
+        }
+        record["versions"] = {"torch": torch.__version__, "onnx": onnx.__version__,
+                              "onnxruntime": onnxruntime.__version__, "opset": OPSET}
+        _write_record(stage, record)
+        if worst > max_diff:
+            raise EnsembleFormatError(
+                f"the exported graph differs from the torch path by {worst:.3g} (rewards {diffs['rewards']:.3g}) "
+                f"on {len(seqs)} sample sequences, above --max-diff {max_diff:g}; not written to {out}")
+        if out.exists():
+            shutil.rmtree(out)
+        stage.rename(out)
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+    progress(f"wrote {out}: largest difference from torch {worst:.3g} over {len(seqs)} sequences")
+    return record
+
+
+def _write_record(directory: Path, record: dict) -> None:
+    atomic_write_bytes(directory / RECORD, (json.dumps(record, indent=2) + "\n").encode())
+
+
+def _export_into(model: RewardModel, stage: Path, progress) -> dict:
+    graph = ExportGraph(model).eval()
+    names = [f"embedding_{m.name}" for m in model.members]
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10, 11, 12], [5, 6, 7, 8, 9, 0, 0, 0]])
+    mask = torch.tensor([[1] * 8, [1] * 5 + [0] * 3])
+    batch, seq = torch.export.Dim("batch"), torch.export.Dim("sequence")
+    progress(f"exporting {len(model.members)} member(s) of {model.backbone_name} with torch.onnx (dynamo)")
+    t0 = time.perf_counter()
+    with torch.inference_mode(False), torch.no_grad():
+        program = torch.onnx.export(
+            graph, (ids, mask), dynamo=True, opset_version=OPSET, optimize=True, verbose=False,
+            input_names=["input_ids", "attention_mask"], output_names=names,
+            dynamic_shapes=({0: batch, 1: seq}, {0: batch, 1: seq}),
+        )
+    program.save(str(stage / GRAPH))
+    progress(f"exported in {time.perf_counter() - t0:.0f} s")
+    model.encoder.tokenizer.save_pretrained(stage / TOKENIZER)
+    specs = []
+    for m in model.members:  # heads as served: normalisation already folded in
+        spec = MemberSpec(name=m.name, backbone="onnx")
+        save_member(stage, spec, MemberTensors(m.weight.cpu(), m.bias.cpu(), unc_factor=m.unc_factor, ood=m.ood))
+        specs.append(spec)
+    manifest = EnsembleManifest(
+        name=model.name, version=model.version, kind=model.kind, members=specs,
+        uncertainty_penalty=model.uncertainty_penalty, max_tokens=model.max_tokens, dtype="float32",
+        chat_template=model.encoder.templated, training=model.training,
+        ood=None if model.ood is None else {"threshold": model.ood.threshold, "quantile": model.ood.quantile,
+                                            "calibrated_on": model.ood.calibrated_on,
+                                            "num_calibration": model.ood.num_calibration},
+    )
+    return {
+        "format": FORMAT, "source": model.source, "backbone": model.backbone_name,
+        "num_layers": model.backbone_layers, "max_positions": min(m.backbone.max_positions for m in model.members),
+        "shift": model.shift, "scale": model.scale, "ensemble": manifest.to_dict(),
+        "members": [{"name": m.name, "output": n, "hidden_size": m.backbone.hidden_size}
+                    for m, n in zip(model.members, names, strict=True)],
+        "exported_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+
+
+__all__ = ["ExportGraph", "export_onnx", "max_differences", "sample_sequences"]
