@@ -13,18 +13,20 @@ drifts). Variants:
   torch-fp32-padded  ScoringEngine, float32, padded length-sorted batches (ORT's batching)
   torch-bf16         ScoringEngine, bf16 matmuls (only where the CPU has native bf16: what auto serves)
   onnx-fp32          OnnxEngine over `rmserve export-onnx`'s graph (ORT_ENABLE_ALL, CPU provider)
-  onnx-int8          the same graph with dynamic int8 matmuls (onnxruntime.quantization), --int8 only:
-                     not a served option; printed to show what int8 would buy and cost
+  onnx-int8          `export-onnx --quantize int8`: 8-bit matmul weights, int8 compute (--int8 only)
 
-Printed: tokens/s, throughput relative to torch-fp32, and the largest reward difference
-from torch-fp32 over the reward std. `--tiny` runs a tiny random Llama in seconds
-(tests/test_bench_onnx.py).
+Printed: tokens/s, throughput relative to torch-fp32, the largest reward difference
+from torch-fp32 over the reward std, and with `--pairs FILE` each variant's accuracy on
+those preference pairs (the first `--pairs-n`) and how often it orders a pair as
+torch-fp32 does: what a precision change costs where it matters. `--tiny` runs a tiny
+random Llama in seconds (tests/test_bench_onnx.py).
 """
 
 from __future__ import annotations
 
 import argparse
 import platform
+import shutil
 import sys
 import time
 from datetime import datetime, timezone
@@ -42,10 +44,12 @@ from rmserve.service.engine.ensemble import (
     save_member,
     write_manifest,
 )
+from rmserve.service.engine.errors import InvalidInput
 from rmserve.service.engine.model import load_model, native_bf16_cpu
-from rmserve.service.engine.onnx_export import export_onnx
+from rmserve.service.engine.onnx_export import export_onnx, quantize_int8
 from rmserve.service.engine.onnx_runtime import GRAPH, OnnxEngine, load_onnx_model
 from rmserve.service.engine.scoring import ScoringEngine
+from rmserve.training.data import load_pairs
 
 DEFAULT = Path(__file__).resolve().parent.parent / "service" / "default_model"
 TARGET = 1.3  # the deployment issue's goal: ORT >= 1.3x torch fp32
@@ -60,15 +64,26 @@ def _tiny_model(tmp: Path) -> Path:
 
 
 def _int8(export: Path, out: Path) -> Path:
-    """The exported directory with its graph's matmuls quantised to int8 (weights per channel)."""
-    import shutil
-
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
+    """The exported directory with its graph quantised as `export-onnx --quantize int8` does."""
     shutil.copytree(export, out)
-    (out / GRAPH).unlink()
-    quantize_dynamic(str(export / GRAPH), str(out / GRAPH), weight_type=QuantType.QInt8, per_channel=True)
+    quantize_int8(out / GRAPH, lambda m: print(f"  {m}", file=sys.stderr))
     return out
+
+
+def pair_sequences(path: str, n: int, encoder) -> tuple[list[list[int]], int]:
+    """The first n pairs of a preference file as [chosen..., rejected...] token ids."""
+    pairs, _ = load_pairs(path)
+    chosen, rejected = [], []
+    for p in pairs:
+        if len(chosen) == n:
+            break
+        try:
+            c, r = encoder.conversation(p.chosen_conversation).ids, encoder.conversation(p.rejected_conversation).ids
+        except InvalidInput:
+            continue
+        chosen.append(c)
+        rejected.append(r)
+    return chosen + rejected, len(chosen)
 
 
 def run_all(args, argv: list[str], tmp: Path, t_start: float) -> str:
@@ -98,6 +113,13 @@ def run_all(args, argv: list[str], tmp: Path, t_start: float) -> str:
             scores[name] = e.score(w.seqs).rewards
             best[name] = min(best[name], time.perf_counter() - t)
             print(f"  round {r + 1}/{args.repeat} {name}: {time.perf_counter() - t:.2f} s", file=sys.stderr, flush=True)
+    pair_rows = []
+    if args.pairs:
+        seqs, n = pair_sequences(args.pairs, args.pairs_n, engines["torch-fp32"].model.encoder)
+        margins = {name: (lambda m: m[:n] - m[n:])(e.score(seqs).mean) for name, e in engines.items()}
+        for name, m in margins.items():
+            agree = float(np.mean(np.sign(m) == np.sign(margins["torch-fp32"])))
+            pair_rows.append(f"| {name} | {float(np.mean(m > 0)):.3f} | {agree:.3f} |")
     tokens = sum(map(len, w.seqs))
     ref = scores["torch-fp32"]
     std = max(float(ref.std()), 1e-12)
@@ -118,6 +140,9 @@ def run_all(args, argv: list[str], tmp: Path, t_start: float) -> str:
     for name, s in best.items():
         diff = float(np.abs(scores[name] - ref).max()) / std
         lines.append(f"| {name} | {s:.2f} | {tokens / s:,.0f} | {best['torch-fp32'] / s:.2f} | {diff:.2e} |")
+    if pair_rows:
+        lines += ["", f"Preference pairs: the first {n} of `{args.pairs}` (chosen must outscore rejected)", "",
+                  "| variant | accuracy | same order as torch-fp32 |", "| --- | --- | --- |", *pair_rows]
     ratio = best["torch-fp32"] / best["onnx-fp32"]
     lines += ["", f"- {'PASS' if ratio >= TARGET else 'MISS'} onnx-fp32 / torch-fp32 >= {TARGET}: {ratio:.2f}"]
     if "torch-bf16" in best:
@@ -131,7 +156,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--n", type=int, default=64, help="sequences in the PPO-like workload")
     p.add_argument("--repeat", type=int, default=3, help="interleaved rounds; the best is kept")
-    p.add_argument("--int8", action="store_true", help="also time a dynamically int8-quantised graph")
+    p.add_argument("--int8", action="store_true", help="also time the graph as `export-onnx --quantize int8` writes it")
+    p.add_argument("--pairs", metavar="JSONL", help="preference pairs to measure each variant's accuracy on")
+    p.add_argument("--pairs-n", type=int, default=100, help="how many of --pairs to score")
     p.add_argument("--tiny", action="store_true", help="a tiny random model (seconds; for tests)")
     p.add_argument("--out", help="also write the report here")
     return p.parse_args(argv)

@@ -192,3 +192,18 @@ def test_the_embedded_default_exports_within_tolerance(tmp_path):
     want = ScoringEngine(load_model(DEFAULT_MODEL_DIR, dtype="float32")).score(conv)
     assert max(max_differences(want, got).values()) <= record["check"]["tolerance"]
     assert all(math.isfinite(v) for v in got.ood_score)
+
+
+def test_int8_export_records_its_method_and_error_and_stays_near_float32(tiny_ensemble, tiny_export, tmp_path):
+    out, fp32 = tiny_export
+    record = export_onnx(tiny_ensemble, tmp_path / "int8", samples=12, quantize="int8", progress=quiet)
+    assert record["quantize"]["block_size"] == 32 and "MatMulNBits" in record["quantize"]["method"]
+    check = record["check"]
+    # quantised weights move scores (more than float32's rounding), within the default bound
+    assert fp32["check"]["max_abs_diff"] < check["max_abs_diff"] <= check["max_diff"] == pytest.approx(0.1 * check["reward_std"])
+    seqs = fresh_seqs(seed=21, n=9, vocab=64, top=64)
+    want = ScoringEngine(load_model(tiny_ensemble)).score(seqs)
+    got = OnnxEngine(load_onnx_model(tmp_path / "int8")).score(seqs)
+    assert np.abs(got.rewards - want.rewards).max() <= 0.5 * float(want.rewards.std())
+    with pytest.raises(ValueError, match="quantize"):
+        export_onnx(tiny_ensemble, tmp_path / "x", quantize="int4", progress=quiet)

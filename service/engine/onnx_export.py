@@ -6,6 +6,11 @@ output per member. It is exported by torch's dynamo exporter (`torch.onnx.export
 dynamo=True)`), then checked against the torch path: the same sequences scored by
 both backends, the largest difference of any head's reward (and OOD score) recorded
 in onnx.json, and the export refused when it exceeds `max_diff`.
+
+`quantize="int8"` stores the graph's matmul weights as 8-bit blocks (onnxruntime's
+MatMulNBits, weight-only, symmetric, 32 per block) computed with int8 dot products
+(accuracy level 4): faster on a CPU without native bf16, at a measured cost in score
+accuracy (bench/results/onnx-*.md) that the check records like any other difference.
 """
 
 from __future__ import annotations
@@ -46,6 +51,8 @@ from rmserve.service.engine.scoring import EngineOutput, ScoringEngine, families
 log = logging.getLogger(__name__)
 
 OPSET = 18
+QUANTIZE = ("none", "int8")
+INT8_BLOCK = 32  # weights per quantisation block: finer blocks keep more accuracy, cost little speed
 
 
 class ExportGraph(torch.nn.Module):
@@ -107,9 +114,12 @@ def max_differences(a: EngineOutput, b: EngineOutput) -> dict[str, float]:
     return diffs
 
 
-def export_onnx(source: str | Path, out: str | Path, *, max_diff: float = 1e-3, samples: int = 24,
-                force: bool = False, progress=print) -> dict:
+def export_onnx(source: str | Path, out: str | Path, *, max_diff: float | None = None, samples: int = 24,
+                quantize: str = "none", force: bool = False, progress=print) -> dict:
     """Export the model at `source` (an ensemble directory or a seq-cls checkpoint) to `out`.
+
+    `max_diff`: the largest reward (or OOD score) difference from torch the export accepts;
+    default 1e-3, or a tenth of the torch rewards' std over the check's samples with int8.
 
     Written to a temporary sibling and renamed into place only after the check passed, so
     `out` is either a complete, checked export or absent. Returns the onnx.json record.
@@ -117,6 +127,8 @@ def export_onnx(source: str | Path, out: str | Path, *, max_diff: float = 1e-3, 
     import onnx
     import onnxruntime
 
+    if quantize not in QUANTIZE:
+        raise ValueError(f"quantize must be one of {QUANTIZE}, got {quantize!r}")
     for noisy in ("onnx_ir", "onnxscript", "torch.onnx"):  # per-initialiser INFO lines by the thousand
         logging.getLogger(noisy).setLevel(logging.WARNING)
     out = Path(out)
@@ -129,6 +141,8 @@ def export_onnx(source: str | Path, out: str | Path, *, max_diff: float = 1e-3, 
     stage.chmod(DIR_MODE)
     try:
         record = _export_into(model, stage, progress)
+        if quantize == "int8":
+            record["quantize"] = quantize_int8(stage / GRAPH, progress)
         _write_record(stage, record)
         progress(f"checking {samples} sequences against the torch path")
         seqs = sample_sequences(model, samples)
@@ -137,9 +151,12 @@ def export_onnx(source: str | Path, out: str | Path, *, max_diff: float = 1e-3, 
         got = OnnxEngine(exported).score(seqs)
         diffs = max_differences(want, got)
         worst = max(diffs["rewards"], diffs.get("ood_score", 0.0))
+        if max_diff is None:
+            max_diff = 1e-3 if quantize == "none" else 0.1 * float(want.rewards.std())
         record["check"] = {
             "samples": len(seqs), "max_abs_diff": worst, "max_abs_diff_by_output": diffs,
             "tolerance": max(1e-4, 10 * worst), "reference": "torch ScoringEngine, float32, CPU",
+            "max_diff": max_diff, "reward_std": float(want.rewards.std()),
         }
         record["versions"] = {"torch": torch.__version__, "onnx": onnx.__version__,
                               "onnxruntime": onnxruntime.__version__, "opset": OPSET}
@@ -156,6 +173,18 @@ def export_onnx(source: str | Path, out: str | Path, *, max_diff: float = 1e-3, 
         raise
     progress(f"wrote {out}: largest difference from torch {worst:.3g} over {len(seqs)} sequences")
     return record
+
+
+def quantize_int8(graph: Path, progress) -> dict:
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    progress(f"quantising the matmul weights to int8 (blocks of {INT8_BLOCK})")
+    logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.WARNING)
+    q = MatMulNBitsQuantizer(str(graph), bits=8, block_size=INT8_BLOCK, is_symmetric=True, accuracy_level=4)
+    q.process()
+    q.model.save_model_to_file(str(graph), use_external_data_format=False)
+    return {"method": "int8 weight-only (onnxruntime MatMulNBits, symmetric)", "block_size": INT8_BLOCK,
+            "accuracy_level": 4}
 
 
 def _write_record(directory: Path, record: dict) -> None:
