@@ -29,6 +29,7 @@ TYPED = {
     "service.yaml": ("v1", "Service"),
     "secret.yaml": ("v1", "Secret"),
     "hpa.yaml": ("autoscaling/v2", "HorizontalPodAutoscaler"),
+    "registry-pvc.yaml": ("v1", "PersistentVolumeClaim"),
 }
 
 
