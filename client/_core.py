@@ -441,7 +441,7 @@ class ScorePlan:
         out: list[ScoreResult] = []
         for i, (resp, n) in enumerate(zip(responses, self.sizes, strict=True)):
             _check_count(len(resp.results), n, f"Score chunk {i}")
-            out.extend(parse_result(r, self.return_members) for r in resp.results)
+            out.extend(parse_result(r, self.return_members, resp.model_version) for r in resp.results)
         return ScoreResults(out, model_version=responses[-1].model_version if responses else "")
 
 
@@ -509,7 +509,7 @@ class GroupsPlan:
             _check_count(len(resp.groups), len(owners), f"ScoreGroups chunk {i} (groups)")
             for gres, (g, n) in zip(resp.groups, owners, strict=True):
                 _check_count(len(gres.results), n, f"ScoreGroups chunk {i}, group {g}")
-                out[g].extend(parse_result(r, self.return_members) for r in gres.results)
+                out[g].extend(parse_result(r, self.return_members, resp.model_version) for r in gres.results)
         return out
 
 
@@ -596,7 +596,7 @@ class StreamFeeder:
         if expected is None:
             raise InternalServerError("ScoreStream: a response arrived for no request chunk")
         _check_count(len(resp.results), expected, "ScoreStream chunk")
-        return [parse_result(r, self.options.return_members) for r in resp.results]
+        return [parse_result(r, self.options.return_members, resp.model_version) for r in resp.results]
 
 
 # ---------------------------------------------------------------------------
@@ -608,7 +608,7 @@ def _check_count(got: int, expected: int, what: str) -> None:
         raise InternalServerError(f"{what}: server returned {got} results for {expected} inputs")
 
 
-def parse_result(r: pb.ScoreResult, with_members: bool) -> ScoreResult:
+def parse_result(r: pb.ScoreResult, with_members: bool, model_version: str = "") -> ScoreResult:
     return ScoreResult(
         reward=float(r.reward),
         std=float(r.std),
@@ -621,6 +621,7 @@ def parse_result(r: pb.ScoreResult, with_members: bool) -> ScoreResult:
         id=r.id,
         ood_score=float(r.ood_score) if r.HasField("ood_score") else None,
         ood=bool(r.ood) if r.HasField("ood") else None,
+        model_version=model_version,
     )
 
 
@@ -628,8 +629,8 @@ def parse_compare(resp: pb.CompareResponse) -> CompareResult:
     return CompareResult(
         prob=float(resp.prob),
         member_probs=tuple(float(p) for p in resp.member_probs),
-        a=parse_result(resp.a, bool(resp.a.members)),
-        b=parse_result(resp.b, bool(resp.b.members)),
+        a=parse_result(resp.a, bool(resp.a.members), resp.model_version),
+        b=parse_result(resp.b, bool(resp.b.members), resp.model_version),
         model_version=resp.model_version,
     )
 

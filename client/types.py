@@ -42,6 +42,9 @@ class ScoreResult:
     distribution); None when the model has no statistics for it (docs/uncertainty.md)."""
     ood: bool | None = None
     """ood_score above the model's calibrated threshold (`ModelInfo.ood_threshold`); None without one."""
+    model_version: str = ""
+    """The model version that scored this sample (during a rolling activation, a call the SDK
+    splits into several requests may be scored by two versions: docs/scaling.md)."""
 
 
 @dataclass(frozen=True)
@@ -106,6 +109,13 @@ class ScoreResults(list[ScoreResult]):
     def arrays(self) -> ScoreArrays:
         """All batch fields as numpy arrays."""
         return as_arrays(self)
+
+    @property
+    def model_versions(self) -> tuple[str, ...]:
+        """Every model version that scored these results, in order of first appearance: one
+        normally, two when a rolling activation landed between the requests of one call
+        (`model_version` is then the last one)."""
+        return tuple(dict.fromkeys(r.model_version for r in self if r.model_version))
 
     @property
     def rewards(self) -> np.ndarray:

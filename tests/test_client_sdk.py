@@ -161,7 +161,8 @@ def test_score_all_sample_shapes(client, fs):
         assert_matches(r, p, c)
     assert results[0].id == "a" and results[1].id == ""
     assert results[0].epistemic is not None and results[1].epistemic is None
-    assert results.model_version == "fake-v1"
+    assert results.model_version == "fake-v1" and results.model_versions == ("fake-v1",)
+    assert {r.model_version for r in results} == {"fake-v1"}
     # What went over the wire: the chat prompt + text response became a conversation.
     (call,) = fs.calls("Score")
     kinds = [s.WhichOneof("input") for s in call.request.samples]
@@ -613,3 +614,23 @@ def test_results_are_frozen_and_picklable(client):
         r[0].reward = 1.0
     back = pickle.loads(pickle.dumps(r))
     assert back == r and back.model_version == "fake-v1"
+
+
+def test_a_call_split_over_a_rolling_activation_says_which_version_scored_each_sample():
+    """Two requests of one call answered by two versions (a replica swapped between them):
+    every result carries its own version, and the call lists both."""
+    from rmserve.client._core import GroupsPlan, ScorePlan
+    from rmserve.v1 import reward_pb2 as pb
+
+    plan = ScorePlan.build([{"prompt": "p", "response": str(i)} for i in range(5)], pb.ScoreOptions(), 3)
+    answers = [pb.ScoreResponse(results=[pb.ScoreResult(reward=float(i)) for i in range(n)], model_version=v)
+               for n, v in zip(plan.sizes, ("v1", "v2"), strict=True)]
+    results = plan.parse(answers)
+    assert [r.model_version for r in results] == ["v1", "v1", "v1", "v2", "v2"]
+    assert results.model_versions == ("v1", "v2") and results.model_version == "v2"
+
+    groups = GroupsPlan.build([("p", ["a", "b"]), ("q", ["c", "d"])], pb.ScoreOptions(), 2)
+    answers = [pb.ScoreGroupsResponse(groups=[pb.GroupResult(results=[pb.ScoreResult(), pb.ScoreResult()])],
+                                      model_version=v) for v in ("v1", "v2")]
+    first, second = groups.parse(answers)
+    assert [r.model_version for r in first] == ["v1", "v1"] and second.model_versions == ("v2",)
