@@ -77,11 +77,9 @@ def encode_groups(encoder: PromptEncoder, groups, max_samples: int) -> list[list
         which = g.WhichOneof("prompt")
         if which is None:
             raise InvalidInput(f"group {gi}: has no prompt; set prompt_text or prompt_messages")
-        msgs = g.prompt_messages if which == "prompt_messages" else None
-        out.append([
-            encode_completion(encoder, g.prompt_text, msgs, c, f"group {gi} completion {ci}")
-            for ci, c in enumerate(g.completions)
-        ])
+        # the prompt rendered and tokenised once for the group; ids equal encode_completion's
+        prompt = _messages(g.prompt_messages) if which == "prompt_messages" else g.prompt_text
+        out.append(encoder.group(prompt, list(g.completions), lambda ci, gi=gi: f"group {gi} completion {ci}"))
     return out
 
 

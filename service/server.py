@@ -243,11 +243,12 @@ class RewardServicer(pb_grpc.RewardServiceServicer):
         return await self.score_samples(samples, options, deadline_of(context), client=client_of(context))
 
     async def _submit(self, slot: ModelSlot, encoded, deadline: float | None, client: Hashable | None,
-                      name: Callable[[int], str]) -> list[Row]:
-        """The scheduler's rows for `encoded`; a sample that failed alone is named by `name(index)`."""
+                      name: Callable[[int], str], groups: list[int] | None = None) -> list[Row]:
+        """The scheduler's rows for `encoded`; a sample that failed alone is named by `name(index)`.
+        `groups`: a label per sample; a group's samples are scored in one batch (one prompt encoding)."""
         try:
             return await self.state.scheduler.submit(
-                slot, [e.ids for e in encoded], [len(e.ids) for e in encoded], deadline, client
+                slot, [e.ids for e in encoded], [len(e.ids) for e in encoded], deadline, client, groups
             )
         except SampleFailed as e:
             e.where = name(e.index)
@@ -372,7 +373,8 @@ class RewardServicer(pb_grpc.RewardServiceServicer):
         groups = await self._off_loop(encode_groups, slot.model.encoder, request.groups, self.state.config.max_samples_per_request)
         flat = [e for g in groups for e in g]
         where = [f"group {gi} completion {ci}" for gi, g in enumerate(groups) for ci in range(len(g))]
-        rows = await self._submit(slot, flat, deadline_of(context), client_of(context), where.__getitem__)
+        labels = [gi for gi, g in enumerate(groups) for _ in g]  # a group is scored in one batch
+        rows = await self._submit(slot, flat, deadline_of(context), client_of(context), where.__getitem__, labels)
         out, i, threshold = [], 0, _ood(slot.model)
         for g_pb, g in zip(request.groups, groups, strict=True):
             res = [result_pb(rows[i + j], e, lam=lam, members=request.options.return_members,

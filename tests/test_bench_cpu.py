@@ -51,7 +51,8 @@ def test_tiny_cpu_benchmark_runs_every_variant_and_fp32_scores_agree(tmp_path: P
         else:  # bf16 rounds, but the scores are still the same sequences'
             assert r["dtype"] == "bf16" and rel < 0.5, r
     assert "PPO-like:" in stdout and "GRPO-like:" in stdout and "ceiling fp32" in stdout
-    assert stdout.count("gRPC / in-process engine >= 0.9") == 4 and "n/a" not in stdout
+    assert stdout.count("gRPC / in-process engine >= 0.95") == 4 and "n/a" not in stdout
+    assert "- CPU: " in stdout and "native bf16 matmuls" in stdout and "measured matmul rate in this run" in stdout
     assert "- ppo fp32:" in stdout and "- grpo bf16:" in stdout
     text = out.read_text()
     assert text.strip() in stdout and "command: `python bench/bench_cpu.py --tiny --out" in text
@@ -75,3 +76,14 @@ def test_packed_engine_rows_score_the_same_and_report_their_ratio() -> None:
         assert float(rows[key]["max abs score diff / baseline std"]) < (1e-3 if "fp32" in key else 0.5), rows[key]
     assert "Packed / padded engine throughput (same dtype):" in stdout
     assert "- ppo fp32: " in stdout and "- ppo bf16: " in stdout
+
+
+def test_cpu_flags_are_read_from_cpuinfo(monkeypatch) -> None:
+    import importlib
+
+    monkeypatch.syspath_prepend(str(SCRIPT.parent))  # as `python bench/bench_cpu.py` imports
+    bench = importlib.import_module("bench_cpu")
+    info = "processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512_bf16 sse4_2\nprocessor\t: 1\nflags\t\t: fpu\n"
+    assert bench.cpu_flags(info) == {"avx2": True, "avx512f": True, "avx512_bf16": True,
+                                     "amx_tile": False, "amx_bf16": False}
+    assert bench.cpu_flags("") == dict.fromkeys(bench.CPU_FLAGS, False)

@@ -195,7 +195,7 @@ def test_the_embedded_default_exports_within_tolerance(tmp_path):
 
 
 def test_int8_export_records_its_method_and_error_and_stays_near_float32(tiny_ensemble, tiny_export, tmp_path):
-    out, fp32 = tiny_export
+    _, fp32 = tiny_export
     record = export_onnx(tiny_ensemble, tmp_path / "int8", samples=12, quantize="int8", progress=quiet)
     assert record["quantize"]["block_size"] == 32 and "MatMulNBits" in record["quantize"]["method"]
     check = record["check"]

@@ -197,6 +197,36 @@ def last_rows(hidden: torch.Tensor, where: dict[str, torch.Tensor]) -> torch.Ten
     return hidden[torch.arange(lengths.shape[0], device=hidden.device), lengths - 1]
 
 
+def broadcast_cache(cache, n: int):
+    """A prompt's KV cache (batch 1) for `n` suffix rows, leaving `cache` as it is.
+
+    Each layer's keys and values become stride-0 views (`expand`) of the prompt's: no copy.
+    The forward's first `update` concatenates them with the suffix's states (torch.cat
+    writes the [n, heads, P + T, d] result either way), so the attention sees exactly the
+    tensors that `deepcopy` + `batch_repeat_interleave(n)` gave, without the deep copy of
+    the prompt's cache and the n-fold copy before the concatenation (two of the three
+    passes over n x the prompt's KV per sub-batch). A cache of another shape (a layer
+    holding other tensors) takes that copying path."""
+    layers = getattr(cache, "layers", None)
+    if layers is not None:
+        out = copy.copy(cache)
+        out.layers = [copy.copy(layer) for layer in layers]  # the copies' updates leave `cache` alone
+        ok = True
+        for layer in out.layers:
+            for name, v in vars(layer).items():
+                if not isinstance(v, torch.Tensor) or (name in ("keys", "values") and not v.numel()):
+                    continue  # not a tensor, or a layer that holds no states yet
+                if name not in ("keys", "values") or v.dim() != 4 or v.shape[0] != 1:
+                    ok = False
+                else:
+                    setattr(layer, name, v.expand(n, *v.shape[1:]))
+        if ok:
+            return out
+    out = copy.deepcopy(cache)
+    out.batch_repeat_interleave(n)
+    return out
+
+
 def model_device(model: RewardModel) -> torch.device:
     """Where the model takes its inputs: its parameters' device, or for a backbone accelerate
     placed over several devices (engine/sharded.py) the device its dispatch hook runs inputs on."""
@@ -531,20 +561,15 @@ class ScoringEngine:
         stats.padded_tokens += p
         pad = pad_token_id(fam.backbone.tokenizer)
 
-        def expanded(c, n: int):
-            c = copy.deepcopy(c)
-            c.batch_repeat_interleave(n)
-            return c
-
         def run(sub: list[int]) -> None:
             batch = [suffixes[i] for i in sub]
             ids, suffix_mask, lengths = right_pad(batch, pad)
             t = ids.shape[1]
             mask = torch.cat([torch.ones(len(batch), p, dtype=torch.long), suffix_mask], dim=1)
             hiddens = fam.forward({
-                "input_ids": ids.to(dev), "attention_mask": mask.to(dev), key: expanded(cache, len(batch)),
+                "input_ids": ids.to(dev), "attention_mask": mask.to(dev), key: broadcast_cache(cache, len(batch)),
                 "position_ids": (p + torch.arange(t, device=dev))[None, :].expand(len(batch), t), "use_cache": True,
-            }, None if own is None else [expanded(c, len(batch)) for c in own])
+            }, None if own is None else [broadcast_cache(c, len(batch)) for c in own])
             put([g.members[i] for i in sub], hiddens, {"lengths": lengths.to(dev)})
             stats.batches += 1
             stats.real_tokens += int(lengths.sum())

@@ -14,11 +14,23 @@ would fail a whole PPO batch, or let a policy that stops at once go
 unpenalised). An empty response, system or user message is rendered by the
 chat template like any other. Only a sample with nothing to score at all (no
 messages, no token ids) is invalid.
+
+Groups (GRPO: one prompt, N completions) are encoded with the prompt's part
+tokenised once (`PromptEncoder.group`): each completion's text is rendered by
+the chat template as before, and only what follows the prompt's last special
+token is tokenised per completion. That is exact, not an approximation: a fast
+tokenizer splits its input at added (special) tokens first and tokenises the
+pieces between them independently, so the ids before that token cannot depend
+on the completion. Each group checks that nothing could make the join differ
+(an added token straddling the join, a template that rewrites the prompt), a
+probe at construction checks the tokenizer itself (a pre-tokenizer that treats
+the first piece of an input specially), and a completion that needs truncating
+goes through the ordinary path. Every id equals what `conversation` gives.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from rmserve.service.engine.errors import InvalidInput
@@ -39,6 +51,18 @@ def _fallback_render(messages: Sequence[dict[str, str]]) -> tuple[str, int]:
     return prefix + f"{last['role']}: {last['content']}", len(prefix)
 
 
+def _boundary(full: str, prefix: str) -> int:
+    """Where the response part of `full` starts: after the rendered prompt. Templates normally
+    render the prompt as a prefix of the whole; where one does not (it rewrites earlier
+    turns), the common prefix is the boundary."""
+    if full.startswith(prefix):
+        return len(prefix)
+    n = 0
+    while n < min(len(full), len(prefix)) and full[n] == prefix[n]:
+        n += 1
+    return n
+
+
 class PromptEncoder:
     """Turns validated samples into token ids for one tokenizer and token limit."""
 
@@ -51,6 +75,8 @@ class PromptEncoder:
         self.templated = bool(use_chat_template and getattr(tokenizer, "chat_template", None))
         self._tail = self._template_tail()
         self._markers = self._template_markers()
+        self._added = self._added_tokens()
+        self.joins = self._joins_exactly()  # whether groups tokenise their prompt once (see group())
 
     # -- public ---------------------------------------------------------------
 
@@ -65,6 +91,40 @@ class PromptEncoder:
         ]
         text, boundary = self._render(messages)
         return self._encode(text, boundary, where)
+
+    def group(self, prompt: str | Sequence[dict[str, str]], responses: Sequence[str],
+              where: Callable[[int], str] = lambda i: f"completion {i}") -> list[Encoded]:
+        """Each response to one prompt (text, as `prompt_response`, or messages, as
+        `conversation` with the response appended as the assistant's turn), with the
+        prompt rendered and tokenised once: the ids equal those of the one-by-one calls."""
+        if isinstance(prompt, str):
+            head = [{"role": "user", "content": prompt}] if prompt.strip() else []
+        else:
+            head = [dict(m) for m in prompt]
+            self._check_messages([*head, {"role": "assistant", "content": ""}], where(0))
+        if not responses:
+            return []
+        prefix = self._render_prompt([dict(m) for m in head])
+        shared = self._shared_head(prefix) if self.joins else None
+        texts = [self._render_full([*map(dict, head), {"role": "assistant", "content": r}]) for r in responses]
+        if shared is None:
+            return [self._encode(t, _boundary(t, prefix), where(i)) for i, t in enumerate(texts)]
+        head_text, head_ids, straddle = shared
+        cut = len(head_text)
+        clean = [i for i, t in enumerate(texts)
+                 if t.startswith(head_text) and not any(t.startswith(s, cut - k) for s, k in straddle)]
+        # the rest of every clean text in one tokenizer call (one Rust encode_batch)
+        rests = self.tokenizer([texts[i][cut:] for i in clean], add_special_tokens=False,
+                               return_attention_mask=False)["input_ids"] if clean else []
+        joined = {i: head_ids + rest for i, rest in zip(clean, rests, strict=True)}
+        out = []
+        for i, t in enumerate(texts):
+            ids = joined.get(i)
+            if ids is not None and len(ids) <= self.max_tokens:
+                out.append(Encoded(ids, False))
+            else:  # truncation, or no clean cut: the ordinary path
+                out.append(self._encode(t, _boundary(t, prefix), where(i)))
+        return out
 
     def rendered(self, text: str, where: str = "sample") -> Encoded:
         """Text whose chat template is already applied (OpenRLHF sends the policy's decoded
@@ -153,16 +213,80 @@ class PromptEncoder:
         if not self.templated:
             return _fallback_render(messages)
         msgs = [dict(m) for m in messages]
-        full = self.tokenizer.apply_chat_template(msgs, tokenize=False)
-        prefix = self.tokenizer.apply_chat_template(msgs[:-1], tokenize=False, add_generation_prompt=True) if len(msgs) > 1 else ""
-        # Templates normally render the prompt as a prefix of the whole; where one
-        # does not (it rewrites earlier turns), the common prefix is the boundary.
-        if not full.startswith(prefix):
-            n = 0
-            while n < min(len(full), len(prefix)) and full[n] == prefix[n]:
-                n += 1
-            return full, n
-        return full, len(prefix)
+        full = self._render_full(msgs)
+        return full, _boundary(full, self._render_prompt(msgs[:-1]))
+
+    def _render_full(self, msgs: list[dict[str, str]]) -> str:
+        if not self.templated:
+            return _fallback_render(msgs)[0]
+        return self.tokenizer.apply_chat_template(msgs, tokenize=False)
+
+    def _render_prompt(self, head: list[dict[str, str]]) -> str:
+        """The prompt's part of a rendered conversation whose last turn is the response."""
+        if not self.templated:  # the fallback writes "role: content\n" per earlier turn
+            return "".join(f"{m['role']}: {m['content']}\n" for m in head)
+        if not head:
+            return ""
+        return self.tokenizer.apply_chat_template(head, tokenize=False, add_generation_prompt=True)
+
+    # -- groups: the prompt tokenised once --------------------------------------
+
+    def _added_tokens(self) -> dict[str, object]:
+        """Every added token's text -> its AddedToken (special or not: both split the input)."""
+        if not self.templated:
+            return {}
+        return {t.content: t for t in self.tokenizer.added_tokens_decoder.values() if t.content}
+
+    def _shared_head(self, prefix: str) -> tuple[str, list[int], list[tuple[str, int]]] | None:
+        """(H, ids of H, added tokens that could straddle the end of H) for a rendered prompt:
+        H is the prompt's text up to and including its last special token, where the
+        tokenizer's input is cut whatever follows. None where the prompt has no usable one."""
+        end, marker = -1, None
+        for m in self._markers:
+            tok = self._added.get(m)
+            if tok is None or getattr(tok, "rstrip", False) or getattr(tok, "single_word", False):
+                continue  # rstrip/single_word tokens match depending on the text after them
+            at = prefix.rfind(m)
+            if at >= 0 and at + len(m) > end:
+                end, marker = at + len(m), m
+        if marker is None:
+            return None
+        head = prefix[:end]
+        ids = self.tokenizer(head, add_special_tokens=False, return_attention_mask=False)["input_ids"]
+        if not ids or ids[-1] != self.tokenizer.convert_tokens_to_ids(marker):
+            return None  # the marker was not matched where it stands: no clean cut there
+        # an added token t whose first k characters end H could match across the cut
+        straddle = [(t, k) for t in self._added for k in range(1, len(t)) if head.endswith(t[:k])]
+        return head, ids, straddle
+
+    def _joins_exactly(self) -> bool:
+        """Whether this tokenizer gives the ids of a whole text as the ids of its head (cut
+        right after a special token) joined to those of the rest. Fast tokenizers split at
+        added tokens and tokenise the pieces apart, but a pre-tokenizer may still treat the
+        first piece of an input differently (Metaspace's prepend_scheme="first"); probed."""
+        if not self.templated:  # no special tokens in the rendered text to cut at
+            return False
+        try:
+            return self._probe_joins()
+        except Exception:  # a template that refuses the probe's conversations: never join
+            return False
+
+    def _probe_joins(self) -> bool:
+        prompts = ["hi", "Hello there!\n\n", "  two  spaces ", "\u00fcn\u00efc\u00f6d\u00e9 \u6f22\u5b57 \U0001f642"]
+        replies = ["x", " y", "\n\nz", "", "\u00fcn\u00efc\u00f6d\u00e9 \u6f22\u5b57 \U0001f642 ", "a.b,c;d"]
+        for p in prompts:
+            head = [{"role": "user", "content": p}]
+            shared = self._shared_head(self._render_prompt(head))
+            if shared is None:
+                continue
+            for r in replies:
+                text = self._render_full([*head, {"role": "assistant", "content": r}])
+                whole = self.tokenizer(text, add_special_tokens=False, return_attention_mask=False)["input_ids"]
+                cut = len(shared[0])
+                if not text.startswith(shared[0]) or whole != shared[1] + self.tokenizer(
+                        text[cut:], add_special_tokens=False, return_attention_mask=False)["input_ids"]:
+                    return False
+        return True
 
     def _encode(self, text: str, boundary: int, where: str) -> Encoded:
         enc = self.tokenizer(
