@@ -93,3 +93,36 @@ def test_a_onednn_isa_cap_below_bf16_means_no_native_bf16(monkeypatch, cap, nati
     monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", cap)
     cpu_has_it = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
     assert native_bf16_cpu() is (cpu_has_it if native is None else native)
+
+
+def test_the_fused_gated_mlp_computes_the_unfused_bits(tiny_ensemble):
+    """fuse_gated_mlps changes how silu(gate) * up runs, not what it rounds: the backbone's hidden
+    states are bit-identical to mixed_bf16's unfused MLPs, for any batch."""
+    from rmserve.service.engine.precision import MixedGatedMLP, fuse_gated_mlps, mixed_bf16
+
+    fused = load_model(tiny_ensemble, dtype="bfloat16").members[0].backbone.model
+    assert sum(isinstance(m, MixedGatedMLP) for m in fused.modules()) == 2  # one per layer, applied at load
+    plain = load_model(tiny_ensemble, dtype="float32").members[0].backbone.model
+    assert mixed_bf16(plain) == 14 and fuse_gated_mlps(torch.nn.Module()) == 0
+    for layer in plain.layers:  # the unfused mixed path: MixedLinears under the original MLP
+        assert isinstance(layer.mlp.gate_proj, MixedLinear) and not isinstance(layer.mlp, MixedGatedMLP)
+    g = torch.Generator().manual_seed(4)
+    for b, t in ((1, 1), (3, 17), (5, 64)):
+        ids = torch.randint(1, 200, (b, t), generator=g)
+        with torch.no_grad():
+            for lf, lp in zip(fused.layers, plain.layers, strict=True):
+                x = torch.randn(b, t, lf.mlp.gate_proj.in_features, generator=g)
+                assert torch.equal(lf.mlp(x), lp.mlp(x))
+            assert torch.equal(fused(input_ids=ids).last_hidden_state, plain(input_ids=ids).last_hidden_state)
+
+
+def test_the_compiled_loop_equals_the_eager_function_on_odd_sizes():
+    """Inductor's vector loop and its tail must round as the eager ops do, whatever the length."""
+    from rmserve.service.engine.precision import _fused_silu_mul, _silu_mul
+
+    fn = _fused_silu_mul()
+    g = torch.Generator().manual_seed(5)
+    for shape in ((1, 1), (7, 1537), (2, 3, 33), (130, 1536)):
+        a = (3 * torch.randn(shape, generator=g)).to(torch.bfloat16)
+        b = (3 * torch.randn(shape, generator=g)).to(torch.bfloat16)
+        assert torch.equal(fn(a, b), _silu_mul(a, b)), shape

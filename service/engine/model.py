@@ -34,7 +34,7 @@ from rmserve.service.engine.ensemble import (
     resolve_backbone_path,
 )
 from rmserve.service.engine.ood import OodCalibration, OodStats
-from rmserve.service.engine.precision import mixed_bf16
+from rmserve.service.engine.precision import fuse_gated_mlps, mixed_bf16
 from rmserve.service.engine.tokenization import PromptEncoder
 from rmserve.service.engine.trunk import Top
 
@@ -203,6 +203,7 @@ def _finish_backbone(bb: Backbone, torch_dtype: torch.dtype, device: torch.devic
     """bf16 on CPU: bf16 matmuls, and attention that keeps scores independent of the batch."""
     if mixed_on(torch_dtype, device):
         mixed_bf16(bb.model)
+        fuse_gated_mlps(bb.model)
         invariant_attention.enable(bb.model)  # a decoder on sdpa; others keep their attention
     return bb
 
@@ -295,6 +296,7 @@ def _load_family(source: str, specs: list[MemberSpec], tensors: list, torch_dtyp
     if mixed_on(torch_dtype, device):
         for top in tops:
             mixed_bf16(top.module)
+            fuse_gated_mlps(top.module)
     log.info("%d members share %s's trunk (own layers from %s)", len(specs), source, [s for s, _ in spans])
     return [Member(spec.name, base, t.weight, t.bias, t.unc_factor, t.ood, top)
             for spec, t, top in zip(specs, tensors, tops, strict=True)]
