@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -16,6 +17,8 @@ from rmserve.v1 import admin_pb2_grpc as apb_grpc
 
 if TYPE_CHECKING:
     from rmserve.service.server import ServingState
+
+log = logging.getLogger(__name__)
 
 # TrainConfig fields a caller may not set: where the job writes is the server's choice.
 _RESERVED = {"out", "version", "resume", "overwrite", "data", "dev"}  # ("from_store" is a bool here: the server's store)
@@ -172,6 +175,11 @@ class AdminServicer(apb_grpc.AdminServiceServicer):
         self.state.metrics.activation("rpc", ok=True)
         propagate = request.propagate if request.HasField("propagate") else True
         if propagate:
-            self.registry.set_active(target.version)
+            try:
+                self.registry.set_active(target.version)
+            except OSError as e:  # this replica switched; only the pointer failed: say so, don't fail the call
+                log.error("activated %s here, but could not write the registry's ACTIVE pointer (%s): other "
+                          "replicas and a restart stay on the previous version", target.version, e)
+                propagate = False
         return apb.ActivateModelResponse(version=target.version, previous_version=previous,
                                          load_seconds=time.perf_counter() - t0, propagated=propagate)

@@ -28,7 +28,8 @@ import logging
 import time
 from typing import TYPE_CHECKING
 
-from rmserve.service.errors import NotFound
+from rmserve.service.engine.ensemble import MANIFEST
+from rmserve.service.errors import InvalidInput, NotFound, RMServeError
 from rmserve.service.registry import Registry
 
 if TYPE_CHECKING:
@@ -51,9 +52,14 @@ class RegistryFollower:
         self._task: asyncio.Task | None = None
 
     def _read_quietly(self) -> Pointer | None:
+        """ACTIVE as the server starts; None when it names a version not (yet) in the registry,
+        which the server then cannot start on: followed once its directory appears."""
         try:
-            return self.registry.pointer()
-        except OSError:
+            pointer = self.registry.pointer()
+            if pointer is not None and not (self.registry.path_for(pointer[0]) / MANIFEST).is_file():
+                return None
+            return pointer
+        except (OSError, ValueError, InvalidInput, RMServeError):  # unreadable, or a bad name: as if absent
             return None
 
     def start(self) -> None:

@@ -207,3 +207,36 @@ def test_int8_export_records_its_method_and_error_and_stays_near_float32(tiny_en
     assert np.abs(got.rewards - want.rewards).max() <= 0.5 * float(want.rewards.std())
     with pytest.raises(ValueError, match="quantize"):
         export_onnx(tiny_ensemble, tmp_path / "x", quantize="int4", progress=quiet)
+
+
+def test_outputs_follow_the_manifest_order_when_members_interleave_backbones(tiny_llama4_backbone,
+                                                                               tiny_llama_backbone, tmp_path):
+    """Members [a on X, b on Y, c on X]: X's members share one trunk and run together, yet output i
+    must be member i's embedding (what its heads read). Exporting such a mix is refused by
+    torch.onnx today (a shared trunk beside another backbone): the export says so, naming it."""
+    from rmserve.service.engine.onnx_export import ExportGraph
+
+    base = load_file(tiny_llama4_backbone / "model.safetensors")
+    g = torch.Generator().manual_seed(8)
+    specs = []
+    for name, backbone, layers in (("a", tiny_llama4_backbone, [3]), ("b", tiny_llama_backbone, []),
+                                   ("c", tiny_llama4_backbone, [2, 3])):
+        delta = {k: v + 0.05 * torch.randn(v.shape, generator=g) for k, v in base.items()
+                 if any(k.startswith(f"layers.{i}.") for i in layers)}
+        spec = MemberSpec(name=name, backbone=str(backbone))
+        save_member(tmp_path / "src", spec, MemberTensors(torch.randn(2, 32, generator=g), torch.randn(2, generator=g),
+                                                          delta=delta or None))
+        specs.append(spec)
+    write_manifest(tmp_path / "src", EnsembleManifest(name="mix", version="v1", kind="members", members=specs,
+                                                      max_tokens=48))
+    model = load_model(tmp_path / "src")
+    seqs = [[5, 9, 11, 3], [7, 8]]
+    engine = ScoringEngine(model)
+    ids = torch.tensor([[5, 9, 11, 3], [7, 8, 0, 0]])
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]])
+    with torch.no_grad():
+        outs = ExportGraph(model)(ids, mask)
+    for i in range(3):
+        torch.testing.assert_close(outs[i], engine.features(seqs, member=i), atol=1e-5, rtol=1e-5)
+    with pytest.raises(EnsembleFormatError, match=r"torch\.onnx could not export"):
+        export_onnx(tmp_path / "src", tmp_path / "out", samples=8, progress=quiet)

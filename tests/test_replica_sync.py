@@ -170,3 +170,32 @@ def test_the_pointer_changes_identity_on_every_write(tmp_path):
     second = registry.pointer()
     assert first[0] == second[0] == "v1" and first != second
     assert not [p for p in tmp_path.iterdir() if p.name != ACTIVE], "no temp file left behind"
+
+
+def test_a_replica_started_before_its_pointers_version_arrived_follows_it(shared_registry, tiny_ensemble,
+                                                                          server_factory):
+    """ACTIVE already names v4 when the replica starts, but v4's directory is not there yet: the
+    replica starts on what it can serve and moves to v4 once it appears (not only after ACTIVE is
+    written again)."""
+    Registry(shared_registry).set_active("v4")
+    server = server_factory(tiny_ensemble, registry=str(shared_registry), registry_poll_s=0.05)
+    assert version_of(server.address) == "v1"  # the tiny ensemble's own version
+    make_version(tiny_ensemble, shared_registry, "v4")
+    wait_for("the server to serve v4", lambda: version_of(server.address) == "v4")
+
+
+def test_an_activation_whose_pointer_cannot_be_written_reports_it_was_not_propagated(
+        shared_registry, tiny_ensemble, server_factory, monkeypatch):
+    """The replica switched; only writing ACTIVE failed (a read-only shared volume): the call
+    succeeds with propagated=False rather than report a failure for a swap that happened."""
+    server = server_factory(None, registry=str(shared_registry), registry_poll_s=0)
+    before = Registry(shared_registry).pointer()
+
+    def read_only(self, version):
+        raise OSError(30, "Read-only file system")
+
+    monkeypatch.setattr(Registry, "set_active", read_only)
+    with RewardClient(server.address, timeout=60) as c:
+        done = c.activate_model("v2")
+    assert done.version == "v2" and done.propagated is False
+    assert version_of(server.address) == "v2" and Registry(shared_registry).pointer() == before

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import random
 import shutil
 import tempfile
@@ -62,6 +63,9 @@ class ExportGraph(torch.nn.Module):
     def __init__(self, model: RewardModel):
         super().__init__()
         self.families = families(model)
+        # outputs in the manifest's member order (families group members by backbone, which may reorder them)
+        order = [id(m) for f in self.families for m in f.members]
+        self.order = [order.index(id(m)) for m in model.members]
         # registered, so that export sees every backbone's and top's weights as the module's own
         self.backbones = torch.nn.ModuleList([f.backbone.model for f in self.families])
         self.tops = torch.nn.ModuleList([m.top.module for f in self.families for m in f.members if m.top is not None])
@@ -78,7 +82,7 @@ class ExportGraph(torch.nn.Module):
                 out.append(pooled)
                 continue
             out.extend(h[rows, last] for h in fam.forward(kwargs))
-        return tuple(out)
+        return tuple(out[i] for i in self.order)
 
 
 def sample_sequences(model: RewardModel, n: int = 24, seed: int = 0) -> list[list[int]]:
@@ -97,7 +101,7 @@ def sample_sequences(model: RewardModel, n: int = 24, seed: int = 0) -> list[lis
     top = min(enc.max_tokens, 384)
     vocab = enc.vocab_size
     while len(seqs) < n:
-        length = rng.choice([1, 2, 3, rng.randint(4, 64), rng.randint(64, top)])
+        length = rng.choice([1, 2, 3, rng.randint(min(4, top), min(64, top)), rng.randint(min(64, top), top)])
         seqs.append([rng.randrange(3, vocab) for _ in range(min(length, top))])
     return seqs
 
@@ -165,9 +169,13 @@ def export_onnx(source: str | Path, out: str | Path, *, max_diff: float | None =
             raise EnsembleFormatError(
                 f"the exported graph differs from the torch path by {worst:.3g} (rewards {diffs['rewards']:.3g}) "
                 f"on {len(seqs)} sample sequences, above --max-diff {max_diff:g}; not written to {out}")
-        if out.exists():
-            shutil.rmtree(out)
-        stage.rename(out)
+        if out.exists():  # the old export stays whole until the new one is in place
+            old = out.with_name(f".{out.name}.old-{os.getpid()}")
+            out.rename(old)
+            stage.rename(out)
+            shutil.rmtree(old)
+        else:
+            stage.rename(out)
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
         raise
@@ -187,6 +195,19 @@ def quantize_int8(graph: Path, progress) -> dict:
             "accuracy_level": 4}
 
 
+@contextlib.contextmanager
+def _export_errors(model: RewardModel):
+    """torch.onnx's failures as an error that names the model (its own message is pages long)."""
+    try:
+        yield
+    except Exception as e:  # TorchExportError, ConversionError, AssertionError from the tracer...
+        first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+        raise EnsembleFormatError(
+            f"torch.onnx could not export {model.source} ({len(model.members)} members on "
+            f"{len({id(m.backbone) for m in model.members})} backbones): {type(e).__name__}: {first}. "
+            "Serve it with --backend torch.") from e
+
+
 def _write_record(directory: Path, record: dict) -> None:
     atomic_write_bytes(directory / RECORD, (json.dumps(record, indent=2) + "\n").encode())
 
@@ -199,7 +220,7 @@ def _export_into(model: RewardModel, stage: Path, progress) -> dict:
     batch, seq = torch.export.Dim("batch"), torch.export.Dim("sequence")
     progress(f"exporting {len(model.members)} member(s) of {model.backbone_name} with torch.onnx (dynamo)")
     t0 = time.perf_counter()
-    with torch.inference_mode(False), torch.no_grad():
+    with torch.inference_mode(False), torch.no_grad(), _export_errors(model):
         program = torch.onnx.export(
             graph, (ids, mask), dynamo=True, opset_version=OPSET, optimize=True, verbose=False,
             input_names=["input_ids", "attention_mask"], output_names=names,

@@ -153,6 +153,19 @@ def shared_llm(kw: dict[str, Any], factory: Callable[..., Any] | None = None) ->
         return llm
 
 
+_ENCODE_LOCKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def encode_lock(llm: Any) -> threading.Lock:
+    """The lock every engine on `llm` holds around `encode`: vllm.LLM is not thread-safe, and during
+    a hot swap the new version's warm-up and the old version's worker share one engine."""
+    with _LLMS_LOCK:
+        try:
+            return _ENCODE_LOCKS.setdefault(llm, threading.Lock())
+        except TypeError:  # not weakly referenceable (a test's fake): then it is not shared either
+            return threading.Lock()
+
+
 class VllmEngine:
     """`score(seqs) -> EngineOutput` over a model loaded by `load_vllm_model`: one `encode`
     call per scheduler batch (vLLM batches and schedules it), rmserve's heads on the results.
@@ -165,6 +178,7 @@ class VllmEngine:
             raise ValueError("VllmEngine serves a model loaded by load_vllm_model (--backend vllm)")
         self.model = model
         self.llm = llm if llm is not None else runner.llm
+        self.lock = encode_lock(self.llm)
         self.task = runner.task
         self.device = model.members[0].weight.device
         self.width = model.members[0].weight.shape[1]
@@ -176,7 +190,8 @@ class VllmEngine:
         t0 = time.perf_counter()
         prompts = [{"prompt_token_ids": list(s)} for s in seqs]  # vllm.TokensPrompt is this TypedDict
         try:
-            outs = self.llm.encode(prompts, pooling_task=self.task, use_tqdm=False)
+            with self.lock:
+                outs = self.llm.encode(prompts, pooling_task=self.task, use_tqdm=False)
         except Exception as e:
             raise VllmRequestFailed(f"vLLM failed a batch of {len(seqs)} sequences: {type(e).__name__}: {e}") from e
         forward_s = time.perf_counter() - t0
@@ -373,10 +388,15 @@ def cut_checkpoint(source: str | Path, num_layers: int, root: str | Path | None 
         if isinstance(config.get("layer_types"), list):
             config["layer_types"] = config["layer_types"][:num_layers]
         (staging / "config.json").write_text(json.dumps(config, indent=2))
-        if out.exists():  # another process won the race
-            shutil.rmtree(staging)
-        else:
+        for f in staging.iterdir():  # durable before it is visible: a crash must not publish a torn copy
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        try:
             os.replace(staging, out)
+        except OSError:  # another process published it first (a non-empty target): use theirs
+            if not (out / "config.json").is_file():
+                raise
+            shutil.rmtree(staging)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
