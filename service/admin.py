@@ -143,9 +143,14 @@ class AdminServicer(apb_grpc.AdminServiceServicer):
                 self.state.metrics.activation("train", ok=False)
                 raise
             self.state.metrics.activation("train", ok=True)
-            self.registry.set_active(job.version)  # replicas sharing the registry follow it
+            note = ""
+            try:
+                self.registry.set_active(job.version)  # replicas sharing the registry follow it
+            except OSError as e:  # serving it here; only the pointer failed
+                log.error("serving %s, but could not write the registry's ACTIVE pointer (%s)", job.version, e)
+                note = f"; not propagated: could not write the registry's ACTIVE pointer ({e})"
             self.jobs.publish(job, {"event": "activated", "phase": "", "message": f"serving {job.version} "
-                                    f"(loaded and warmed in {time.perf_counter() - t0:.1f} s)"})
+                                    f"(loaded and warmed in {time.perf_counter() - t0:.1f} s){note}"})
 
     @unary("ListModels")
     async def ListModels(self, request: apb.ListModelsRequest, context) -> apb.ListModelsResponse:
