@@ -13,6 +13,7 @@ import grpc
 
 from rmserve.service.engine.errors import (
     EngineOutOfMemory,
+    EngineUnavailable,
     EnsembleFormatError,
     InvalidInput,
     RMServeError,
@@ -99,6 +100,7 @@ _CODES: dict[type[BaseException], grpc.StatusCode] = {
     InvalidInput: grpc.StatusCode.INVALID_ARGUMENT,
     QueueFull: grpc.StatusCode.RESOURCE_EXHAUSTED,
     EngineOutOfMemory: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    EngineUnavailable: grpc.StatusCode.UNAVAILABLE,
     DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
     NotReady: grpc.StatusCode.FAILED_PRECONDITION,
     EnsembleFormatError: grpc.StatusCode.FAILED_PRECONDITION,

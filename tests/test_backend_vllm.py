@@ -208,8 +208,16 @@ def test_request_errors_map_to_clear_exceptions(tiny_ensemble):
     llm.raise_on = 9
     with pytest.raises(InvalidInput, match=r"sequence 1 of 2 \(3 tokens\): validation_error: prompt too long"):
         engine.score([[5, 6], [5, 7, 6]])
-    with pytest.raises(VllmRequestFailed, match=r"internal: boom \(retryable\)"):
+    with pytest.raises(VllmRequestFailed, match=r"internal: boom \(retryable\)") as retryable:
         engine.score([[5, 8]])
+    from rmserve.service.errors import grpc_status
+
+    # what vLLM marks retryable reaches the caller as UNAVAILABLE (the SDK retries it); the rest is INTERNAL
+    assert grpc_status(retryable.value)[0].name == "UNAVAILABLE"
+    llm.refuse[8] = RequestError("internal", "boom", False)
+    with pytest.raises(VllmRequestFailed) as final:
+        engine.score([[5, 8]])
+    assert grpc_status(final.value)[0].name == "INTERNAL"
     with pytest.raises(VllmRequestFailed, match="failed a batch of 2 sequences: RuntimeError: EngineCore died"):
         engine.score([[5, 6], [9]])
     real = llm.encode

@@ -22,3 +22,8 @@ class EnsembleFormatError(RMServeError, ValueError):
 
 class EngineOutOfMemory(RMServeError, RuntimeError):
     """One sequence alone does not fit in memory: splitting the batch cannot help."""
+
+
+class EngineUnavailable(RMServeError, RuntimeError):
+    """The engine cannot score right now for a reason that may pass (a remote engine's retryable
+    failure): the caller should retry, as for any UNAVAILABLE."""

@@ -64,7 +64,7 @@ from rmserve.service.engine.ensemble import (
     read_manifest,
     resolve_backbone_path,
 )
-from rmserve.service.engine.errors import InvalidInput, RMServeError
+from rmserve.service.engine.errors import EngineUnavailable, InvalidInput, RMServeError
 from rmserve.service.engine.model import (
     DTYPES,
     Member,
@@ -91,6 +91,10 @@ class VllmUnavailable(RMServeError, ImportError):
 
 class VllmRequestFailed(RMServeError, RuntimeError):
     """vLLM failed a request (or a whole batch) for a reason other than the input itself."""
+
+
+class VllmRetryable(VllmRequestFailed, EngineUnavailable):
+    """A failure vLLM marks retryable: UNAVAILABLE to the caller, whose retry may succeed."""
 
 
 @dataclass
@@ -214,7 +218,9 @@ class VllmEngine:
                 what = f"vLLM refused sequence {i} of {len(seqs)} ({len(s)} tokens): {code}: {message}"
                 if code == "validation_error":  # the input itself (too long, bad ids...)
                     raise InvalidInput(what)
-                raise VllmRequestFailed(what + (" (retryable)" if getattr(err, "retryable", False) else ""))
+                if getattr(err, "retryable", False):
+                    raise VllmRetryable(what + " (retryable)")
+                raise VllmRequestFailed(what)
             if len(o.prompt_token_ids) != len(s):
                 raise VllmRequestFailed(f"vLLM's answer {i} is for a prompt of {len(o.prompt_token_ids)} tokens, "
                                         f"not the {len(s)} sent")
