@@ -44,12 +44,12 @@ from rmserve.service.engine.ensemble import (
     save_member,
     write_manifest,
 )
-from rmserve.service.engine.errors import InvalidInput
 from rmserve.service.engine.model import load_model, native_bf16_cpu
 from rmserve.service.engine.onnx_export import export_onnx, quantize_int8
 from rmserve.service.engine.onnx_runtime import GRAPH, OnnxEngine, load_onnx_model
 from rmserve.service.engine.scoring import ScoringEngine
 from rmserve.training.data import load_pairs
+from rmserve.training.encoding import EncodedPairs, encode_pairs
 
 DEFAULT = Path(__file__).resolve().parent.parent / "service" / "default_model"
 TARGET = 1.3  # the deployment issue's goal: ORT >= 1.3x torch fp32
@@ -70,20 +70,10 @@ def _int8(export: Path, out: Path) -> Path:
     return out
 
 
-def pair_sequences(path: str, n: int, encoder) -> tuple[list[list[int]], int]:
-    """The first n pairs of a preference file as [chosen..., rejected...] token ids."""
-    pairs, _ = load_pairs(path)
-    chosen, rejected = [], []
-    for p in pairs:
-        if len(chosen) == n:
-            break
-        try:
-            c, r = encoder.conversation(p.chosen_conversation).ids, encoder.conversation(p.rejected_conversation).ids
-        except InvalidInput:
-            continue
-        chosen.append(c)
-        rejected.append(r)
-    return chosen + rejected, len(chosen)
+def pair_sequences(path: str, n: int, encoder) -> EncodedPairs:
+    """The first n pairs of a preference file, encoded as the trainer encodes them."""
+    pairs, report = load_pairs(path)
+    return encode_pairs(pairs[:n], encoder, report)
 
 
 def run_all(args, argv: list[str], tmp: Path, t_start: float) -> str:
@@ -115,8 +105,10 @@ def run_all(args, argv: list[str], tmp: Path, t_start: float) -> str:
             print(f"  round {r + 1}/{args.repeat} {name}: {time.perf_counter() - t:.2f} s", file=sys.stderr, flush=True)
     pair_rows = []
     if args.pairs:
-        seqs, n = pair_sequences(args.pairs, args.pairs_n, engines["torch-fp32"].model.encoder)
-        margins = {name: (lambda m: m[:n] - m[n:])(e.score(seqs).mean) for name, e in engines.items()}
+        enc = pair_sequences(args.pairs, args.pairs_n, engines["torch-fp32"].model.encoder)
+        n = len(enc.chosen)
+        margins = {name: (lambda m: m[enc.chosen] - m[enc.rejected])(e.score(enc.seqs).mean)
+                   for name, e in engines.items()}
         for name, m in margins.items():
             agree = float(np.mean(np.sign(m) == np.sign(margins["torch-fp32"])))
             pair_rows.append(f"| {name} | {float(np.mean(m > 0)):.3f} | {agree:.3f} |")

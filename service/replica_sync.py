@@ -29,7 +29,7 @@ import time
 from typing import TYPE_CHECKING
 
 from rmserve.service.engine.ensemble import MANIFEST
-from rmserve.service.errors import InvalidInput, NotFound, RMServeError
+from rmserve.service.errors import NotFound, RMServeError
 from rmserve.service.registry import Registry
 
 if TYPE_CHECKING:
@@ -59,7 +59,7 @@ class RegistryFollower:
             if pointer is not None and not (self.registry.path_for(pointer[0]) / MANIFEST).is_file():
                 return None
             return pointer
-        except (OSError, ValueError, InvalidInput, RMServeError):  # unreadable, or a bad name: as if absent
+        except (OSError, ValueError, RMServeError):  # unreadable, or a bad name (InvalidInput): as if absent
             return None
 
     def start(self) -> None:

@@ -235,6 +235,33 @@ def serve_process():
         p.wait(30)
 
 
+# One sample of each kind a trainer sends: prompt + response, a conversation, token ids.
+SERVED_SAMPLES = [{"prompt": "How do I bake bread?", "response": "Mix flour, water, salt and yeast."},
+                  {"messages": [{"role": "user", "content": "hello there"}, {"role": "assistant", "content": "hi!"}]},
+                  {"token_ids": [5, 9, 17, 33, 2]}]
+
+
+@pytest.fixture
+def serves_alike():
+    """check(address, reference) -> (got, want): SERVED_SAMPLES scored by two servers (another
+    backend, and the torch backend's), every field and head equal within 1e-5."""
+    import numpy as np
+
+    from rmserve.client import RewardClient
+
+    def check(address: str, reference: str):
+        with RewardClient(address) as c, RewardClient(reference) as ref:
+            got = c.score(SERVED_SAMPLES, uncertainty_penalty=0.5, return_members=True)
+            want = ref.score(SERVED_SAMPLES, uncertainty_penalty=0.5, return_members=True)
+        for g, w in zip(got, want, strict=True):
+            for name in ("reward", "std", "min", "conservative", "epistemic", "num_tokens"):
+                assert getattr(g, name) == pytest.approx(getattr(w, name), rel=1e-5, abs=1e-5), name
+            np.testing.assert_allclose(g.members, w.members, rtol=1e-5, atol=1e-5)
+        return got, want
+
+    return check
+
+
 @pytest.fixture
 def server_factory():
     """Start extra servers with their own config; all are stopped after the test."""

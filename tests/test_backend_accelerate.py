@@ -204,18 +204,7 @@ def test_the_cli_passes_the_flags_to_the_backend_and_refuses_them_elsewhere():
     assert _backend_options(args) == {"tensor_parallel_size": 4}
 
 
-def test_served_through_the_grpc_server(tiny_ensemble, tiny_server, server_factory):
+def test_served_through_the_grpc_server(tiny_ensemble, tiny_server, server_factory, serves_alike):
     """The split model behind the real server: every field equals the torch backend's server."""
-    from rmserve.client import RewardClient
-
     split = server_factory(tiny_ensemble, backend="accelerate", backend_options={"device_map": SPLIT})
-    samples = [{"prompt": "How do I bake bread?", "response": "Mix flour, water, salt and yeast."},
-               {"messages": [{"role": "user", "content": "hello there"}, {"role": "assistant", "content": "hi!"}]},
-               {"token_ids": [5, 9, 17, 33, 2]}]
-    with RewardClient(split.address) as c, RewardClient(tiny_server.address) as ref:
-        got = c.score(samples, uncertainty_penalty=0.5, return_members=True)
-        want = ref.score(samples, uncertainty_penalty=0.5, return_members=True)
-    for g, w in zip(got, want, strict=True):
-        for name in ("reward", "std", "min", "conservative", "epistemic", "num_tokens"):
-            assert getattr(g, name) == pytest.approx(getattr(w, name), rel=1e-5, abs=1e-5), name
-        np.testing.assert_allclose(g.members, w.members, rtol=1e-5, atol=1e-5)
+    serves_alike(split.address, tiny_server.address)

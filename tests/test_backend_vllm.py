@@ -278,7 +278,7 @@ def test_without_vllm_the_error_says_how_to_install_it(tiny_ensemble):
         load_vllm_model(tiny_ensemble)
 
 
-def test_served_through_the_grpc_server(tiny_ensemble, tiny_server, server_factory):
+def test_served_through_the_grpc_server(tiny_ensemble, tiny_server, server_factory, serves_alike):
     """The fake vLLM behind the real server (scheduler, auth-free localhost, metrics): every field
     equals the torch backend's server; a sample vLLM refuses as invalid is an INVALID_ARGUMENT
     for that sample alone."""
@@ -286,16 +286,8 @@ def test_served_through_the_grpc_server(tiny_ensemble, tiny_server, server_facto
 
     factory = Factory()
     server = server_factory(tiny_ensemble, backend="vllm", backend_options={"llm_factory": factory})
-    samples = [{"prompt": "How do I bake bread?", "response": "Mix flour, water, salt and yeast."},
-               {"messages": [{"role": "user", "content": "hello there"}, {"role": "assistant", "content": "hi!"}]},
-               {"token_ids": [5, 9, 17, 33, 2]}]
-    with RewardClient(server.address) as c, RewardClient(tiny_server.address) as ref:
-        got = c.score(samples, uncertainty_penalty=0.5, return_members=True)
-        want = ref.score(samples, uncertainty_penalty=0.5, return_members=True)
-        for g, w in zip(got, want, strict=True):
-            for name in ("reward", "std", "min", "conservative", "epistemic", "num_tokens"):
-                assert getattr(g, name) == pytest.approx(getattr(w, name), rel=1e-5, abs=1e-5), name
-            np.testing.assert_allclose(g.members, w.members, rtol=1e-5, atol=1e-5)
+    got, _ = serves_alike(server.address, tiny_server.address)
+    with RewardClient(server.address) as c:
         factory.made[0].refuse = {250: RequestError("validation_error", "token 250 is not allowed")}
         with pytest.raises(InvalidRequestError, match="token 250 is not allowed"):
             c.score([{"token_ids": [5, 250, 6]}])
