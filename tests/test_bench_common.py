@@ -75,3 +75,33 @@ def test_both_benchmarks_count_with_the_common_functions(bench) -> None:
     gpu = bench("bench_gpu").ppo_workload(model, 4, 3, 9, vocab=10, seed=0)
     assert gpu.useful_flops == common.decoder_flops(
         model, sum(map(len, gpu.seqs)), sum(common.causal_pairs(len(s)) for s in gpu.seqs))
+
+
+def test_the_grpo_ideal_is_the_baseline_efficiency_on_useful_flops(bench) -> None:
+    """bench_cpu's "share of its ideal": equal-length sequences give the baseline nothing to waste
+    (ideal speed-up 1 at the fp32 rate); a group sharing a prompt is computed whole by the baseline,
+    so its ideal is baseline FLOPs / useful FLOPs, and a faster dtype scales it by the rate ratio."""
+    cpu = bench("bench_cpu")
+    model = tiny_llama()
+    same = cpu.ppo_workload(5, 12, 12, 10)
+    same.flops = cpu.decoder_flops(model, same.useful_tokens, same.attn_pairs)
+    assert cpu.baseline_flops(model, same) == same.flops
+
+    # one group: a 20-token prompt + 4 completions of 4..7 tokens; the baseline pads to 27 and
+    # recomputes the prompt for every row, an ideal engine computes it once
+    seqs = [[1] * 20 + [2] * c for c in (4, 5, 6, 7)]
+    useful = 20 + sum((4, 5, 6, 7))
+    pairs = cpu.causal_pairs(20) + sum(cpu.causal_pairs(c, 20) for c in (4, 5, 6, 7))
+    w = cpu.Workload("grpo", "t", seqs, [object()], useful, pairs)
+    w.flops = cpu.decoder_flops(model, useful, pairs)
+    w.baseline_flops = cpu.baseline_flops(model, w)
+    assert w.baseline_flops == cpu.decoder_flops(model, 4 * 27, 4 * cpu.causal_pairs(27))
+    b = cpu.Bench([w], {cpu.BASELINE, "grpc-fp32", "grpc-bf16"}, 1)
+    row = lambda key, dtype, s: cpu.Row("grpo", key, key, dtype, s, None)  # noqa: E731
+    b.rows = {("grpo", cpu.BASELINE): row(cpu.BASELINE, "fp32", 8.0), ("grpo", "grpc-fp32"): row("grpc-fp32", "fp32", 4.0),
+              ("grpo", "grpc-bf16"): row("grpc-bf16", "bf16", 1.0)}
+    rates = {"fp32": 1.0, "bf16": 2.0}
+    ideal = w.baseline_flops / w.flops
+    assert cpu.of_ideal(b, rates, "grpo", "grpc-fp32") == pytest.approx(2.0 / ideal)
+    assert cpu.of_ideal(b, rates, "grpo", "grpc-bf16") == pytest.approx(8.0 / (2 * ideal))
+    assert cpu.of_ideal(b, rates, "ppo", "grpc-fp32") is None

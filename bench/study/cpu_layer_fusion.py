@@ -1,0 +1,209 @@
+"""Study: what is left between the matmuls of a CPU forward, and what fusing it buys.
+
+Run (2-core CPU, ~15 minutes, nothing else running):
+
+    .venv/bin/python bench/study/cpu_layer_fusion.py --out bench/results/cpu-layer-fusion-study-$(date +%F).md
+
+The embedded default, in process, on bench_cpu.py's PPO-like workload (and the
+GRPO-like one for bf16), each variant timed in interleaved rounds (best kept):
+
+  bf16-base          what `--dtype bfloat16` runs today (bf16 matmuls over a float32 stream,
+                     invariant attention, the gated MLP's silu·mul compiled)
+  bf16-norm-eager    each decoder layer's RMSNorm hands its output to q/k/v and gate/up as
+                     bf16 (one cast instead of one per projection; same roundings, eager)
+  bf16-norm-compiled the same RMSNorm + bf16 cast as one torch.compile'd loop (inductor's
+                     C++ backend; its reduction order differs from eager's, so roundings move)
+  bf16-attn-bf16     attention's q, k, v rounded to bf16 before the invariant attention
+                     (sdpa's bf16 flash kernel, fp32 accumulation) instead of float32
+  fp32-base          what `--dtype float32` runs today (packed batches, plain HF layers)
+  fp32-mlp-compiled  float32 silu(gate)·up as one compiled loop
+  fp32-norm-mlp      the same plus the RMSNorm as one compiled loop
+
+and a GEMM microbenchmark: q/k/v as three GEMMs or one concatenated GEMM, gate/up as
+two or one (a batch of 4096 rows of the default's width), bf16 and fp32.
+
+Printed: seconds, throughput relative to the base of the same dtype, the largest
+reward difference from that base and from float32 over the reward std, and
+whether sequences scored alone equal themselves scored in the batch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench_cpu import Sizes, cpu_lines, grpo_workload, ppo_workload
+
+from rmserve.service.engine import invariant_attention as ia
+from rmserve.service.engine.model import load_model
+from rmserve.service.engine.scoring import ScoringEngine
+
+DEFAULT = Path(__file__).resolve().parents[2] / "service" / "default_model"
+
+
+def _norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    return w * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
+
+
+def _norm_bf16(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    return _norm(x, w, eps).to(torch.bfloat16)
+
+
+def _silu_mul(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    return F.silu(g) * u
+
+
+class _Norm(nn.Module):
+    """An RMSNorm computed by `fn` (x, weight, eps)."""
+
+    def __init__(self, norm: nn.Module, fn):
+        super().__init__()
+        self.weight, self.eps, self.fn = norm.weight, norm.variance_epsilon, fn
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fn(x, self.weight, self.eps)
+
+
+class _MLP(nn.Module):
+    def __init__(self, mlp: nn.Module, fn):
+        super().__init__()
+        self.g, self.u, self.d, self.fn = mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight, fn
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(self.fn(F.linear(x, self.g), F.linear(x, self.u)), self.d)
+
+
+_block_attention = ia.block_attention
+_ATTN_BF16 = [False]
+
+
+def _attention(q, k, v, q_offset, k_len, *, scaling, window=None):
+    """ia.block_attention with q/k/v in one dtype: bf16 for the attn-bf16 variant, else q's
+    (a norm that emits bf16 leaves v in bf16 while rotary promotes q and k to float32)."""
+    dtype = torch.bfloat16 if _ATTN_BF16[0] else q.dtype
+    return _block_attention(q.to(dtype), k.to(dtype), v.to(dtype), q_offset, k_len, scaling=scaling, window=window)
+
+
+def build(variant: str):
+    dtype = "bfloat16" if variant.startswith("bf16") else "float32"
+    model = load_model(DEFAULT, dtype=dtype)
+    compiled = {"norm_bf16": torch.compile(_norm_bf16, dynamic=True), "norm": torch.compile(_norm, dynamic=True),
+                "silu_mul": torch.compile(_silu_mul, dynamic=True)}
+    for member in model.members:
+        for layer in member.backbone.model.layers:
+            norm = {"bf16-norm-eager": _norm_bf16, "bf16-norm-compiled": compiled["norm_bf16"],
+                    "fp32-norm-mlp": compiled["norm"]}.get(variant)
+            if norm is not None:
+                layer.input_layernorm = _Norm(layer.input_layernorm, norm)
+                layer.post_attention_layernorm = _Norm(layer.post_attention_layernorm, norm)
+            if variant in ("fp32-mlp-compiled", "fp32-norm-mlp"):
+                layer.mlp = _MLP(layer.mlp, compiled["silu_mul"])
+    return model
+
+
+def gemm_lines(reps: int = 20) -> list[str]:
+    out = ["| dtype | projections | separate GEMMs ms | one concatenated GEMM ms | one / separate |",
+           "| --- | --- | --- | --- | --- |"]
+    cases = {"q/k/v (576+192+192)": (576, 192, 192), "gate/up (1536+1536)": (1536, 1536)}
+    for dtype in (torch.bfloat16, torch.float32):
+        x = torch.randn(4096, 576).to(dtype)
+        for name, parts in cases.items():
+            ws = [torch.randn(n, 576).to(dtype) for n in parts]
+            whole = torch.cat(ws)
+            sep = _best(lambda x=x, ws=ws: [F.linear(x, w) for w in ws], reps)
+            one = _best(lambda x=x, whole=whole: F.linear(x, whole), reps)
+            out.append(f"| {str(dtype).removeprefix('torch.')} | {name} | {sep * 1e3:.2f} | {one * 1e3:.2f} | "
+                       f"{one / sep:.3f} |")
+    return out
+
+
+def _best(fn, reps: int) -> float:
+    fn()
+    return min(_timed(fn) for _ in range(reps))
+
+
+def _timed(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def run(args) -> str:
+    variants = ["bf16-base", "bf16-norm-eager", "bf16-norm-compiled", "bf16-attn-bf16",
+                "fp32-base", "fp32-mlp-compiled", "fp32-norm-mlp"]
+    ia.block_attention = _attention
+    engines = {v: ScoringEngine(build(v), token_budget=4096) for v in variants}
+    model = engines["bf16-base"].model
+    ppo = ppo_workload(args.n, 32, 512, 49152)
+    grpo = grpo_workload(model.encoder, model.encoder.tokenizer, args.groups, Sizes())
+    both = {"ppo": ppo, "grpo": grpo}
+    work = {v: (both if v.startswith("bf16") or v == "fp32-base" else {"ppo": ppo}) for v in variants}
+
+    def score(v: str, seqs: list[list[int]]) -> np.ndarray:
+        _ATTN_BF16[0] = v == "bf16-attn-bf16"
+        return engines[v].score(seqs).rewards
+
+    for v in variants:  # warm-up and compilation
+        for w in work[v].values():
+            score(v, w.seqs[:9])
+    best: dict[tuple[str, str], float] = {}
+    out: dict[tuple[str, str], np.ndarray] = {}
+    for r in range(args.repeat):
+        for v in variants:
+            for name, w in work[v].items():
+                t = time.perf_counter()
+                out[(v, name)] = score(v, w.seqs)
+                s = time.perf_counter() - t
+                best[(v, name)] = min(best.get((v, name), float("inf")), s)
+                print(f"  round {r + 1}/{args.repeat} {v} {name}: {s:.2f} s", file=sys.stderr, flush=True)
+    alone = {v: float(np.abs(np.concatenate([score(v, [s]) for s in ppo.seqs[:4]]) - out[(v, "ppo")][:4]).max())
+             for v in variants}
+    lines = [
+        "# CPU layer-fusion study (embedded default, in process)",
+        "",
+        f"- date: {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC; torch {torch.__version__}",
+        *cpu_lines(),
+        f"- workloads: {ppo.title}; {grpo.title} (bf16 and fp32-base); best of {args.repeat} interleaved rounds",
+        f"- command: `python bench/study/cpu_layer_fusion.py {' '.join(args.argv)}`",
+        "",
+        "| variant | workload | seconds | x base (same dtype) | max reward diff / std vs base | vs float32 | alone vs batched, 4 seqs |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for v in variants:
+        base = "bf16-base" if v.startswith("bf16") else "fp32-base"
+        for name in work[v]:
+            ref, f32 = out[(base, name)], out.get(("fp32-base", name))
+            diff = float(np.abs(out[(v, name)] - ref).max() / ref.std())
+            vs32 = "—" if f32 is None else f"{float(np.abs(out[(v, name)] - f32).max() / f32.std()):.3f}"
+            lines.append(f"| {v} | {name} | {best[(v, name)]:.2f} | {best[(base, name)] / best[(v, name)]:.3f} | "
+                         f"{diff:.2e} | {vs32} | {alone[v]:.1e} |")
+    lines += ["", "GEMMs (best of 20):", "", *gemm_lines()]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--n", type=int, default=32, help="PPO-like sequences")
+    p.add_argument("--groups", type=int, default=4, help="GRPO-like groups of 8 completions")
+    p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--out")
+    args = p.parse_args(sys.argv[1:] if argv is None else argv)
+    args.argv = sys.argv[1:] if argv is None else argv
+    text = run(args)
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
