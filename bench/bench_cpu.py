@@ -465,11 +465,11 @@ def run_hf(bench: Bench, rm) -> None:
         bench.run("hf-best-bf16", hf_label, "bf16", lambda w: hf_best(bf16, heads, w, pad))
 
 
-def run_engines(bench: Bench, rm, model_dir: Path) -> None:
+def run_engines(bench: Bench, model_dir: Path) -> None:
     from rmserve.service.engine.model import load_model
     from rmserve.service.engine.scoring import ScoringEngine
 
-    models = {"fp32": lambda: rm, "bf16": lambda: load_model(model_dir, dtype="bfloat16")}
+    models = {"fp32": lambda: load_model(model_dir, dtype="float32"), "bf16": lambda: load_model(model_dir, dtype="bfloat16")}
     layouts = (("auto", "", "rmserve engine in process"), ("on", "packed-", "rmserve engine in process, packed"),
                ("off", "padded-", "rmserve engine in process, padded"))
     for short, model in models.items():
@@ -690,7 +690,7 @@ def run_all(args, argv: list[str], tmp: Path, t_start: float) -> str:
     from rmserve.service.engine.model import load_model
 
     model_dir = build_model_dir(tmp / "model", args.tiny)
-    rm = load_model(model_dir, dtype="float32")
+    rm = load_model(model_dir, dtype="float32", fused=False)  # the plain HF modules the baselines run
     bb = rm.members[0].backbone
     made = {
         "ppo": lambda: ppo_workload(args.n, args.sizes.min_len, args.sizes.max_len, len(bb.tokenizer)),
@@ -706,7 +706,7 @@ def run_all(args, argv: list[str], tmp: Path, t_start: float) -> str:
     rates = rates_now()
     bench = Bench(workloads, {BASELINE, *args.variants}, args.repeat)
     run_hf(bench, rm)
-    run_engines(bench, rm, model_dir)
+    run_engines(bench, model_dir)
     with contextlib.ExitStack() as servers:
         run_grpc(bench, model_dir, tmp / "registry", servers)
         bench.measure()

@@ -102,7 +102,7 @@ def test_the_fused_gated_mlp_computes_the_unfused_bits(tiny_ensemble):
 
     fused = load_model(tiny_ensemble, dtype="bfloat16").members[0].backbone.model
     assert sum(isinstance(m, MixedGatedMLP) for m in fused.modules()) == 2  # one per layer, applied at load
-    plain = load_model(tiny_ensemble, dtype="float32").members[0].backbone.model
+    plain = load_model(tiny_ensemble, dtype="float32", fused=False).members[0].backbone.model
     assert mixed_bf16(plain) == 14 and fuse_gated_mlps(torch.nn.Module()) == 0
     for layer in plain.layers:  # the unfused mixed path: MixedLinears under the original MLP
         assert isinstance(layer.mlp.gate_proj, MixedLinear) and not isinstance(layer.mlp, MixedGatedMLP)
@@ -126,3 +126,49 @@ def test_the_compiled_loop_equals_the_eager_function_on_odd_sizes():
         a = (3 * torch.randn(shape, generator=g)).to(torch.bfloat16)
         b = (3 * torch.randn(shape, generator=g)).to(torch.bfloat16)
         assert torch.equal(fn(a, b), _silu_mul(a, b)), shape
+
+
+def test_float32_on_cpu_fuses_mlps_and_norms_and_scores_as_the_checkpoint(tiny_ensemble):
+    """load_model(float32) on CPU swaps the gated MLPs and Llama RMSNorms for compiled loops; scores
+    stay within 1e-5 x std of the checkpoint's own modules (fused=False), for every batching, and
+    each fused module computes what it replaced on fresh inputs of odd sizes."""
+    from rmserve.service.engine.precision import FusedGatedMLP, FusedRMSNorm
+
+    fused = load_model(tiny_ensemble, dtype="float32")
+    plain = load_model(tiny_ensemble, dtype="float32", fused=False)
+    fm, pm = fused.members[0].backbone.model, plain.members[0].backbone.model
+    assert sum(isinstance(m, FusedGatedMLP) for m in fm.modules()) == 2
+    assert sum(isinstance(m, FusedRMSNorm) for m in fm.modules()) == 5  # 2 per layer + the final norm
+    assert not any(isinstance(m, FusedGatedMLP | FusedRMSNorm) for m in pm.modules())
+    g = torch.Generator().manual_seed(6)
+    with torch.no_grad():
+        for lf, lp in zip(fm.layers, pm.layers, strict=True):
+            for shape in ((1, 1), (3, 17), (1, 130)):
+                x = torch.randn(*shape, lf.mlp.gate_proj.in_features, generator=g)
+                torch.testing.assert_close(lf.mlp(x), lp.mlp(x), rtol=1e-5, atol=1e-6)
+                torch.testing.assert_close(lf.input_layernorm(x), lp.input_layernorm(x), rtol=1e-5, atol=1e-6)
+    seqs = workload(200, seed=7)
+    got, want = batchings(fused, seqs), batchings(plain, seqs)
+    std = float(want["alone"].std())
+    for how in got:
+        assert np.abs(got[how] - want[how]).max() <= 1e-5 * std, how
+        assert np.abs(got[how] - got["alone"]).max() <= 1e-5 * std, how
+
+
+def test_norms_of_another_formula_are_not_fused():
+    """Gemma's RMSNorm scales by (1 + weight): the probe must leave it alone, and the result must
+    still equal the module's own output."""
+    from transformers.models.gemma.modeling_gemma import GemmaRMSNorm
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    from rmserve.service.engine.precision import FusedRMSNorm, fuse_float32
+
+    model = torch.nn.ModuleDict({"gemma": GemmaRMSNorm(8), "llama": LlamaRMSNorm(8)})
+    with torch.no_grad():
+        model["llama"].weight.uniform_(0.5, 1.5)
+    x = torch.randn(3, 8)
+    want = {k: m(x) for k, m in model.items()}
+    assert fuse_float32(model) == 1
+    assert isinstance(model["llama"], FusedRMSNorm) and isinstance(model["gemma"], GemmaRMSNorm)
+    for k, m in model.items():
+        torch.testing.assert_close(m(x), want[k], rtol=1e-5, atol=1e-6)

@@ -20,7 +20,9 @@ GRPO-like one for bf16), each variant timed in interleaved rounds (best kept):
   fp32-norm-mlp      the same plus the RMSNorm as one compiled loop
 
 and a GEMM microbenchmark: q/k/v as three GEMMs or one concatenated GEMM, gate/up as
-two or one (a batch of 4096 rows of the default's width), bf16 and fp32.
+two or one (a batch of 4096 rows of the default's width), bf16 and fp32; and whether
+attention's building blocks (sdpa, the two bmms) give a row the same bits whatever
+number of rows shares the call (what an attention without padding rows would need).
 
 Printed: seconds, throughput relative to the base of the same dtype, the largest
 reward difference from that base and from float32 over the reward std, and
@@ -126,6 +128,38 @@ def gemm_lines(reps: int = 20) -> list[str]:
     return out
 
 
+def invariance_lines() -> list[str]:
+    """Does a row's result depend on how many rows share the call? The question behind an
+    attention without padding rows: a GRPO completion that starts mid-block could then run only
+    its own rows. Each building block on a full 64-row block vs on row slices of it (1 to 63
+    rows), fp32 and bf16, keys 64..1024; counted: slices not bit-identical to the full call."""
+    torch.manual_seed(0)
+    slices = ((0, 1), (5, 6), (63, 64), (0, 2), (0, 3), (0, 8), (0, 17), (20, 40), (1, 50), (10, 64), (31, 64))
+    out = ["| building block | dtype | slices differing from the 64-row call | largest difference |",
+           "| --- | --- | --- | --- |"]
+    for dtype in (torch.float32, torch.bfloat16):
+        counts = {"sdpa (flash, masked)": [0, 0, 0.0], "q @ k^T (bmm)": [0, 0, 0.0], "p @ v (bmm)": [0, 0, 0.0]}
+        for end in (64, 128, 192, 384, 448, 512, 1024):
+            q, k = torch.randn(2, 9, 64, 64).to(dtype), torch.randn(2, 9, end, 64).to(dtype)
+            p = torch.rand(2, 9, 64, end).to(dtype)
+            visible = (torch.arange(end).view(1, end) <= end - 64 + torch.arange(64).view(64, 1))[None, None]
+            calls = {"sdpa (flash, masked)": lambda a, b, q=q, k=k, m=visible: F.scaled_dot_product_attention(
+                         q[:, :, a:b], k, k, attn_mask=m[:, :, a:b], scale=0.125),
+                     "q @ k^T (bmm)": lambda a, b, q=q, k=k: q[:, :, a:b] @ k.transpose(-1, -2),
+                     "p @ v (bmm)": lambda a, b, p=p, k=k: p[:, :, a:b] @ k}
+            for name, call in calls.items():
+                full = call(0, 64)
+                for a, b in slices:
+                    part, c = call(a, b), counts[name]
+                    c[1] += 1
+                    if not torch.equal(part, full[:, :, a:b]):
+                        c[0] += 1
+                        c[2] = max(c[2], float((part.float() - full[:, :, a:b].float()).abs().max()))
+        for name, (bad, total, diff) in counts.items():
+            out.append(f"| {name} | {str(dtype).removeprefix('torch.')} | {bad} of {total} | {diff:.1e} |")
+    return out
+
+
 def _best(fn, reps: int) -> float:
     fn()
     return min(_timed(fn) for _ in range(reps))
@@ -186,7 +220,8 @@ def run(args) -> str:
             vs32 = "—" if f32 is None else f"{float(np.abs(out[(v, name)] - f32).max() / f32.std()):.3f}"
             lines.append(f"| {v} | {name} | {best[(v, name)]:.2f} | {best[(base, name)] / best[(v, name)]:.3f} | "
                          f"{diff:.2e} | {vs32} | {alone[v]:.1e} |")
-    lines += ["", "GEMMs (best of 20):", "", *gemm_lines()]
+    lines += ["", "GEMMs (best of 20):", "", *gemm_lines(),
+              "", "Row-count invariance of attention's building blocks:", "", *invariance_lines()]
     return "\n".join(lines)
 
 

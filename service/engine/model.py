@@ -34,7 +34,7 @@ from rmserve.service.engine.ensemble import (
     resolve_backbone_path,
 )
 from rmserve.service.engine.ood import OodCalibration, OodStats
-from rmserve.service.engine.precision import fuse_gated_mlps, mixed_bf16
+from rmserve.service.engine.precision import fuse_float32, fuse_gated_mlps, mixed_bf16
 from rmserve.service.engine.tokenization import PromptEncoder
 from rmserve.service.engine.trunk import Top
 
@@ -174,19 +174,28 @@ def resolve_device(device: str | torch.device) -> torch.device:
 
 
 def load_model(
-    path: str | Path, *, dtype: str = "auto", max_tokens: int | None = None, device: str | torch.device = "cpu"
+    path: str | Path, *, dtype: str = "auto", max_tokens: int | None = None, device: str | torch.device = "cpu",
+    fused: bool = True,
 ) -> RewardModel:
     """Load `path`: a directory with manifest.json, or a one-label HF seq-cls checkpoint.
 
     `device`: cpu, cuda[:n] or auto (CUDA when there is one); backbones and heads move there.
+    `fused`: float32 on CPU runs the MLPs' and norms' elementwise work as compiled loops
+    (precision.fuse_float32; scores move ~1e-5 x std); False keeps the checkpoint's own modules.
     """
     path = Path(path)
     dev = resolve_device(device)
     if (path / MANIFEST).is_file():
-        return _load_ensemble(path, dtype, max_tokens, dev).to(dev)
-    if (path / "config.json").is_file():
-        return _load_seqcls(path, dtype, max_tokens, dev).to(dev)
-    raise EnsembleFormatError(f"{path} is neither an rmserve ensemble (no {MANIFEST}) nor a Hugging Face checkpoint (no config.json)")
+        model = _load_ensemble(path, dtype, max_tokens, dev).to(dev)
+    elif (path / "config.json").is_file():
+        model = _load_seqcls(path, dtype, max_tokens, dev).to(dev)
+    else:
+        raise EnsembleFormatError(f"{path} is neither an rmserve ensemble (no {MANIFEST}) nor a Hugging Face checkpoint (no config.json)")
+    if fused and model.dtype == torch.float32 and dev.type == "cpu":
+        for module in {id(m): m for member in model.members
+                       for m in (member.backbone.model, member.top.module if member.top else None) if m is not None}.values():
+            fuse_float32(module)
+    return model
 
 
 def _load_dtype(torch_dtype: torch.dtype, device: torch.device) -> torch.dtype:

@@ -29,6 +29,18 @@ and 1.07x on GRPO-like bf16 scoring, scores bit-identical
 
 `load_model(dtype="bfloat16")` applies it on CPU (service/engine/model.py); on CUDA,
 where bf16 is the native serving dtype, bf16 stays plain bf16.
+
+float32 on CPU (`fuse_float32`): the same compiled silu(gate) * up, and each RMSNorm
+as one compiled loop (sum of squares, scale, weight) instead of five passes.
+Compiled reductions sum in another order than eager ones, so scores move by
+~1e-5 x std; a norm class is swapped only where a probe shows the fused
+function computes what the module does. Measured 1.08x on PPO-like float32
+scoring (bench/results/cpu-layer-fusion-study-2026-12-06.md). The same fusions
+in bf16 measured no faster (the norm's bf16 output saved no time there), so bf16
+keeps only the MLP's.
+
+Under torch.compile or export (ONNX: service/engine/onnx_export.py) the fused
+modules run their eager functions, so a traced graph holds plain ops.
 """
 
 from __future__ import annotations
@@ -75,20 +87,82 @@ def _silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return (F.silu(gate.float()) * up.float()).to(gate.dtype)
 
 
+def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Llama's RMSNorm on a float32 stream."""
+    return weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
+
+
 @functools.cache
-def _fused_silu_mul():
-    """The compiled loop, or the eager function where compiling is off or fails (once per process)."""
+def _compiled(fn):
+    """`fn` compiled once per process, or `fn` itself where compiling is off or fails; the
+    compiled loop must reproduce `fn` on a probe (bit for bit for elementwise `fn`s; a
+    compiled reduction sums in another order, so norms are held to float32 rounding)."""
     if os.environ.get("RMSERVE_COMPILE", "1") == "0":
-        return _silu_mul
-    try:
-        fn = torch.compile(_silu_mul, dynamic=True)
-        x = torch.randn(3, 5, dtype=torch.bfloat16)
-        if not torch.equal(fn(x, x), _silu_mul(x, x)):
-            raise RuntimeError("the compiled loop does not reproduce the eager one bit for bit")
         return fn
+    try:
+        compiled = torch.compile(fn, dynamic=True)
+        if fn is _rms_norm:
+            x, w = torch.randn(3, 64), torch.randn(64)
+            ok = torch.allclose(compiled(x, w, 1e-6), fn(x, w, 1e-6), rtol=1e-5, atol=1e-6)
+        else:
+            x = torch.randn(3, 5, dtype=torch.bfloat16 if fn is _silu_mul else torch.float32)
+            ok = torch.equal(compiled(x, x), fn(x, x))
+        if not ok:
+            raise RuntimeError("the compiled loop does not reproduce the eager one")
+        return compiled
     except Exception as e:  # no C++ compiler, an inductor bug: eager is correct, only slower
-        log.warning("torch.compile of the fused MLP step failed (%s: %s); running it eagerly", type(e).__name__, e)
-        return _silu_mul
+        log.warning("torch.compile of %s failed (%s: %s); running it eagerly", fn.__name__, type(e).__name__, e)
+        return fn
+
+
+def _fused(fn):
+    """What a fused module calls: the compiled loop, except inside a trace (torch.compile of a
+    caller, torch.export for ONNX), which gets the plain ops."""
+    return fn if torch.compiler.is_compiling() else _compiled(fn)
+
+
+def _fused_silu_mul():
+    return _fused(_silu_mul)
+
+
+def _silu_mul_fp32(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    return F.silu(gate) * up
+
+
+class FusedGatedMLP(nn.Module):
+    """float32 down(silu(gate(x)) * up(x)), the middle step one compiled loop."""
+
+    def __init__(self, gate: nn.Linear, up: nn.Linear, down: nn.Linear):
+        super().__init__()
+        self.gate_proj, self.up_proj, self.down_proj = gate, up, down
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = _fused(_silu_mul_fp32)(F.linear(x, self.gate_proj.weight), F.linear(x, self.up_proj.weight))
+        return F.linear(h, self.down_proj.weight)
+
+
+class FusedRMSNorm(nn.Module):
+    """An RMSNorm (Llama's formula) as one compiled loop; float32 in and out."""
+
+    def __init__(self, norm: nn.Module):
+        super().__init__()
+        self.weight, self.eps = norm.weight, float(norm.variance_epsilon)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _fused(_rms_norm)(x, self.weight, self.eps)
+
+
+def _computes_llama_rms_norm(norm: nn.Module) -> bool:
+    """Whether `norm` computes Llama's RMSNorm (Gemma's is weight + 1, others differ): a probe."""
+    weight, eps = getattr(norm, "weight", None), getattr(norm, "variance_epsilon", None)
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 1 or not isinstance(eps, float | int):
+        return False
+    x = torch.randn(2, 3, weight.shape[0], dtype=weight.dtype, device=weight.device)
+    with torch.no_grad():
+        try:
+            return torch.allclose(norm(x), _rms_norm(x, weight, float(eps)), rtol=1e-5, atol=1e-6)
+        except Exception:
+            return False
 
 
 class MixedGatedMLP(nn.Module):
@@ -108,16 +182,43 @@ def _is_silu(act: nn.Module) -> bool:
     return isinstance(act, nn.SiLU) or type(act).__name__ == "SiLUActivation"
 
 
-def fuse_gated_mlps(model: nn.Module) -> int:
-    """Swap every gated SiLU MLP (Llama, Mistral, Qwen: gate_proj, up_proj, down_proj without
-    bias, act_fn SiLU) whose linears are MixedLinear for a MixedGatedMLP, in place; returns how many."""
-    targets = []
+def _gated_mlps(model: nn.Module, linear: type[nn.Module]) -> list[tuple[str, list[nn.Module]]]:
+    """Gated SiLU MLPs (Llama, Mistral, Qwen: gate_proj, up_proj, down_proj without bias, act_fn
+    SiLU) whose three projections are exactly `linear`."""
+    found = []
     for name, mod in model.named_modules():
         lins = [getattr(mod, a, None) for a in ("gate_proj", "up_proj", "down_proj")]
-        if (type(mod).__name__.endswith("MLP") and all(isinstance(m, MixedLinear) and m.bias is None for m in lins)
+        if (type(mod).__name__.endswith("MLP") and all(type(m) is linear and m.bias is None for m in lins)
                 and _is_silu(getattr(mod, "act_fn", None))):
-            targets.append((name, lins))
+            found.append((name, lins))
+    return found
+
+
+def _swap(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent, _, attr = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, attr, new)
+
+
+def fuse_gated_mlps(model: nn.Module) -> int:
+    """Swap every gated SiLU MLP whose linears are MixedLinear for a MixedGatedMLP, in place;
+    returns how many."""
+    targets = _gated_mlps(model, MixedLinear)
     for name, lins in targets:
-        parent, _, attr = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, attr, MixedGatedMLP(*lins))
+        _swap(model, name, MixedGatedMLP(*lins))
+    return len(targets)
+
+
+def fuse_float32(model: nn.Module) -> int:
+    """float32 on CPU: swap every gated SiLU MLP of plain Linears for a FusedGatedMLP and every
+    RMSNorm that computes Llama's formula for a FusedRMSNorm, in place; returns how many modules."""
+    targets: list[tuple[str, nn.Module]] = [(n, FusedGatedMLP(*lins)) for n, lins in _gated_mlps(model, nn.Linear)]
+    verdict: dict[type, bool] = {}
+    for name, mod in model.named_modules():
+        if type(mod).__name__.endswith("RMSNorm") and getattr(mod, "weight", None) is not None:
+            if type(mod) not in verdict:
+                verdict[type(mod)] = _computes_llama_rms_norm(mod)
+            if verdict[type(mod)] and mod.weight.dtype == torch.float32:
+                targets.append((name, FusedRMSNorm(mod)))
+    for name, new in targets:
+        _swap(model, name, new)
     return len(targets)
