@@ -172,3 +172,21 @@ def test_norms_of_another_formula_are_not_fused():
     assert isinstance(model["llama"], FusedRMSNorm) and isinstance(model["gemma"], GemmaRMSNorm)
     for k, m in model.items():
         torch.testing.assert_close(m(x), want[k], rtol=1e-5, atol=1e-6)
+
+
+def test_the_float32_loops_compile_where_the_bf16_one_does_and_match_eager():
+    """A probe that is too strict silently sends a loop back to eager (it did: fp32 silu differs
+    from eager's in the last bit); where this machine compiles at all, every loop must compile,
+    and each must match its eager function to float32 rounding on odd sizes."""
+    from rmserve.service.engine.precision import _compiled, _rms_norm, _silu_mul, _silu_mul_fp32
+
+    if _compiled(_silu_mul) is _silu_mul:
+        pytest.skip("torch.compile is unavailable here (no C++ compiler or RMSERVE_COMPILE=0)")
+    g = torch.Generator().manual_seed(8)
+    silu, norm = _compiled(_silu_mul_fp32), _compiled(_rms_norm)
+    assert silu is not _silu_mul_fp32 and norm is not _rms_norm
+    for shape in ((1, 1), (7, 1537), (2, 3, 33), (1, 130, 576)):
+        a, b = 3 * torch.randn(shape, generator=g), 3 * torch.randn(shape, generator=g)
+        torch.testing.assert_close(silu(a, b), _silu_mul_fp32(a, b), rtol=1e-5, atol=1e-6)
+        w = torch.rand(shape[-1], generator=g) + 0.5
+        torch.testing.assert_close(norm(a, w, 1e-5), _rms_norm(a, w, 1e-5), rtol=1e-5, atol=1e-6)

@@ -95,18 +95,23 @@ def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor
 @functools.cache
 def _compiled(fn):
     """`fn` compiled once per process, or `fn` itself where compiling is off or fails; the
-    compiled loop must reproduce `fn` on a probe (bit for bit for elementwise `fn`s; a
-    compiled reduction sums in another order, so norms are held to float32 rounding)."""
+    compiled loop must reproduce `fn` on a probe: bit for bit for the bf16 MLP step (its
+    roundings are the contract), to float32 rounding for the float32 ones (inductor's
+    vectorised exp and its reductions' order differ from eager's in the last bit)."""
     if os.environ.get("RMSERVE_COMPILE", "1") == "0":
         return fn
     try:
         compiled = torch.compile(fn, dynamic=True)
+        g = torch.Generator().manual_seed(0)
         if fn is _rms_norm:
-            x, w = torch.randn(3, 64), torch.randn(64)
+            x, w = torch.randn(3, 64, generator=g), torch.randn(64, generator=g)
             ok = torch.allclose(compiled(x, w, 1e-6), fn(x, w, 1e-6), rtol=1e-5, atol=1e-6)
-        else:
-            x = torch.randn(3, 5, dtype=torch.bfloat16 if fn is _silu_mul else torch.float32)
+        elif fn is _silu_mul:
+            x = (3 * torch.randn(3, 37, generator=g)).to(torch.bfloat16)
             ok = torch.equal(compiled(x, x), fn(x, x))
+        else:
+            x = 3 * torch.randn(3, 37, generator=g)
+            ok = torch.allclose(compiled(x, x), fn(x, x), rtol=1e-5, atol=1e-6)
         if not ok:
             raise RuntimeError("the compiled loop does not reproduce the eager one")
         return compiled
