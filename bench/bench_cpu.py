@@ -688,7 +688,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def run_all(args, argv: list[str], tmp: Path, t_start: float) -> str:
     """Build the model and workloads, run every selected variant, return the report."""
-    from rmserve.service.engine.model import load_model
+    from rmserve.service.engine.model import load_model, native_bf16_cpu
 
     model_dir = build_model_dir(tmp / "model", args.tiny)
     rm = load_model(model_dir, dtype="float32", fused=False)  # the plain HF modules the baselines run
@@ -701,8 +701,6 @@ def run_all(args, argv: list[str], tmp: Path, t_start: float) -> str:
     for w in workloads:
         w.flops = decoder_flops(bb.model, w.useful_tokens, w.attn_pairs)
         w.baseline_flops = baseline_flops(bb.model, w)
-    from rmserve.service.engine.model import native_bf16_cpu
-
     # emulated bf16 runs at ~1 GFLOP/s: a quarter-size GEMM measures that rate in seconds, not minutes
     args.bf16_gemm = args.sizes.gemm if native_bf16_cpu() else max(64, args.sizes.gemm // 4)
 

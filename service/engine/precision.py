@@ -76,8 +76,7 @@ def mixed_bf16(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> int:
     """Swap every nn.Linear of `model` (a float32 model) for a MixedLinear, in place; returns how many."""
     targets = [(name, mod) for name, mod in model.named_modules() if type(mod) is nn.Linear]
     for name, mod in targets:
-        parent, _, attr = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, attr, MixedLinear(mod, dtype))
+        _swap(model, name, MixedLinear(mod, dtype))
     return len(targets)
 
 
