@@ -543,15 +543,21 @@ def cpu_lines() -> list[str]:
     ]
 
 
-ISA_CAPS = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")
+ISA_CAPS = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS", "RMSERVE_KERNEL_MARCH")
 
 
 def isa_caps() -> str:
-    """torch's elementwise kernels' level and any cap an operator set: with all three capped at
-    AVX2 this CPU runs the kernels a CPU without AVX-512 runs (and bf16 matmuls are emulated),
-    which is how the no-AVX-512 table was measured on a machine that has it."""
+    """torch's elementwise kernels' level, whether rmserve's attention kernel is built, and any cap
+    an operator set: with the first three capped at AVX2 (and the kernel built for x86-64-v3) this
+    CPU runs the kernels a CPU without AVX-512 runs (and bf16 matmuls are emulated), which is how
+    the no-AVX-512 table was measured on a machine that has it."""
+    from rmserve.kernels import cpu_attention
+
     caps = [f"{k}={os.environ[k]}" for k in ISA_CAPS if os.environ.get(k)]
-    return f"ATen kernels {torch.backends.cpu.get_cpu_capability()}; " + (", ".join(caps) or "no caps set")
+    why = cpu_attention.unavailable_reason()
+    kernel = "fixed-order attention kernel built" if why is None else f"no attention kernel ({why.splitlines()[0]})"
+    return (f"ATen kernels {torch.backends.cpu.get_cpu_capability()}; {kernel}; "
+            + (", ".join(caps) or "no caps set"))
 
 
 def per_s(w: Workload, rate: float) -> str:

@@ -11,3 +11,6 @@ if ! python -c "import torch" 2>/dev/null; then
   if command -v nvidia-smi >/dev/null 2>&1; then python -m pip install -q torch; else python -m pip install -q torch==2.13.0; fi
 fi
 python -m pip install -q -e ".[dev]"
+# The fixed-order CPU attention kernel, compiled for this machine now rather than at the first
+# model load (~10 s). Without a C++ compiler the engine serves sdpa instead; setup goes on.
+python -m rmserve.kernels.cpu_attention || echo "CPU attention kernel not built (see above): sdpa will serve" >&2

@@ -93,8 +93,11 @@ def test_isa_caps_report_what_the_kernels_run_under() -> None:
     """The no-AVX-512 table is measured on an AVX-512 machine with ISA caps; the report must say so:
     torch's own dispatch level (read from torch, not echoed from the variable) and each cap set."""
     code = ("import sys; sys.path.insert(0, sys.argv[1]); import bench_cpu; print(bench_cpu.isa_caps())")
-    env = {**os.environ, "ATEN_CPU_CAPABILITY": "default", "ONEDNN_MAX_CPU_ISA": "AVX2", "PYTHONSAFEPATH": "1"}
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": "default", "ONEDNN_MAX_CPU_ISA": "AVX2", "PYTHONSAFEPATH": "1",
+           "RMSERVE_CPU_ATTENTION": "0"}
     env.pop("MKL_ENABLE_INSTRUCTIONS", None)
+    env.pop("RMSERVE_KERNEL_MARCH", None)
     out = subprocess.run([sys.executable, "-c", code, str(SCRIPT.parent)], env=env, capture_output=True,
                          text=True, timeout=120, check=True).stdout.strip()
-    assert out == "ATen kernels DEFAULT; ATEN_CPU_CAPABILITY=default, ONEDNN_MAX_CPU_ISA=AVX2"
+    assert out == ("ATen kernels DEFAULT; no attention kernel (disabled by RMSERVE_CPU_ATTENTION=0); "
+                   "ATEN_CPU_CAPABILITY=default, ONEDNN_MAX_CPU_ISA=AVX2")

@@ -1,5 +1,6 @@
 """Batch-invariant attention (service/engine/invariant_attention.py): right, and bit-for-bit the same
-for a sequence whatever it is batched with."""
+for a sequence whatever it is batched with, on both of its paths: the fixed-order CPU kernel
+(rmserve.kernels.cpu_attention) and the grid of sdpa calls that serves where the kernel is not built."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from rmserve.kernels import cpu_attention
 from rmserve.service.engine import invariant_attention as inv
 from rmserve.service.engine.model import load_model
 from rmserve.service.engine.scoring import ScoringEngine
@@ -47,21 +49,31 @@ def test_block_attention_matches_a_float64_reference(tq, tk, offset, window):
         torch.testing.assert_close(out[i][:, rows].double(), want[i][:, rows], rtol=1e-5, atol=1e-5)
 
 
+@pytest.fixture(params=["kernel", "sdpa_grid"])
+def path(request, monkeypatch):
+    """Run the test on the CPU kernel, then on the sdpa grid (the kernel reported unavailable)."""
+    if request.param == "kernel" and not cpu_attention.available():
+        pytest.skip(f"kernel not built: {cpu_attention.unavailable_reason()}")
+    if request.param == "sdpa_grid":
+        monkeypatch.setattr(cpu_attention, "available", lambda: False)
+    return request.param
+
+
 def _switched(model):
     for m in model.members:
         assert inv.enable(m.backbone.model)
     return model
 
 
-def test_the_model_scores_as_with_sdpa_in_float32(tiny_ensemble):
+def test_the_model_scores_as_with_sdpa_in_float32(tiny_ensemble, path):
     seqs = [[5, 6, 7], list(range(10, 90)), list(range(3, 140)), [9] * 65]
-    want = ScoringEngine(load_model(tiny_ensemble), min_shared_prefix=0).score(seqs).rewards
+    want = ScoringEngine(load_model(tiny_ensemble, fused=False), min_shared_prefix=0).score(seqs).rewards
     got = ScoringEngine(_switched(load_model(tiny_ensemble)), min_shared_prefix=0).score(seqs).rewards
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_a_sequence_scores_the_same_in_every_batching(tiny_ensemble, dtype):
+def test_a_sequence_scores_the_same_in_every_batching(tiny_ensemble, dtype, path):
     """The backbone's output is bit-identical; the heads' small fp32 matmul may round its last bit
     differently for one row than for many, so scores are compared to 1e-5 x std (sdpa in bf16: ~5e-2)."""
     rng = np.random.default_rng(3)
@@ -81,7 +93,7 @@ def test_a_sequence_scores_the_same_in_every_batching(tiny_ensemble, dtype):
         assert np.abs(r - runs["alone"]).max() <= 1e-5 * std, name
 
 
-def test_the_backbone_output_is_bit_identical_padded_packed_and_alone(tiny_ensemble):
+def test_the_backbone_output_is_bit_identical_padded_packed_and_alone(tiny_ensemble, path):
     rng = np.random.default_rng(4)
     seqs = [rng.integers(1, 200, int(n)).tolist() for n in (1, 63, 64, 65, 129, 7)]
     model = _switched(load_model(tiny_ensemble, dtype="bfloat16"))
@@ -89,3 +101,8 @@ def test_the_backbone_output_is_bit_identical_padded_packed_and_alone(tiny_ensem
     padded = ScoringEngine(model, packing="off").features(seqs)
     packed = ScoringEngine(model, packing="on").features(seqs)
     assert torch.equal(padded, alone) and torch.equal(packed, alone)
+
+
+def test_an_encoder_keeps_its_own_bidirectional_attention(tiny_bert_seqcls):
+    bb = load_model(tiny_bert_seqcls).members[0].backbone.model
+    assert not inv.enable(bb) and bb.config._attn_implementation != inv.ATTN_NAME

@@ -117,15 +117,26 @@ def test_no_attention_crosses_a_sequence_boundary():
     assert not np.allclose(after.rewards[2], before.rewards[2])
 
 
-def test_packing_auto_packs_fp32_on_cpu_pads_bf16_and_on_rejects_encoders(tiny_bert_seqcls, tiny_ensemble):
+@pytest.mark.parametrize("kernel", [True, False])
+def test_packing_auto_packs_on_cpu_unless_bf16_attention_needs_rows_and_on_rejects_encoders(
+        tiny_bert_seqcls, tiny_ensemble, kernel, monkeypatch):
+    """bf16 on CPU packs when the fixed-order kernel attends the stream in place; on the sdpa grid,
+    which gathers a stream back into padded rows, it pads."""
+    from rmserve.kernels import cpu_attention
+
+    if kernel and not cpu_attention.available():
+        pytest.skip(f"kernel not built: {cpu_attention.unavailable_reason()}")
+    if not kernel:
+        monkeypatch.setattr(cpu_attention, "available", lambda: False)
     model = tiny_model("llama")
     engine = ScoringEngine(model)
     assert engine.device.type == "cpu" and engine.packs(model.members[0])
     out = engine.score(random_seqs(8, seed=3))
     assert out.stats.padded_tokens == out.stats.real_tokens
-    bf16 = load_model(tiny_ensemble, dtype="bfloat16")  # the batch-invariant attention works on rows
+    bf16 = load_model(tiny_ensemble, dtype="bfloat16")
     out = ScoringEngine(bf16, min_shared_prefix=0).score(random_seqs(8, seed=3))
-    assert not ScoringEngine(bf16).packs(bf16.members[0]) and out.stats.padded_tokens > out.stats.real_tokens
+    assert ScoringEngine(bf16).packs(bf16.members[0]) == kernel
+    assert (out.stats.padded_tokens > out.stats.real_tokens) != kernel
     encoder = load_model(tiny_bert_seqcls)
     assert not ScoringEngine(encoder).packs(encoder.members[0])
     with pytest.raises(ValueError, match="packing"):

@@ -98,12 +98,14 @@ def test_a_onednn_isa_cap_below_bf16_means_no_native_bf16(monkeypatch, cap, nati
 def test_the_fused_gated_mlp_computes_the_unfused_bits(tiny_ensemble):
     """fuse_gated_mlps changes how silu(gate) * up runs, not what it rounds: the backbone's hidden
     states are bit-identical to mixed_bf16's unfused MLPs, for any batch."""
+    from rmserve.service.engine import invariant_attention
     from rmserve.service.engine.precision import MixedGatedMLP, fuse_gated_mlps, mixed_bf16
 
     fused = load_model(tiny_ensemble, dtype="bfloat16").members[0].backbone.model
     assert sum(isinstance(m, MixedGatedMLP) for m in fused.modules()) == 2  # one per layer, applied at load
     plain = load_model(tiny_ensemble, dtype="float32", fused=False).members[0].backbone.model
     assert mixed_bf16(plain) == 14 and fuse_gated_mlps(torch.nn.Module()) == 0
+    assert invariant_attention.enable(plain)  # the same attention on both sides: only the MLPs differ
     for layer in plain.layers:  # the unfused mixed path: MixedLinears under the original MLP
         assert isinstance(layer.mlp.gate_proj, MixedLinear) and not isinstance(layer.mlp, MixedGatedMLP)
     g = torch.Generator().manual_seed(4)

@@ -20,6 +20,16 @@ bits in a padded batch, a packed stream, alone, or after a KV cache
 causal attention up to the block edge and, measured, as fast as one masked
 sdpa call over the padded batch (bench/results/).
 
+Where the fixed-order CPU kernel builds (rmserve.kernels.cpu_attention: float32
+on CPU with a C++ compiler at hand), it computes every call instead: its rows
+reduce in a fixed order by construction, so no query grid is needed. A GRPO
+completion's rows then cost only their own keys, padding rows of a batch are
+skipped, and a packed stream is attended in place (no gather into padded rows).
+Measured 1.4-2.3x the throughput of sdpa's causal kernel on 9 heads of d=64 on a
+2-core AVX-512 EPYC (bench/results/). The grid of sdpa calls above serves
+wherever the kernel cannot (no compiler, RMSERVE_CPU_ATTENTION=0, CUDA); the two
+are each invariant, but not bitwise equal to each other.
+
 Registered in transformers' AttentionInterface under ATTN_NAME, with a mask
 function that hands the 2-D padding mask through untouched (right padding:
 valid keys are a prefix), so any decoder written against the interface runs on it.
@@ -32,6 +42,7 @@ import itertools
 import torch
 import torch.nn.functional as F
 
+from rmserve.kernels import cpu_attention
 from rmserve.service.engine import varlen
 
 ATTN_NAME = varlen.INVARIANT_NAME
@@ -112,6 +123,12 @@ def invariant_attention_forward(
         raise NotImplementedError(f"{ATTN_NAME} does not support attention logit softcapping (Gemma2-style models)")
     scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
     dtype = query.dtype
+    kernel = cpu_attention.supports(query)
+    if cu_seq_lens_q is not None and kernel:
+        out = query.new_empty(1, query.shape[2], query.shape[1], query.shape[3])   # every row is some sequence's
+        seqs = cpu_attention.packed_seqs(cu_seq_lens_q.tolist())
+        cpu_attention.attention(query, key, value, seqs, scale=scaling, window=sliding_window, out=out.transpose(1, 2))
+        return out, None
     if cu_seq_lens_q is not None:
         out = _packed(query, key, value, cu_seq_lens_q.tolist(), scaling, sliding_window)
         return out.to(dtype), None
@@ -124,6 +141,11 @@ def invariant_attention_forward(
     else:
         raise ValueError(f"{ATTN_NAME} takes a 2-D padding mask [B, S] (its mask function passes it through), "
                          f"got shape {tuple(attention_mask.shape)}")
+    if kernel:   # padding rows are not computed: they stay 0
+        out = query.new_zeros(b, tq, query.shape[1], query.shape[3])
+        seqs = cpu_attention.padded_seqs(k_len, tq, tk - tq)
+        cpu_attention.attention(query, key, value, seqs, scale=scaling, window=sliding_window, out=out.transpose(1, 2))
+        return out, None
     out = block_attention(query, key, value, tk - tq, k_len, scaling=scaling, window=sliding_window)
     return out.transpose(1, 2).to(dtype), None
 
@@ -152,9 +174,16 @@ def register() -> str:
     return varlen.register_attention(ATTN_NAME, invariant_attention_forward, _mask)
 
 
+def packs_in_place() -> bool:
+    """Whether a packed stream is attended as it is (the CPU kernel), not gathered into padded rows."""
+    return cpu_attention.available()
+
+
 def enable(model: torch.nn.Module) -> bool:
-    """Switch `model` to the invariant attention if it is a decoder on sdpa through AttentionInterface."""
+    """Switch `model` to the invariant attention if it is a causal decoder on sdpa through AttentionInterface."""
     if not varlen.supports_packing(model):
         return False
+    if any(getattr(m, "is_causal", True) is False for m in model.modules()):
+        return False   # an encoder (BERT-style): its attention is bidirectional, this one is causal
     model.set_attn_implementation(register())
     return model.config._attn_implementation == ATTN_NAME

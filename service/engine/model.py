@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from rmserve.kernels import cpu_attention
 from rmserve.service.engine import invariant_attention, trunk
 from rmserve.service.engine.backbone import (
     Backbone,
@@ -181,7 +182,9 @@ def load_model(
 
     `device`: cpu, cuda[:n] or auto (CUDA when there is one); backbones and heads move there.
     `fused`: float32 on CPU runs each gated MLP's silu(gate) * up as one compiled loop
-    (precision.fuse_float32; scores within 1e-5 x std); False keeps the checkpoint's own modules.
+    (precision.fuse_float32; scores within 1e-5 x std) and, where the fixed-order CPU attention
+    kernel builds, attention through it (invariant_attention); False keeps the checkpoint's own
+    modules and attention.
     """
     path = Path(path)
     dev = resolve_device(device)
@@ -192,10 +195,13 @@ def load_model(
     else:
         raise EnsembleFormatError(f"{path} is neither an rmserve ensemble (no {MANIFEST}) nor a Hugging Face checkpoint (no config.json)")
     if fused and model.dtype == torch.float32 and dev.type == "cpu":
+        kernel = cpu_attention.available()   # builds it on first use (install time builds it too)
         for member in model.members:  # a shared trunk is met once per member: fusing is idempotent
             fuse_float32(member.backbone.model)
             if member.top is not None:
                 fuse_float32(member.top.module)
+            if kernel:
+                invariant_attention.enable(member.backbone.model)
     return model
 
 

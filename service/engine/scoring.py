@@ -42,7 +42,7 @@ import torch
 from transformers import DynamicCache
 
 from rmserve.kernels import LastTokenScores, last_token_scores
-from rmserve.service.engine import trunk, varlen
+from rmserve.service.engine import invariant_attention, trunk, varlen
 from rmserve.service.engine.backbone import Backbone, find_layers
 from rmserve.service.engine.errors import EngineOutOfMemory
 from rmserve.service.engine.model import Member, RewardModel, input_device
@@ -363,11 +363,12 @@ class ScoringEngine:
 
     def _auto_packs(self, m: Member) -> bool:
         """What packing="auto" picks: packed on CUDA, and on CPU unless the member runs the
-        batch-invariant attention (CPU bf16), which gathers a packed stream back into padded
-        rows. Measured on CPU, packed / padded throughput: 1.10 in fp32, 0.88 in bf16
-        (bench/results/cpu-2026-12-02-r2.md)."""
+        batch-invariant attention on its sdpa grid (no C++ compiler for the CPU kernel), which
+        gathers a packed stream back into padded rows. Measured on CPU, packed / padded
+        throughput: 1.10 in fp32, 0.88 in bf16 on the grid (bench/results/cpu-2026-12-02-r2.md),
+        1.20 in bf16 on the kernel (bench/results/cpu-attention-kernel-2026-12-06.md)."""
         attn = getattr(m.backbone.model.config, "_attn_implementation", None)
-        return self.device.type == "cuda" or attn != varlen.INVARIANT_NAME
+        return self.device.type == "cuda" or attn != varlen.INVARIANT_NAME or invariant_attention.packs_in_place()
 
     def packs(self, member: Member) -> bool:
         """Whether `member` runs packed (padding-free) batches."""
