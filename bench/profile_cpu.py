@@ -27,7 +27,8 @@ from torch.profiler import ProfilerActivity, profile
 FAMILIES = {
     "matmul": ("aten::mm", "aten::bmm", "aten::addmm", "aten::matmul", "aten::linear", "aten::_mkl", "mkldnn",
                "aten::baddbmm", "onednn"),
-    "attention (sdpa kernel)": ("aten::_scaled_dot_product", "aten::scaled_dot_product"),
+    "attention (sdpa or rmserve's CPU kernel)": ("aten::_scaled_dot_product", "aten::scaled_dot_product",
+                                                  "rmserve_cpu::"),
     "softmax/exp/max/mask": ("aten::exp", "aten::amax", "aten::maximum", "aten::masked_fill", "aten::sub",
                              "aten::softmax", "aten::_softmax", "aten::sum", "aten::eq", "aten::le", "aten::lt",
                              "aten::gt", "aten::bitwise", "aten::logical", "aten::div"),

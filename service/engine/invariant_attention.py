@@ -123,7 +123,8 @@ def invariant_attention_forward(
         raise NotImplementedError(f"{ATTN_NAME} does not support attention logit softcapping (Gemma2-style models)")
     scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
     dtype = query.dtype
-    kernel = cpu_attention.supports(query)
+    # inside a trace (torch.compile of a caller, torch.export) the grid's plain ops, not the opaque kernel
+    kernel = not torch.compiler.is_compiling() and cpu_attention.supports(query)
     if cu_seq_lens_q is not None and kernel:
         out = query.new_empty(1, query.shape[2], query.shape[1], query.shape[3])   # every row is some sequence's
         seqs = cpu_attention.packed_seqs(cu_seq_lens_q.tolist())

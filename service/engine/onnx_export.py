@@ -140,7 +140,9 @@ def export_onnx(source: str | Path, out: str | Path, *, max_diff: float | None =
         raise FileExistsError(f"{out} exists and is not empty; pass --force to replace it")
     out.parent.mkdir(parents=True, exist_ok=True)
     progress(f"loading {source} (float32, CPU)")
-    model = load_model(source, dtype="float32", device="cpu")
+    # the checkpoint's own modules and attention: the graph holds plain ops (no compiled loop, no
+    # rmserve CPU kernel, which ONNX has no translation for)
+    model = load_model(source, dtype="float32", device="cpu", fused=False)
     stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     stage.chmod(DIR_MODE)
     try:
