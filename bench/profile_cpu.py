@@ -83,7 +83,7 @@ def main() -> None:
     by_family: dict[str, float] = defaultdict(float)
     top: list[tuple[float, str]] = []
     for ev in prof.key_averages():
-        if ev.key.startswith("aten::") or "mkldnn" in ev.key or "onednn" in ev.key:
+        if ev.key.startswith(("aten::", "rmserve_cpu::")) or "mkldnn" in ev.key or "onednn" in ev.key:
             by_family[family(ev.key)] += ev.self_cpu_time_total / 1e6
             top.append((ev.self_cpu_time_total / 1e6, ev.key))
     total = sum(by_family.values())
@@ -95,7 +95,7 @@ def main() -> None:
         f"SmolLM2-135M backbone (30 layers), {w.title}; {tokens} tokens sent",
         f"- command: `python bench/profile_cpu.py --dtype {a.dtype} --workload {a.workload}`",
         f"- wall time under the profiler: {wall:.1f} s ({tokens / wall:.0f} tok/s sent, {w.useful_tokens / wall:.0f} "
-        f"useful); aten self time {total:.1f} s",
+        f"useful); op self time (aten and rmserve_cpu ops) {total:.1f} s",
         "",
         "| op family | seconds | share |",
         "| --- | --- | --- |",

@@ -25,10 +25,10 @@ on CPU with a C++ compiler at hand), it computes every call instead: its rows
 reduce in a fixed order by construction, so no query grid is needed. A GRPO
 completion's rows then cost only their own keys, padding rows of a batch are
 skipped, and a packed stream is attended in place (no gather into padded rows).
-Measured 1.4-2.3x the throughput of sdpa's causal kernel on 9 heads of d=64 on a
-2-core AVX-512 EPYC (bench/results/). The grid of sdpa calls above serves
-wherever the kernel cannot (no compiler, RMSERVE_CPU_ATTENTION=0, CUDA); the two
-are each invariant, but not bitwise equal to each other.
+Measured 1.3-1.9x sdpa's causal kernel and 1.5-1.7x this grid on the default's
+heads (bench/results/cpu-attention-kernel-2026-12-06.md). The grid serves wherever
+the kernel cannot (no compiler or no AVX, RMSERVE_CPU_ATTENTION=0, CUDA, inside a
+trace); the two are each invariant, but not bitwise equal to each other.
 
 Registered in transformers' AttentionInterface under ATTN_NAME, with a mask
 function that hands the 2-D padding mask through untouched (right padding:
