@@ -25,7 +25,7 @@ on CPU with a C++ compiler at hand), it computes every call instead: its rows
 reduce in a fixed order by construction, so no query grid is needed. A GRPO
 completion's rows then cost only their own keys, padding rows of a batch are
 skipped, and a packed stream is attended in place (no gather into padded rows).
-Measured 1.3-1.9x sdpa's causal kernel and 1.5-1.7x this grid on the default's
+Measured 1.2-1.9x sdpa's causal kernel and 1.3-2.1x this grid on the default's
 heads (bench/results/cpu-attention-kernel-2026-12-06.md). The grid serves wherever
 the kernel cannot (no compiler or no AVX, RMSERVE_CPU_ATTENTION=0, CUDA, inside a
 trace); the two are each invariant, but not bitwise equal to each other.

@@ -366,7 +366,7 @@ class ScoringEngine:
         batch-invariant attention on its sdpa grid (no C++ compiler for the CPU kernel), which
         gathers a packed stream back into padded rows. Measured on CPU, packed / padded
         throughput: 1.10 in fp32, 0.88 in bf16 on the grid (bench/results/cpu-2026-12-02-r2.md),
-        1.20 in bf16 on the kernel (bench/results/cpu-attention-kernel-2026-12-06.md)."""
+        1.17-1.20 in bf16 on the kernel (bench/results/cpu-attention-kernel-2026-12-06.md)."""
         attn = getattr(m.backbone.model.config, "_attn_implementation", None)
         return self.device.type == "cuda" or attn != varlen.INVARIANT_NAME or invariant_attention.packs_in_place()
 
