@@ -128,9 +128,10 @@ def _head_pad(d: int) -> int:
     return next((w for w in HEAD_DIMS if w >= d), 0)
 
 
-def supports(q: torch.Tensor) -> bool:
-    """Whether the kernel can run this call: float32 on CPU, head dim <= 256."""
-    return q.device.type == "cpu" and q.dtype == torch.float32 and _head_pad(q.shape[-1]) > 0 and available()
+def supports(*qkv: torch.Tensor) -> bool:
+    """Whether the kernel can run a call on these tensors (q, k, v): all float32 on CPU, head dim <= 256."""
+    return (all(t.device.type == "cpu" and t.dtype == torch.float32 for t in qkv)
+            and _head_pad(qkv[0].shape[-1]) > 0 and available())
 
 
 def attention(

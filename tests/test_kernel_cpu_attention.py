@@ -127,6 +127,7 @@ def test_bit_invariance_holds_for_random_shapes(seed, n, t_max, d, window):
 def test_a_row_that_sees_no_key_is_zero_and_bad_calls_are_refused():
     g = torch.Generator().manual_seed(5)
     q, k, v = _inputs(g, 1, 2, 1, 4, 16)
+    assert ca.supports(q, k, v) and not ca.supports(q, k, v.bfloat16())   # every operand must be float32
     empty = torch.tensor([[0, 0, 4, 0, 0, 0]])            # four queries, no keys
     assert torch.equal(_run(q, k, v, empty, 0.25), torch.zeros_like(q))
     outside = torch.tensor([[0, 0, 5, 0, 0, 4]])          # five queries in a four-token q

@@ -26,7 +26,6 @@ sequences scored alone from themselves in the batch.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import sys
 import time
@@ -39,6 +38,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench_cpu import Sizes, cpu_lines, grpo_workload, ppo_workload
+from study_runs import interleaved_best, study_main
 
 from rmserve.kernels import cpu_attention
 from rmserve.service.engine import invariant_attention as ia
@@ -137,19 +137,7 @@ def run(args) -> str:
         with kernel(VARIANTS[v][1]):
             return engines[v].score(seqs).rewards
 
-    for v in VARIANTS:  # warm-up
-        for w in work.values():
-            score(v, w.seqs[:9])
-    best: dict[tuple[str, str], float] = {}
-    out: dict[tuple[str, str], np.ndarray] = {}
-    for r in range(args.repeat):
-        for v in VARIANTS:
-            for name, w in work.items():
-                t = time.perf_counter()
-                out[(v, name)] = score(v, w.seqs)
-                s = time.perf_counter() - t
-                best[(v, name)] = min(best.get((v, name), float("inf")), s)
-                print(f"  round {r + 1}/{args.repeat} {v} {name}: {s:.2f} s", file=sys.stderr, flush=True)
+    best, out = interleaved_best({v: work for v in VARIANTS}, score, args.repeat)
     ppo = work["ppo"].seqs
     exact = {"ppo": (slice(0, 16), float64_rewards(ppo[:16])), "grpo": (slice(None), float64_rewards(work["grpo"].seqs))}
     alone = {v: float(np.abs(np.concatenate([score(v, [s]) for s in ppo[:4]]) - out[(v, "ppo")][:4]).max())
@@ -181,21 +169,10 @@ def run(args) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--n", type=int, default=48, help="PPO-like sequences")
-    p.add_argument("--groups", type=int, default=4, help="GRPO-like groups of 8 completions")
-    p.add_argument("--repeat", type=int, default=3)
-    p.add_argument("--out")
-    args = p.parse_args(sys.argv[1:] if argv is None else argv)
-    args.argv = sys.argv[1:] if argv is None else argv
     if not cpu_attention.available():
         print(f"the kernel is not built here: {cpu_attention.unavailable_reason()}", file=sys.stderr)
         return 1
-    text = run(args)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
-    return 0
+    return study_main(__doc__, run, argv, n=48, repeat=3)
 
 
 if __name__ == "__main__":

@@ -25,9 +25,7 @@ sequences scored alone equal themselves scored in the batch (batch invariance).
 
 from __future__ import annotations
 
-import argparse
 import sys
-import time
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -38,6 +36,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench_cpu import Sizes, cpu_model, grpo_workload, ppo_workload
+from study_runs import interleaved_best, study_main
 
 from rmserve.service.engine import invariant_attention as ia
 from rmserve.service.engine.model import load_model
@@ -114,19 +113,7 @@ def run(args) -> str:
         finally:
             ia.BLOCK = 64
 
-    for v in variants:  # warm-up (and compilation)
-        for w in work.values():
-            score(v, w.seqs[:9])
-    best: dict[tuple[str, str], float] = {}
-    out: dict[tuple[str, str], np.ndarray] = {}
-    for r in range(args.repeat):
-        for v in variants:
-            for name, w in work.items():
-                t = time.perf_counter()
-                out[(v, name)] = score(v, w.seqs)
-                s = time.perf_counter() - t
-                best[(v, name)] = min(best.get((v, name), float("inf")), s)
-                print(f"  round {r + 1}/{args.repeat} {v} {name}: {s:.2f} s", file=sys.stderr, flush=True)
+    best, out = interleaved_best({v: work for v in variants}, score, args.repeat)
     invariant = {}
     for v in variants:
         alone = np.concatenate([score(v, [s]) for s in ppo.seqs[:3]])
@@ -152,18 +139,7 @@ def run(args) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--n", type=int, default=32, help="PPO-like sequences")
-    p.add_argument("--groups", type=int, default=4, help="GRPO-like groups of 8 completions")
-    p.add_argument("--repeat", type=int, default=5)
-    p.add_argument("--out")
-    args = p.parse_args(sys.argv[1:] if argv is None else argv)
-    args.argv = sys.argv[1:] if argv is None else argv
-    text = run(args)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
-    return 0
+    return study_main(__doc__, run, argv, n=32, repeat=5)
 
 
 if __name__ == "__main__":

@@ -93,6 +93,13 @@ def block_attention(
     return out[:, :, lead : lead + tq]
 
 
+def _on_kernel(query, key, value, seqs: torch.Tensor, scaling: float, window: int | None,
+               out: torch.Tensor) -> torch.Tensor:
+    """The CPU kernel, writing straight into `out` [B, T, Hq, D] (the layout HF expects back)."""
+    cpu_attention.attention(query, key, value, seqs, scale=scaling, window=window, out=out.transpose(1, 2))
+    return out
+
+
 def _pad(t: torch.Tensor, dim: int, size: int) -> torch.Tensor:
     if t.shape[dim] == size:
         return t
@@ -124,12 +131,11 @@ def invariant_attention_forward(
     scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
     dtype = query.dtype
     # inside a trace (torch.compile of a caller, torch.export) the grid's plain ops, not the opaque kernel
-    kernel = not torch.compiler.is_compiling() and cpu_attention.supports(query)
-    if cu_seq_lens_q is not None and kernel:
-        out = query.new_empty(1, query.shape[2], query.shape[1], query.shape[3])   # every row is some sequence's
-        seqs = cpu_attention.packed_seqs(cu_seq_lens_q.tolist())
-        cpu_attention.attention(query, key, value, seqs, scale=scaling, window=sliding_window, out=out.transpose(1, 2))
-        return out, None
+    kernel = not torch.compiler.is_compiling() and cpu_attention.supports(query, key, value)
+    if cu_seq_lens_q is not None and kernel:   # every row is some sequence's
+        out = query.new_empty(1, query.shape[2], query.shape[1], query.shape[3])
+        return _on_kernel(query, key, value, cpu_attention.packed_seqs(cu_seq_lens_q.tolist()), scaling,
+                          sliding_window, out), None
     if cu_seq_lens_q is not None:
         out = _packed(query, key, value, cu_seq_lens_q.tolist(), scaling, sliding_window)
         return out.to(dtype), None
@@ -144,9 +150,8 @@ def invariant_attention_forward(
                          f"got shape {tuple(attention_mask.shape)}")
     if kernel:   # padding rows are not computed: they stay 0
         out = query.new_zeros(b, tq, query.shape[1], query.shape[3])
-        seqs = cpu_attention.padded_seqs(k_len, tq, tk - tq)
-        cpu_attention.attention(query, key, value, seqs, scale=scaling, window=sliding_window, out=out.transpose(1, 2))
-        return out, None
+        return _on_kernel(query, key, value, cpu_attention.padded_seqs(k_len, tq, tk - tq), scaling,
+                          sliding_window, out), None
     out = block_attention(query, key, value, tk - tq, k_len, scaling=scaling, window=sliding_window)
     return out.transpose(1, 2).to(dtype), None
 
