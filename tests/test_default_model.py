@@ -84,5 +84,13 @@ def test_eval_on_dev_reproduces_the_committed_report():
     report = evaluate(str(DEFAULT_MODEL_DIR), str(DEV), write=False, dtype="auto")
     assert report["model"]["dtype"] == dtype
     assert report["pairs"] == committed["pairs"]
-    assert report["accuracy"] == pytest.approx(committed["accuracy"], abs=1e-9)
-    assert report["ece"] == pytest.approx(committed["ece"], abs=1e-3)
+    # Accuracy is exact only away from ties: a pair within the dtype's rounding noise can change
+    # side with this CPU's GEMM kernels and attention path (one bf16 pair did between two CPUs).
+    for a, b in ((report, committed), (committed, report)):
+        lo, hi = a["near_ties"]["accuracy_range"]
+        assert lo <= b["accuracy"] <= hi, (b["accuracy"], a["near_ties"])
+    assert report["near_ties"]["pairs"] <= 0.1 * report["pairs"]  # the band stays narrow enough to mean something
+    # the smooth metrics move by ~4e-4 between valid paths; ECE's bins make it jumpier (5e-3 measured)
+    assert report["brier"] == pytest.approx(committed["brier"], abs=2e-3)
+    assert report["nll"] == pytest.approx(committed["nll"], abs=2e-3)
+    assert report["ece"] == pytest.approx(committed["ece"], abs=1.5e-2)

@@ -101,6 +101,24 @@ def test_pair_report_ensemble_is_the_head_mean_and_std_is_the_margin_disagreemen
     rewards = np.r_[rc.mean(1), rr.mean(1)]
     assert rep["reward_mean"] == pytest.approx(rewards.mean())
     assert rep["reward_std"] == pytest.approx(rewards.std())
+    assert "near_ties" not in rep
+
+
+def test_near_ties_bound_the_accuracy_any_flip_within_the_tolerance_can_reach():
+    rng = np.random.default_rng(3)
+    d, w = rng.normal(0, 1, 200), rng.uniform(0.5, 2, 200)
+    tol = 0.15
+    ties = pair_report(d[:, None], np.zeros((200, 1)), w, tie_tolerance=tol)["near_ties"]
+    near = np.abs(d) < tol
+    assert ties["pairs"] == near.sum() > 0 and ties["margin_below"] == tol
+    lo, hi = ties["accuracy_range"]
+    # every way of moving the near ties across zero (and nothing else) lands inside the band, ends included
+    for _ in range(50):
+        moved = np.where(near, rng.uniform(-tol, tol, 200), d)
+        assert lo - 1e-12 <= accuracy(moved, w) <= hi + 1e-12
+    assert accuracy(np.where(near, -1e-9, d), w) == pytest.approx(lo)
+    assert accuracy(np.where(near, 1e-9, d), w) == pytest.approx(hi)
+    assert lo <= accuracy(d, w) <= hi
 
 
 # -- loss ------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,10 +24,71 @@ from rmserve.training.data import load_pairs
 from rmserve.training.encoding import encode_pairs
 from rmserve.training.metrics import format_report, pair_report
 
+# Margins within this of zero may change side with the kernels of the CPU or GPU
+# that serves (bf16 GEMM tiling, AMX or not, attention path): 2x the largest
+# drift measured between two valid bf16 paths on one CPU (0.051 on the default's
+# dev pairs; bench/results/eval-reproducibility-2026-12-06.md), scaled by each
+# dtype's mantissa for float16, and far above float32's ~1e-5.
+MARGIN_NOISE = {"bfloat16": 0.1, "float16": 0.02, "float32": 1e-3}
+
 
 def default_report_path(model_dir: str | Path, data: str | Path) -> Path:
     """`<model>/eval_<data file stem>.json`: the report lives next to the checkpoint it describes."""
     return Path(model_dir) / f"eval_{Path(data).stem}.json"
+
+
+@dataclass
+class PairRewards:
+    """Every pair's normalised rewards as served: chosen/rejected are [P, K] (K heads)."""
+
+    chosen: np.ndarray
+    rejected: np.ndarray
+    weight: np.ndarray
+    head_names: list[str]
+    epistemic_chosen: np.ndarray | None
+    epistemic_rejected: np.ndarray | None
+    data_report: dict[str, Any]
+
+    @property
+    def margins(self) -> np.ndarray:
+        """d = mean-over-heads reward of chosen minus rejected, per pair."""
+        return self.chosen.mean(1) - self.rejected.mean(1)
+
+
+def score_pairs(
+    rm: RewardModel,
+    data: str | Path,
+    *,
+    strict: bool = False,
+    token_budget: int = 4096,
+    chunk: int = 256,
+    progress: Callable[[int, int], None] | None = None,
+) -> PairRewards:
+    """Score both sides of every pair of `data` through the serving engine."""
+    pairs, data_report = load_pairs(data, strict=strict)
+    enc = encode_pairs(pairs, rm.encoder, data_report, strict=strict)
+    engine = ScoringEngine(rm, token_budget=token_budget)
+
+    # length-sorted chunks: the engine batches inside each, progress is seen between them
+    order = sorted(range(len(enc.seqs)), key=lambda i: len(enc.seqs[i]))
+    rewards = np.empty((len(enc.seqs), rm.num_heads), dtype=np.float64)
+    epistemic = np.empty(len(enc.seqs)) if rm.has_epistemic else None
+    for start in range(0, len(order), chunk):
+        idx = order[start : start + chunk]
+        out = engine.score([enc.seqs[i] for i in idx])
+        rewards[idx] = out.rewards
+        if epistemic is not None and out.epistemic is not None:
+            epistemic[idx] = out.epistemic
+        if progress is not None:
+            progress(min(start + chunk, len(order)), len(order))
+
+    return PairRewards(
+        chosen=rewards[enc.chosen], rejected=rewards[enc.rejected], weight=enc.weight,
+        head_names=[f"{m.name}/head{j}" for m in rm.members for j in range(m.weight.shape[0])],
+        epistemic_chosen=None if epistemic is None else epistemic[enc.chosen],
+        epistemic_rejected=None if epistemic is None else epistemic[enc.rejected],
+        data_report={**data_report.to_dict(), "sequences": len(enc.seqs), "truncated_sequences": enc.truncated},
+    )
 
 
 def evaluate(
@@ -48,33 +110,16 @@ def evaluate(
     """
     t0 = time.monotonic()
     rm = model if isinstance(model, RewardModel) else load_model(model, dtype=dtype)
-    pairs, data_report = load_pairs(data, strict=strict)
-    enc = encode_pairs(pairs, rm.encoder, data_report, strict=strict)
-    engine = ScoringEngine(rm, token_budget=token_budget)
-
-    # length-sorted chunks: the engine batches inside each, progress is seen between them
-    order = sorted(range(len(enc.seqs)), key=lambda i: len(enc.seqs[i]))
-    rewards = np.empty((len(enc.seqs), rm.num_heads), dtype=np.float64)
-    epistemic = np.empty(len(enc.seqs)) if rm.has_epistemic else None
-    for start in range(0, len(order), chunk):
-        idx = order[start : start + chunk]
-        out = engine.score([enc.seqs[i] for i in idx])
-        rewards[idx] = out.rewards
-        if epistemic is not None and out.epistemic is not None:
-            epistemic[idx] = out.epistemic
-        if progress is not None:
-            progress(min(start + chunk, len(order)), len(order))
-
-    names = [f"{m.name}/head{j}" for m in rm.members for j in range(m.weight.shape[0])]
+    pr = score_pairs(rm, data, strict=strict, token_budget=token_budget, chunk=chunk, progress=progress)
     report = pair_report(
-        rewards[enc.chosen], rewards[enc.rejected], enc.weight, head_names=names,
-        epistemic_chosen=None if epistemic is None else epistemic[enc.chosen],
-        epistemic_rejected=None if epistemic is None else epistemic[enc.rejected],
+        pr.chosen, pr.rejected, pr.weight, head_names=pr.head_names,
+        epistemic_chosen=pr.epistemic_chosen, epistemic_rejected=pr.epistemic_rejected,
+        tie_tolerance=MARGIN_NOISE.get(rm.dtype_name, 1e-3),
     )
     report.update({
         "model": {"name": rm.name, "version": rm.version, "source": rm.source, "kind": rm.kind, "dtype": rm.dtype_name},
         "data": str(data),
-        "data_report": {**data_report.to_dict(), "sequences": len(enc.seqs), "truncated_sequences": enc.truncated},
+        "data_report": pr.data_report,
         "seconds": round(time.monotonic() - t0, 3),
     })
     target = report_path or (None if isinstance(model, RewardModel) else default_report_path(model, data))
@@ -84,4 +129,4 @@ def evaluate(
     return report
 
 
-__all__ = ["default_report_path", "evaluate", "format_report"]
+__all__ = ["MARGIN_NOISE", "PairRewards", "default_report_path", "evaluate", "format_report", "score_pairs"]

@@ -14,6 +14,9 @@ the model's probability that the chosen response is preferred):
 - AUROC(score, misranked): probability that a misranked pair (d <= 0) scores
   higher than a correct one, ties counting one half (Mann-Whitney); None when
   one class is empty.
+- near ties: pairs with |d| below the serving dtype's rounding noise. Their
+  side can change with the CPU's or GPU's kernels, so accuracy is only
+  reproducible to within `accuracy_range` (every near tie counted wrong, then right).
 
 Every metric takes `weights` (ranked lists weigh their pairs; None = 1 each).
 """
@@ -73,6 +76,16 @@ def nll(d: np.ndarray, weights: np.ndarray | None = None) -> float:
     return float(w @ np.logaddexp(0.0, -d) / w.sum())
 
 
+def near_ties(d: np.ndarray, weights: np.ndarray | None, tolerance: float) -> dict[str, Any]:
+    """The pairs whose side is within rounding noise, and the accuracy band they span."""
+    d = np.asarray(d, dtype=np.float64)
+    w = _w(d, weights)
+    near = np.abs(d) < tolerance
+    sure = w @ ((d > 0) & ~near) / w.sum()
+    return {"margin_below": tolerance, "pairs": int(near.sum()),
+            "accuracy_range": [float(sure), float(sure + w @ near / w.sum())]}
+
+
 def auroc(score: np.ndarray, positive: np.ndarray, weights: np.ndarray | None = None) -> float | None:
     """P(score of a positive > score of a negative) + ½ P(equal), weighted; O(n log n)."""
     s = np.asarray(score, dtype=np.float64)
@@ -99,6 +112,7 @@ def pair_report(
     head_names: list[str] | None = None,
     epistemic_chosen: np.ndarray | None = None,
     epistemic_rejected: np.ndarray | None = None,
+    tie_tolerance: float | None = None,
 ) -> dict[str, Any]:
     """All metrics for pairs scored by K heads: r_* are [P, K] normalised rewards.
 
@@ -108,6 +122,7 @@ def pair_report(
     mean of the two samples' served std (`auroc_sample_std`), and the mean
     epistemic term; `auroc_margin` (score -|d|) is the baseline any uncertainty
     should beat, since small margins are the obvious predictor of mistakes.
+    With `tie_tolerance`, the report says how many pairs are near ties (`near_ties`).
     """
     rc = np.asarray(r_chosen, dtype=np.float64)
     rr = np.asarray(r_rejected, dtype=np.float64)
@@ -139,6 +154,8 @@ def pair_report(
     if epistemic_chosen is not None and epistemic_rejected is not None:
         epi = (np.asarray(epistemic_chosen, dtype=np.float64) + np.asarray(epistemic_rejected, dtype=np.float64)) / 2
         report["auroc_epistemic"] = auroc(epi, wrong, w)
+    if tie_tolerance is not None:
+        report["near_ties"] = near_ties(d, w, tie_tolerance)
     return report
 
 
@@ -157,6 +174,9 @@ def format_report(report: dict[str, Any], title: str = "") -> str:
         ("AUROC -|margin| (baseline)", report.get("auroc_margin")),
         ("reward mean", report.get("reward_mean")), ("reward std", report.get("reward_std")),
     ]
+    if ties := report.get("near_ties"):
+        lo, hi = ties["accuracy_range"]
+        rows.insert(2, (f"  near ties (|d| < {ties['margin_below']:g})", f"{ties['pairs']}: accuracy {lo:.4f}-{hi:.4f}"))
     rows += [(f"  accuracy {n}", v) for n, v in (report.get("accuracy_per_head") or {}).items()]
     width = max(len(r[0]) for r in rows)
     lines = [title] if title else []
