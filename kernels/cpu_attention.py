@@ -9,7 +9,8 @@ Build: one `c++ -O3 -march=native` of the .cpp against torch's headers
 (RMSERVE_KERNEL_MARCH overrides the target: x86-64-v3 for an AVX2-only build on
 an AVX-512 machine, say) into a cache keyed by the source, torch, the command
 and the CPU's flags
-(RMSERVE_KERNEL_CACHE, default ~/.cache/rmserve/kernels), at install time
+(RMSERVE_KERNEL_CACHE, default ~/.cache/rmserve/kernels; a new build removes those
+unused for 30 days), at install time
 (scripts/setup.sh runs `python -m rmserve.kernels.cpu_attention`) or on first
 use. Where it cannot be built (no compiler, RMSERVE_CPU_ATTENTION=0), `available()`
 is False, `unavailable_reason()` says why, and the engine keeps its sdpa path.
@@ -17,6 +18,7 @@ is False, `unavailable_reason()` says why, and the engine keeps its sdpa path.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import itertools
@@ -27,6 +29,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -80,6 +83,7 @@ def build() -> Path:
                                     " ".join(_command(cxx, Path("x")))]).encode()).hexdigest()[:16]
     target = _cache_dir() / f"cpu_attention-{key}.so"
     if target.exists():
+        os.utime(target)  # in use: kept by _prune
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     # a private name, then an atomic rename: processes building at once never load a half-written file
@@ -94,7 +98,23 @@ def build() -> Path:
         if os.path.exists(tmp):
             os.unlink(tmp)
     log.info("built %s", target)
+    _prune(target)
     return target
+
+
+KEEP_UNUSED_DAYS = 30
+
+
+def _prune(keep: Path) -> None:
+    """Drop builds no process has loaded for KEEP_UNUSED_DAYS (other sources, torch versions,
+    CPUs): each is a ~10 s rebuild away, and without this a cache gains one per upgrade.
+    A library a running process has loaded stays mapped after its file is gone."""
+    cutoff = time.time() - KEEP_UNUSED_DAYS * 86400
+    for f in keep.parent.glob("*.so"):
+        with contextlib.suppress(OSError):
+            if f != keep and f.stat().st_mtime < cutoff:
+                f.unlink()
+                log.info("removed %s (unused for %d days)", f, KEEP_UNUSED_DAYS)
 
 
 @functools.cache

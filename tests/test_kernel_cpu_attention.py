@@ -13,6 +13,7 @@ import os
 import platform
 import subprocess
 import sys
+import time
 import zlib
 
 import pytest
@@ -138,10 +139,21 @@ def test_a_row_that_sees_no_key_is_zero_and_bad_calls_are_refused():
 
 
 def test_the_build_is_cached_per_source_and_refused_builds_leave_nothing(tmp_path, monkeypatch):
-    monkeypatch.setenv("RMSERVE_KERNEL_CACHE", str(tmp_path / "cache"))
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("RMSERVE_KERNEL_CACHE", str(cache))
+    cache.mkdir()
+    old, recent = cache / "cpu_attention-0ld.so", cache / "cpu_attention-rec3nt.so"   # other builds
+    old.write_bytes(b"x")
+    recent.write_bytes(b"x")
+    day, keep = 86400, ca.KEEP_UNUSED_DAYS
+    os.utime(old, (time.time() - (keep + 1) * day,) * 2)
+    os.utime(recent, (time.time() - (keep - 1) * day,) * 2)
     first = ca.build()
-    stamp = first.stat().st_mtime_ns
-    assert ca.build() == first and first.stat().st_mtime_ns == stamp            # no second compile
+    assert sorted(cache.iterdir()) == sorted([first, recent])                   # the unused one went
+    inode = first.stat().st_ino
+    os.utime(first, (0, 0))
+    assert ca.build() == first and first.stat().st_ino == inode                 # no second compile,
+    assert first.stat().st_mtime > time.time() - 3600                           # and marked as in use
     monkeypatch.setenv("CXX", "false")                                          # a compiler that always fails
     monkeypatch.setattr(ca, "_cache_dir", lambda: tmp_path / "other")
     with pytest.raises(RuntimeError, match=r"failed on cpu_attention\.cpp"):
