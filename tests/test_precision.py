@@ -118,6 +118,34 @@ def test_the_fused_gated_mlp_computes_the_unfused_bits(tiny_ensemble):
             assert torch.equal(fused(input_ids=ids).last_hidden_state, plain(input_ids=ids).last_hidden_state)
 
 
+def test_prepacked_bf16_weights_give_f_linear_bits(tiny_ensemble, monkeypatch):
+    """With RMSERVE_PREPACK=1 every bf16 projection runs on oneDNN weights packed at load; each computes F.linear's bits
+    on fresh inputs of any row count and rank, and the backbone's hidden states equal those of
+    a model loaded without packing."""
+    import torch.nn.functional as F
+
+    from rmserve.service.engine import precision
+
+    if not precision._prepack_probe():
+        pytest.skip("this torch has no oneDNN prepacked linear")
+    monkeypatch.setenv("RMSERVE_PREPACK", "1")
+    packed = load_model(tiny_ensemble, dtype="bfloat16").members[0].backbone.model
+    linears = [m for m in packed.modules() if isinstance(m, MixedLinear)]
+    assert len(linears) == 14 and all(m.packed is not None for m in linears)
+    g = torch.Generator().manual_seed(6)
+    for lin in linears:
+        for shape in ((1,), (5,), (63,), (300,), (3, 17)):
+            x = torch.randn(*shape, lin.in_features, generator=g).bfloat16()
+            assert torch.equal(lin.mm(x), F.linear(x, lin.weight)), shape
+    monkeypatch.delenv("RMSERVE_PREPACK")   # the default: F.linear
+    plain = load_model(tiny_ensemble, dtype="bfloat16").members[0].backbone.model
+    assert all(m.packed is None for m in plain.modules() if isinstance(m, MixedLinear))
+    for b, t in ((1, 1), (3, 17), (2, 90)):
+        ids = torch.randint(1, 200, (b, t), generator=g)
+        with torch.no_grad():
+            assert torch.equal(packed(input_ids=ids).last_hidden_state, plain(input_ids=ids).last_hidden_state)
+
+
 def test_the_compiled_loop_equals_the_eager_function_on_odd_sizes():
     """Inductor's vector loop and its tail must round as the eager ops do, whatever the length."""
     from rmserve.service.engine.precision import _fused_silu_mul, _silu_mul

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import contextlib
 import sys
-import time
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -38,7 +37,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench_cpu import Sizes, cpu_lines, grpo_workload, ppo_workload
-from study_runs import interleaved_best, study_main
+from study_runs import best_seconds, interleaved_best, study_main
 
 from rmserve.kernels import cpu_attention
 from rmserve.service.engine import invariant_attention as ia
@@ -68,25 +67,15 @@ def kernel(on: bool):
         cpu_attention.available = real
 
 
-def _best(fn, reps: int) -> float:
-    fn()
-    best = float("inf")
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t)
-    return best
-
-
 def _attention_row(label: str, q, k, v, offset: int, mask, reps: int) -> str:
     """kernel vs sdpa (causal, or `mask` after a cache) vs the 64-row grid on one call."""
     d = q.shape[-1]
     k_len = torch.full((q.shape[0],), k.shape[2])
     seqs = cpu_attention.padded_seqs(k_len, q.shape[2], offset)
     sdpa = dict(is_causal=True) if mask is None else dict(attn_mask=mask)
-    tk = _best(lambda: cpu_attention.attention(q, k, v, seqs, scale=d**-0.5), reps)
-    ts = _best(lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True, **sdpa), reps)
-    tg = _best(lambda: ia.block_attention(q, k, v, offset, k_len, scaling=d**-0.5), reps)
+    tk = best_seconds(lambda: cpu_attention.attention(q, k, v, seqs, scale=d**-0.5), reps)
+    ts = best_seconds(lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True, **sdpa), reps)
+    tg = best_seconds(lambda: ia.block_attention(q, k, v, offset, k_len, scaling=d**-0.5), reps)
     return f"| {label} | {tk:.4f} | {ts:.4f} | {tg:.4f} | {ts / tk:.2f} | {tg / tk:.2f} |"
 
 

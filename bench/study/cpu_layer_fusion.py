@@ -32,7 +32,6 @@ whether sequences scored alone equal themselves scored in the batch.
 from __future__ import annotations
 
 import sys
-import time
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -43,7 +42,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench_cpu import Sizes, cpu_lines, grpo_workload, ppo_workload
-from study_runs import interleaved_best, study_main
+from study_runs import best_seconds, interleaved_best, study_main
 
 from rmserve.service.engine import invariant_attention as ia
 from rmserve.service.engine.model import load_model
@@ -121,8 +120,8 @@ def gemm_lines(reps: int = 20) -> list[str]:
         for name, parts in cases.items():
             ws = [torch.randn(n, 576).to(dtype) for n in parts]
             whole = torch.cat(ws)
-            sep = _best(lambda x=x, ws=ws: [F.linear(x, w) for w in ws], reps)
-            one = _best(lambda x=x, whole=whole: F.linear(x, whole), reps)
+            sep = best_seconds(lambda x=x, ws=ws: [F.linear(x, w) for w in ws], reps)
+            one = best_seconds(lambda x=x, whole=whole: F.linear(x, whole), reps)
             out.append(f"| {str(dtype).removeprefix('torch.')} | {name} | {sep * 1e3:.2f} | {one * 1e3:.2f} | "
                        f"{one / sep:.3f} |")
     return out
@@ -158,17 +157,6 @@ def invariance_lines() -> list[str]:
         for name, (bad, total, diff) in counts.items():
             out.append(f"| {name} | {str(dtype).removeprefix('torch.')} | {bad} of {total} | {diff:.1e} |")
     return out
-
-
-def _best(fn, reps: int) -> float:
-    fn()
-    return min(_timed(fn) for _ in range(reps))
-
-
-def _timed(fn) -> float:
-    t = time.perf_counter()
-    fn()
-    return time.perf_counter() - t
 
 
 def run(args) -> str:

@@ -18,6 +18,17 @@ import numpy as np
 Key = tuple[str, str]   # (variant, workload name)
 
 
+def best_seconds(fn: Callable[[], object], reps: int) -> float:
+    """The fastest of `reps` calls of fn, after one warm-up call."""
+    fn()
+    best = float("inf")
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
 def interleaved_best(work: dict[str, dict], score: Callable[[str, list[list[int]]], np.ndarray],
                      repeat: int) -> tuple[dict[Key, float], dict[Key, np.ndarray]]:
     """work: variant -> {workload name: workload}. A warm-up slice per variant (and compilation),

@@ -55,17 +55,58 @@ from torch import nn
 log = logging.getLogger(__name__)
 
 
+def _prepack_ok() -> bool:
+    """RMSERVE_PREPACK=1 asks for prepacked bf16 weights; granted where the probe passes."""
+    return os.environ.get("RMSERVE_PREPACK", "0") == "1" and _prepack_probe()
+
+
+@functools.cache
+def _prepack_probe() -> bool:
+    """Whether oneDNN's prepacked bf16 linear is here and gives F.linear's bits for any row count
+    (checked once per process on odd shapes: the rows' bits are the batch-invariance contract)."""
+    try:
+        g = torch.Generator().manual_seed(0)
+        w = torch.randn(40, 72, generator=g).bfloat16()
+        packed = torch.ops.mkldnn._reorder_linear_weight(w, PREPACK_ROWS)
+        for rows in (1, 7, 64, 301):
+            x = torch.randn(rows, 72, generator=g).bfloat16()
+            if not torch.equal(torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], ""), F.linear(x, w)):
+                raise RuntimeError(f"its output differs from F.linear's on {rows} rows")
+        return True
+    except Exception as e:  # a torch without oneDNN or these ops: F.linear is correct, only slower
+        log.warning("prepacked bf16 weights unavailable (%s: %s); F.linear serves", type(e).__name__, e)
+        return False
+
+
+PREPACK_ROWS = 1024   # the row count oneDNN's weight layout is chosen for (any count runs on it)
+
+
 class MixedLinear(nn.Module):
-    """A Linear with a low-precision weight: low-precision matmul, float32 in and out."""
+    """A Linear with a low-precision weight: low-precision matmul, float32 in and out.
+
+    With RMSERVE_PREPACK=1 the bf16 weight is also packed once, at load, into oneDNN's blocked
+    layout, which F.linear otherwise prepares per call: the same bits and 1.02-1.5x per GEMM on
+    the default's shapes (most on few rows), but only 1.02-1.14x PPO-like and 0.93-1.06x
+    GRPO-like end to end on this CPU, for one more bf16 copy of the weights in memory; so it
+    is opt-in (bench/results/cpu-prepacked-gemm-2026-12-06.md). AMX CPUs, whose tiles need
+    their own layout, may gain more: untested."""
 
     def __init__(self, linear: nn.Linear, dtype: torch.dtype):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.weight = nn.Parameter(linear.weight.detach().to(dtype), requires_grad=False)
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().float(), requires_grad=False)
+        self.packed = (torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), PREPACK_ROWS)
+                       if dtype == torch.bfloat16 and self.weight.device.type == "cpu" and _prepack_ok() else None)
+
+    def mm(self, x: torch.Tensor) -> torch.Tensor:
+        """x @ weight.T in the weight's dtype (x already in it); traced callers get F.linear."""
+        if self.packed is None or torch.compiler.is_compiling() or x.device.type != "cpu":
+            return F.linear(x, self.weight)
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed, None, "none", [], "")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x.to(self.weight.dtype), self.weight).to(x.dtype)
+        y = self.mm(x.to(self.weight.dtype)).to(x.dtype)
         return y if self.bias is None else y + self.bias.to(x.dtype)
 
     def extra_repr(self) -> str:
@@ -145,8 +186,8 @@ class MixedGatedMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xb = x.to(self.gate_proj.weight.dtype)
-        h = _fused_silu_mul()(F.linear(xb, self.gate_proj.weight), F.linear(xb, self.up_proj.weight))
-        return F.linear(h, self.down_proj.weight).to(x.dtype)
+        h = _fused_silu_mul()(self.gate_proj.mm(xb), self.up_proj.mm(xb))
+        return self.down_proj.mm(h).to(x.dtype)
 
 
 def _is_silu(act: nn.Module) -> bool:
