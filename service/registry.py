@@ -32,6 +32,7 @@ from rmserve.service.errors import InvalidInput, NotFound
 
 _VERSION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 ACTIVE = "ACTIVE"
+KNOWN_SHOWN = 10   # versions a NotFound message names
 
 
 @dataclass(frozen=True)
@@ -59,19 +60,29 @@ class Registry:
     def get(self, version: str) -> ModelVersion:
         path = self.path_for(version)
         if not (path / MANIFEST).is_file():
-            known = ", ".join(v.version for v in self.list()) or "none"
-            raise NotFound(f"no model version {version!r} in the registry (known: {known})")
+            # names only: a follower meets this every poll while ACTIVE runs ahead of a copy
+            names = self.names()
+            known = ", ".join(names[-KNOWN_SHOWN:]) or "none"
+            more = f" (newest {KNOWN_SHOWN} of {len(names)})" if len(names) > KNOWN_SHOWN else ""
+            raise NotFound(f"no model version {version!r} in the registry (known{more}: {known})")
         man = read_manifest(path)
         report_file = path / "train_report.json"
         report = json.loads(report_file.read_text()) if report_file.is_file() else {}
         return ModelVersion(version, path, man.name, (path / MANIFEST).stat().st_mtime, report)
 
-    def list(self) -> list[ModelVersion]:
-        out = []
+    def names(self) -> list[str]:
+        """Complete versions, oldest first, without reading their manifests."""
+        found = []
         for p in self.root.iterdir():
-            if p.is_dir() and not p.name.startswith(".") and (p / MANIFEST).is_file():
-                out.append(self.get(p.name))
-        return sorted(out, key=lambda v: v.created)
+            if _VERSION.match(p.name):  # not hidden staging directories, not odd names
+                try:
+                    found.append(((p / MANIFEST).stat().st_mtime, p.name))
+                except (FileNotFoundError, NotADirectoryError):
+                    continue  # ACTIVE, a stray file, a directory without a manifest
+        return [name for _, name in sorted(found)]
+
+    def list(self) -> list[ModelVersion]:
+        return [self.get(name) for name in self.names()]
 
     def set_active(self, version: str) -> None:
         atomic_write_bytes(self.root / ACTIVE, (version + "\n").encode())
