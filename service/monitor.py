@@ -17,7 +17,9 @@ training distribution. So the alarm fires when, for `patience` closed steps in
 a row, either
   (growth)        the recent mean std is >= `std_ratio` x the run's own early
                   baseline while the recent reward mean is >= `min_reward_rise`
-                  above the baseline's (normalised rewards: train std 1), or
+                  above the baseline's (normalised rewards: train std 1) and, when
+                  `min_rise_spread` is set, >= that many times the baseline's
+                  within-step p90 - p10 range (a gate in the run's own units), or
   (concentration) the reward keeps rising and the top decile's mean std is
                   >= `top_std_ratio` x the step's mean std with a reward-std
                   correlation >= `min_corr`, or >= `top_ood_fraction` of the top
@@ -67,6 +69,7 @@ class MonitorConfig:
     patience: int = 2                # consecutive alarming steps before the alarm fires
     std_ratio: float = 1.2           # growth: recent std / baseline std (docs/overoptimisation.md)
     min_reward_rise: float = 0.2     # growth and concentration: recent reward - baseline reward
+    min_rise_spread: float = 0.0     # and that rise >= this x the baseline's within-step p90 - p10 (0: off)
     top_std_ratio: float = 1.5       # concentration: top-decile std / step std
     min_corr: float = 0.3            # concentration: corr(reward, std) across the step's samples
     top_ood_fraction: float = 0.5    # concentration: share of the top decile flagged OOD
@@ -75,6 +78,8 @@ class MonitorConfig:
         for f in ("max_runs", "max_steps", "reservoir", "baseline_steps", "window", "patience"):
             if getattr(self, f) < 1:
                 raise ValueError(f"run monitor: {f} must be >= 1, got {getattr(self, f)}")
+        if not self.min_rise_spread >= 0:
+            raise ValueError(f"run monitor: min_rise_spread must be >= 0 (0 turns it off), got {self.min_rise_spread}")
         if self.max_steps < self.baseline_steps + self.window:
             raise ValueError("run monitor: max_steps must hold at least baseline_steps + window steps")
 
@@ -204,7 +209,7 @@ def detect(run: RunState, cfg: MonitorConfig) -> str | None:
         return None
     reward, std = _recent(recent)
     rise = reward - base.reward_mean
-    if rise < cfg.min_reward_rise:
+    if rise < cfg.min_reward_rise or rise < cfg.min_rise_spread * (base.reward_p90 - base.reward_p10):
         return None  # the reward is not climbing: whatever the uncertainty does, nothing is being gamed
     if base.std_mean > 0 and std / base.std_mean >= cfg.std_ratio:
         return (f"ensemble std grew {std / base.std_mean:.2f}x over the run's baseline (threshold {cfg.std_ratio}) "

@@ -62,6 +62,42 @@ def test_growing_uncertainty_while_the_reward_rises_fires_after_the_change_point
     assert "ensemble std grew" in run.reason
 
 
+class _Scaled:
+    """Feeds a monitor every reward and std multiplied by `c`: a proxy on another reward scale."""
+
+    def __init__(self, mon: RunMonitor, c: float):
+        self.mon, self.c = mon, c
+
+    def observe(self, run: str, step: int, rewards: list[float], stds: list[float]) -> None:
+        self.mon.observe(run, step, [self.c * r for r in rewards], [self.c * x for x in stds])
+
+
+def test_the_spread_gate_fires_at_the_same_step_whatever_the_reward_scale():
+    """min_rise_spread measures the rise in the run's own within-step spread, so a stream on
+    another scale (powers of two: every statistic scales exactly) alarms at the same step;
+    the absolute gate does not."""
+    change = 25
+
+    def std_at(s: int) -> float:
+        return 0.3 if s < change else 0.3 * (1 + 0.08 * (s - change))
+
+    def alarm(cfg: MonitorConfig, c: float) -> int | None:
+        mon = RunMonitor(cfg)
+        for s in range(60):
+            feed(_Scaled(mon, c), "hacked", range(s, s + 1), rising, std_at, seed=s)
+        run, _ = mon.status("hacked")
+        return run.alarm_step if run.alarm else None
+
+    with pytest.raises(ValueError, match="min_rise_spread must be >= 0"):
+        MonitorConfig(min_rise_spread=-1)
+    spread = MonitorConfig(min_reward_rise=0.0, min_rise_spread=0.5)
+    steps = {c: alarm(spread, c) for c in (0.125, 1.0, 8.0)}
+    assert steps[1.0] is not None and change < steps[1.0] < change + 15, steps
+    assert steps[0.125] == steps[1.0] == steps[8.0]
+    absolute = {c: alarm(MonitorConfig(), c) for c in (0.125, 1.0)}
+    assert absolute[1.0] is not None and absolute[0.125] != absolute[1.0], absolute  # a compressed proxy alarms late
+
+
 def test_uncertainty_growing_under_a_flat_reward_is_not_overoptimisation():
     mon = feed(RunMonitor(), "flat", range(60), lambda s: 0.0, lambda s: 0.3 * (1 + 0.05 * s))
     assert not mon.status("flat")[0].alarm
