@@ -48,6 +48,9 @@ class RegistryFollower:
         # Read before the server resolves its model, so a write racing the start is seen as a change.
         self._seen: Pointer | None = self._read_quietly()
         self._missing: Pointer | None = None   # the pointer whose version was reported missing
+        # (registry name, slot) of the follower's last activation: a hand-copied entry's manifest
+        # may carry another version than its directory's name, and it is still in sync
+        self._activated: tuple[str, object] | None = None
         self._read_failed = False
         self._task: asyncio.Task | None = None
 
@@ -122,10 +125,15 @@ class RegistryFollower:
                  version, slot.version)
         t0 = time.perf_counter()
         try:
-            await self.state.activate(target.path)
+            slot = await self.state.activate(target.path)
         except Exception as e:  # NotReady: the load failed and the previous version serves on
             self._failed(version, e)
             return
+        self._activated = (version, slot)
+        if slot.version != version:
+            log.warning("registry %s: %s's manifest names version %r; serving it as %r (a registry entry's "
+                        "directory is normally named for its manifest's version)", self.registry.root, version,
+                        slot.version, slot.version)
         self._show_sync(version)
         self.state.metrics.activation("registry", ok=True)
         log.info("registry %s: now serving %s (loaded and warmed in %.1f s)", self.registry.root, version,
@@ -142,4 +150,5 @@ class RegistryFollower:
 
     def _show_sync(self, version: str) -> None:
         slot = self.state.slot
-        self.state.metrics.registry_out_of_sync.set(int(slot is not None and slot.version != version))
+        synced = slot is None or slot.version == version or self._activated == (version, slot)
+        self.state.metrics.registry_out_of_sync.set(int(not synced))

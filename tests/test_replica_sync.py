@@ -161,6 +161,22 @@ def test_a_version_that_appears_after_its_pointer_is_followed(shared_registry, t
     wait_for("the server to serve v3", lambda: version_of(server.address) == "v3")
 
 
+def test_a_hand_copied_entry_whose_manifest_names_another_version_is_in_sync(shared_registry, tiny_ensemble,
+                                                                            server_factory):
+    """An operator copied a model into the registry under a directory name of their own; its
+    manifest keeps its version. Once the follower serves it, the replica is in sync (before, the
+    directory name never equalled the served version and out_of_sync stayed 1)."""
+    server = server_factory(None, registry=str(shared_registry), registry_poll_s=0.05)
+    port = int(server.metrics_url.rsplit(":", 1)[1].split("/")[0])
+    copied = make_version(tiny_ensemble, shared_registry, "copied")
+    write_manifest(copied, dataclasses.replace(read_manifest(copied), version="from-elsewhere-7"))
+    Registry(shared_registry).set_active("copied")
+    wait_for("the server to serve the copied entry", lambda: version_of(server.address) == "from-elsewhere-7")
+    time.sleep(0.3)  # several polls after the activation
+    assert metric(port, "rmserve_registry_out_of_sync") == 0
+    assert version_of(server.address) == "from-elsewhere-7"  # and no reload loop moved it
+
+
 def test_the_pointer_changes_identity_on_every_write(tmp_path):
     registry = Registry(tmp_path)
     assert registry.pointer() is None
