@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 
@@ -207,6 +208,35 @@ def test_int8_export_records_its_method_and_error_and_stays_near_float32(tiny_en
     assert np.abs(got.rewards - want.rewards).max() <= 0.5 * float(want.rewards.std())
     with pytest.raises(ValueError, match="quantize"):
         export_onnx(tiny_ensemble, tmp_path / "x", quantize="int4", progress=quiet)
+
+
+@pytest.mark.parametrize("external", [False, True])
+def test_int8_weights_replace_the_float_weights_file_and_go_external_when_large(tiny_export, tmp_path, monkeypatch,
+                                                                               external):
+    """A big float graph comes with its weights in model.onnx.data (torch writes them there past
+    2 GB); quantising loads them, then must not leave them behind or append to them, and keeps
+    the int8 weights beside the graph only when they are too large for one protobuf."""
+    from rmserve.service.engine import onnx_export
+
+    src, _ = tiny_export
+    work = tmp_path / "copy"
+    shutil.copytree(src, work)
+    stale = work / "model.onnx.data"
+    stale.write_bytes(b"\xff" * 4_000_000)                    # stands in for the float weights
+    if external:
+        monkeypatch.setattr(onnx_export, "EXTERNAL_DATA_ABOVE", 0)
+    onnx_export.quantize_int8(work / "model.onnx", quiet)
+    if external:
+        assert 0 < stale.stat().st_size < 4_000_000 and not stale.read_bytes().startswith(b"\xff" * 64)
+    else:
+        assert not stale.exists()
+    inline = tmp_path / "inline"
+    shutil.copytree(src, inline)
+    monkeypatch.setattr(onnx_export, "EXTERNAL_DATA_ABOVE", 1 << 40)
+    onnx_export.quantize_int8(inline / "model.onnx", quiet)
+    seqs = fresh_seqs(seed=22, n=7, vocab=64, top=64)
+    want = OnnxEngine(load_onnx_model(inline)).score(seqs).rewards
+    assert np.array_equal(OnnxEngine(load_onnx_model(work)).score(seqs).rewards, want)
 
 
 def test_outputs_follow_the_manifest_order_when_members_interleave_backbones(tiny_llama4_backbone,

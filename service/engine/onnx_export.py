@@ -185,6 +185,9 @@ def export_onnx(source: str | Path, out: str | Path, *, max_diff: float | None =
     return record
 
 
+EXTERNAL_DATA_ABOVE = 1_800_000_000   # bytes of weights past which the graph keeps them in model.onnx.data
+
+
 def quantize_int8(graph: Path, progress) -> dict:
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
@@ -192,7 +195,11 @@ def quantize_int8(graph: Path, progress) -> dict:
     logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.WARNING)
     q = MatMulNBitsQuantizer(str(graph), bits=8, block_size=INT8_BLOCK, is_symmetric=True, accuracy_level=4)
     q.process()
-    q.model.save_model_to_file(str(graph), use_external_data_format=False)
+    # torch writes a graph over 2 GB with its weights beside it (model.onnx.data); they are in
+    # memory now and go: onnx would append the int8 weights to that file, not replace it
+    graph.with_name(graph.name + ".data").unlink(missing_ok=True)
+    big = sum(t.ByteSize() for t in q.model.model.graph.initializer) > EXTERNAL_DATA_ABOVE
+    q.model.save_model_to_file(str(graph), use_external_data_format=big)  # protobuf stops at 2 GB
     return {"method": "int8 weight-only (onnxruntime MatMulNBits, symmetric)", "block_size": INT8_BLOCK,
             "accuracy_level": 4}
 
