@@ -12,6 +12,7 @@ awaits a GPU: docs/big-models.md). Scores must equal the unsplit torch backend's
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -208,3 +209,34 @@ def test_served_through_the_grpc_server(tiny_ensemble, tiny_server, server_facto
     """The split model behind the real server: every field equals the torch backend's server."""
     split = server_factory(tiny_ensemble, backend="accelerate", backend_options={"device_map": SPLIT})
     serves_alike(split.address, tiny_server.address)
+
+
+def test_the_offload_folder_goes_with_its_model_not_at_exit(tiny_ensemble, tmp_path, monkeypatch):
+    """Each load without --offload-folder gets its own temporary folder for its "disk" weights; a
+    server swapping versions must not keep every old version's copy until it exits. The folder
+    lives as long as the model, goes when it is collected, and goes at once when the load fails."""
+    import gc
+
+    from rmserve.service.engine import sharded
+
+    made: list[Path] = []
+    real = sharded._offload_folder
+    monkeypatch.setattr(sharded, "_offload_folder", lambda: str(made.append(Path(real())) or made[-1]))
+    model = load_sharded_model(tiny_ensemble, device_map=SPLIT)
+    assert made[0].is_dir()   # (accelerate reads safetensors in place; other weights it copies here)
+    engine = sharded_engine(model)
+    want = engine.score(_seqs(n=3)).rewards
+    gc.collect()
+    assert made[0].is_dir()                                              # still in use through the engine
+    assert np.array_equal(engine.score(_seqs(n=3)).rewards, want)
+    del model, engine
+    gc.collect()
+    assert not made[0].exists()
+    with pytest.raises(EnsembleFormatError):
+        load_sharded_model(tmp_path, device_map=SPLIT)                   # neither an ensemble nor a checkpoint
+    assert len(made) == 2 and not made[1].exists()
+    mine = tmp_path / "operator-folder"
+    kept = load_sharded_model(tiny_ensemble, device_map=SPLIT, offload_folder=str(mine))
+    del kept
+    gc.collect()
+    assert mine.is_dir() and len(made) == 2                              # an operator's folder is theirs

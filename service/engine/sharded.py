@@ -28,11 +28,11 @@ awaits a machine with several GPUs (docs/big-models.md).
 
 from __future__ import annotations
 
-import atexit
 import json
 import logging
 import shutil
 import tempfile
+import weakref
 from collections import Counter
 from pathlib import Path
 
@@ -98,10 +98,9 @@ def _uses_gpus(device_map: str | dict) -> bool:
 
 
 def _offload_folder() -> str:
-    """Where "disk" modules go unless the operator names a folder: a temporary one, removed at exit."""
-    folder = tempfile.mkdtemp(prefix="rmserve-offload-")
-    atexit.register(shutil.rmtree, folder, True)
-    return folder
+    """Where "disk" modules go unless the operator names a folder: a temporary one per load,
+    removed with the model it holds (load_sharded_model)."""
+    return tempfile.mkdtemp(prefix="rmserve-offload-")
 
 
 def load_sharded_model(
@@ -125,7 +124,21 @@ def load_sharded_model(
     del device
     path = Path(path)
     dm = parse_device_map(device_map)
-    placement = Placement(dm, parse_max_memory(max_memory), offload_folder or _offload_folder())
+    folder = offload_folder or _offload_folder()
+    try:
+        model = _load_placed(path, dtype, max_tokens, dm, Placement(dm, parse_max_memory(max_memory), folder))
+    except BaseException:
+        if offload_folder is None:
+            shutil.rmtree(folder, ignore_errors=True)
+        raise
+    if offload_folder is None:
+        # its "disk" weights go with the model: a server swapping versions all day keeps one copy
+        # per loaded version, not one per load until exit (finalize also runs at exit)
+        weakref.finalize(model, shutil.rmtree, folder, True)
+    return model
+
+
+def _load_placed(path: Path, dtype: str, max_tokens: int | None, dm, placement: Placement) -> RewardModel:
     target = torch.device("cuda") if _uses_gpus(dm) else torch.device("cpu")
     if target.type == "cpu":
         if dtype not in ("auto", "float32"):
