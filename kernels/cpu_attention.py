@@ -83,11 +83,12 @@ def build() -> Path:
                                     " ".join(_command(cxx, Path("x")))]).encode()).hexdigest()[:16]
     target = _cache_dir() / f"cpu_attention-{key}.so"
     if target.exists():
-        os.utime(target)  # in use: kept by _prune
+        with contextlib.suppress(OSError):  # a read-only cache (an image, another user's) serves as it is
+            os.utime(target)                # in use: kept by _prune
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     # a private name, then an atomic rename: processes building at once never load a half-written file
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    fd, tmp = tempfile.mkstemp(prefix=_TMP_PREFIX, suffix=".so", dir=target.parent)
     os.close(fd)
     try:
         done = subprocess.run(_command(cxx, Path(tmp)), capture_output=True, text=True)
@@ -103,6 +104,7 @@ def build() -> Path:
 
 
 KEEP_UNUSED_DAYS = 30
+_TMP_PREFIX = ".cpu_attention-building-"
 
 
 def _prune(keep: Path) -> None:
@@ -110,7 +112,9 @@ def _prune(keep: Path) -> None:
     CPUs): each is a ~10 s rebuild away, and without this a cache gains one per upgrade.
     A library a running process has loaded stays mapped after its file is gone."""
     cutoff = time.time() - KEEP_UNUSED_DAYS * 86400
-    for f in keep.parent.glob("*.so"):
+    # only this module's builds and the temporary files of builds killed midway: the cache
+    # directory is the operator's choice and may hold other libraries
+    for f in [*keep.parent.glob("cpu_attention-*.so"), *keep.parent.glob(f"{_TMP_PREFIX}*.so")]:
         with contextlib.suppress(OSError):
             if f != keep and f.stat().st_mtime < cutoff:
                 f.unlink()

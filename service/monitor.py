@@ -17,14 +17,15 @@ training distribution. So the alarm fires when, for `patience` closed steps in
 a row, either
   (growth)        the recent mean std is >= `std_ratio` x the run's own early
                   baseline while the recent reward mean is >= `min_reward_rise`
-                  above the baseline's (normalised rewards: train std 1) and, when
-                  `min_rise_spread` is set, >= that many times the baseline's
-                  within-step p90 - p10 range (a gate in the run's own units), or
+                  above the baseline's (normalised rewards: train std 1), or
   (concentration) the reward keeps rising and the top decile's mean std is
                   >= `top_std_ratio` x the step's mean std with a reward-std
                   correlation >= `min_corr`, or >= `top_ood_fraction` of the top
                   decile is flagged out of distribution.
-A healthy run whose reward rises with flat uncertainty meets neither. The alarm
+Both need the reward to have risen; with `min_rise_spread` set, the rise must also be
+that many times the baseline's within-step p90 - p10 range (a gate in the run's own
+units, scale-free; a baseline without spread, such as one sample a step, then never
+alarms). A healthy run whose reward rises with flat uncertainty meets neither. The alarm
 latches (the step and reason are kept) until the run is forgotten.
 
 Bounded state: at most `max_runs` runs (least recently seen evicted), at most
@@ -209,8 +210,11 @@ def detect(run: RunState, cfg: MonitorConfig) -> str | None:
         return None
     reward, std = _recent(recent)
     rise = reward - base.reward_mean
-    if rise < cfg.min_reward_rise or rise < cfg.min_rise_spread * (base.reward_p90 - base.reward_p10):
+    if rise < cfg.min_reward_rise:
         return None  # the reward is not climbing: whatever the uncertainty does, nothing is being gamed
+    spread = base.reward_p90 - base.reward_p10
+    if cfg.min_rise_spread > 0 and not (spread > 0 and rise >= cfg.min_rise_spread * spread):
+        return None  # not climbing in the run's own units (a baseline without spread gives none: no alarm)
     if base.std_mean > 0 and std / base.std_mean >= cfg.std_ratio:
         return (f"ensemble std grew {std / base.std_mean:.2f}x over the run's baseline (threshold {cfg.std_ratio}) "
                 f"while the reward rose {rise:+.3f}")

@@ -26,6 +26,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from rmserve.service.engine.ensemble import MANIFEST
@@ -48,9 +49,6 @@ class RegistryFollower:
         # Read before the server resolves its model, so a write racing the start is seen as a change.
         self._seen: Pointer | None = self._read_quietly()
         self._missing: Pointer | None = None   # the pointer whose version was reported missing
-        # (registry name, slot) of the follower's last activation: a hand-copied entry's manifest
-        # may carry another version than its directory's name, and it is still in sync
-        self._activated: tuple[str, object] | None = None
         self._read_failed = False
         self._task: asyncio.Task | None = None
 
@@ -103,7 +101,7 @@ class RegistryFollower:
             self.state.metrics.registry_out_of_sync.set(0)
             return
         version = pointer[0]
-        if pointer == self._seen or version == slot.version:
+        if pointer == self._seen or version == slot.version or self._serves(slot, version):
             self._seen = pointer
             self._show_sync(version)
             return
@@ -129,7 +127,6 @@ class RegistryFollower:
         except Exception as e:  # NotReady: the load failed and the previous version serves on
             self._failed(version, e)
             return
-        self._activated = (version, slot)
         if slot.version != version:
             log.warning("registry %s: %s's manifest names version %r; serving it as %r (a registry entry's "
                         "directory is normally named for its manifest's version)", self.registry.root, version,
@@ -148,7 +145,15 @@ class RegistryFollower:
         log.error("registry %s: could not activate %s, which ACTIVE names: %s. Not tried again until ACTIVE is "
                   "written again (rmserve_registry_out_of_sync = 1)", self.registry.root, version, why)
 
+    def _serves(self, slot, version: str) -> bool:
+        """Whether `slot` was loaded from the registry entry named `version`: an entry copied in
+        by hand may carry another version in its manifest than its directory's name."""
+        try:
+            return Path(slot.model.source).resolve() == self.registry.path_for(version).resolve()
+        except (AttributeError, OSError, ValueError, RMServeError):  # a bad name (InvalidInput), no source
+            return False
+
     def _show_sync(self, version: str) -> None:
         slot = self.state.slot
-        synced = slot is None or slot.version == version or self._activated == (version, slot)
+        synced = slot is None or slot.version == version or self._serves(slot, version)
         self.state.metrics.registry_out_of_sync.set(int(not synced))

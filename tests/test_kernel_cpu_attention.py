@@ -143,17 +143,25 @@ def test_the_build_is_cached_per_source_and_refused_builds_leave_nothing(tmp_pat
     monkeypatch.setenv("RMSERVE_KERNEL_CACHE", str(cache))
     cache.mkdir()
     old, recent = cache / "cpu_attention-0ld.so", cache / "cpu_attention-rec3nt.so"   # other builds
-    old.write_bytes(b"x")
-    recent.write_bytes(b"x")
+    killed, foreign = cache / ".cpu_attention-building-x1.so", cache / "libsomeone-else.so"
     day, keep = 86400, ca.KEEP_UNUSED_DAYS
-    os.utime(old, (time.time() - (keep + 1) * day,) * 2)
+    for f in (old, recent, killed, foreign):
+        f.write_bytes(b"x")
+        os.utime(f, (time.time() - (keep + 1) * day,) * 2)
     os.utime(recent, (time.time() - (keep - 1) * day,) * 2)
     first = ca.build()
-    assert sorted(cache.iterdir()) == sorted([first, recent])                   # the unused one went
+    assert sorted(cache.iterdir()) == sorted([first, recent, foreign])  # unused builds went, others' files stay
     inode = first.stat().st_ino
     os.utime(first, (0, 0))
     assert ca.build() == first and first.stat().st_ino == inode                 # no second compile,
     assert first.stat().st_mtime > time.time() - 3600                           # and marked as in use
+
+    def read_only(*_a, **_k):
+        raise PermissionError(1, "Operation not permitted")                     # another user's or an image's cache
+
+    with monkeypatch.context() as m:
+        m.setattr(ca.os, "utime", read_only)
+        assert ca.build() == first                                              # still serves
     monkeypatch.setenv("CXX", "false")                                          # a compiler that always fails
     monkeypatch.setattr(ca, "_cache_dir", lambda: tmp_path / "other")
     with pytest.raises(RuntimeError, match=r"failed on cpu_attention\.cpp"):

@@ -175,6 +175,11 @@ def test_a_hand_copied_entry_whose_manifest_names_another_version_is_in_sync(sha
     time.sleep(0.3)  # several polls after the activation
     assert metric(port, "rmserve_registry_out_of_sync") == 0
     assert version_of(server.address) == "from-elsewhere-7"  # and no reload loop moved it
+    # a replica (re)started on that ACTIVE serves the entry and is in sync from the start
+    again = server_factory(None, registry=str(shared_registry), registry_poll_s=0.05)
+    assert version_of(again.address) == "from-elsewhere-7"
+    time.sleep(0.3)
+    assert metric(int(again.metrics_url.rsplit(":", 1)[1].split("/")[0]), "rmserve_registry_out_of_sync") == 0
 
 
 def test_the_pointer_changes_identity_on_every_write(tmp_path):

@@ -94,6 +94,11 @@ def test_the_spread_gate_fires_at_the_same_step_whatever_the_reward_scale():
     steps = {c: alarm(spread, c) for c in (0.125, 1.0, 8.0)}
     assert steps[1.0] is not None and change < steps[1.0] < change + 15, steps
     assert steps[0.125] == steps[1.0] == steps[8.0]
+    # a baseline without spread (every sample of a step the same) cannot scale the rise: no alarm
+    flat_mon = RunMonitor(spread)
+    for s in range(40):
+        flat_mon.observe("one", s, [0.001 * s] * 4, [0.3 * (1 + 0.1 * s)] * 4)
+    assert not flat_mon.status("one")[0].alarm
     absolute = {c: alarm(MonitorConfig(), c) for c in (0.125, 1.0)}
     assert absolute[1.0] is not None and absolute[0.125] != absolute[1.0], absolute  # a compressed proxy alarms late
 

@@ -28,7 +28,8 @@ from rmserve.training.metrics import format_report, pair_report
 # that serves (bf16 GEMM tiling, AMX or not, attention path): 2x the largest
 # drift measured between two valid bf16 paths on one CPU (0.051 on the default's
 # dev pairs; bench/results/eval-reproducibility-2026-12-06.md), scaled by each
-# dtype's mantissa for float16, and far above float32's ~1e-5.
+# dtype's mantissa for float16, and far above float32's ~1e-5. Measured on CPU's mixed bf16;
+# plain bf16 on a GPU moves margins more, so its band may be too narrow (not measured here).
 MARGIN_NOISE = {"bfloat16": 0.1, "float16": 0.02, "float32": 1e-3}
 
 

@@ -89,7 +89,9 @@ class MixedLinear(nn.Module):
     the default's shapes (most on few rows), but only 1.02-1.14x PPO-like and 0.93-1.06x
     GRPO-like end to end on this CPU, for one more bf16 copy of the weights in memory; so it
     is opt-in (bench/results/cpu-prepacked-gemm-2026-12-06.md). AMX CPUs, whose tiles need
-    their own layout, may gain more: untested."""
+    their own layout, may gain more: untested. The packed copy is made once: a served model's
+    weights never change after load, and a packed MixedLinear cannot be deep-copied or saved
+    (oneDNN's opaque tensor), which serving never does (trunk copies are made before packing)."""
 
     def __init__(self, linear: nn.Linear, dtype: torch.dtype):
         super().__init__()
