@@ -34,7 +34,7 @@ from rmserve.service.errors import NotFound, RMServeError
 from rmserve.service.registry import Registry
 
 if TYPE_CHECKING:
-    from rmserve.service.server import ServingState
+    from rmserve.service.server import ModelSlot, ServingState
 
 log = logging.getLogger("rmserve.replica_sync")
 
@@ -101,7 +101,7 @@ class RegistryFollower:
             self.state.metrics.registry_out_of_sync.set(0)
             return
         version = pointer[0]
-        if pointer == self._seen or version == slot.version or self._serves(slot, version):
+        if pointer == self._seen or self._in_sync(slot, version):
             self._seen = pointer
             self._show_sync(version)
             return
@@ -145,9 +145,12 @@ class RegistryFollower:
         log.error("registry %s: could not activate %s, which ACTIVE names: %s. Not tried again until ACTIVE is "
                   "written again (rmserve_registry_out_of_sync = 1)", self.registry.root, version, why)
 
-    def _serves(self, slot, version: str) -> bool:
-        """Whether `slot` was loaded from the registry entry named `version`: an entry copied in
-        by hand may carry another version in its manifest than its directory's name."""
+    def _in_sync(self, slot: ModelSlot, version: str) -> bool:
+        """Whether `slot` serves the registry entry named `version`: by its version, or by the
+        directory it was loaded from (an entry copied in by hand may carry another version in
+        its manifest than its directory's name)."""
+        if slot.version == version:
+            return True
         try:
             return Path(slot.model.source).resolve() == self.registry.path_for(version).resolve()
         except (AttributeError, OSError, ValueError, RMServeError):  # a bad name (InvalidInput), no source
@@ -155,5 +158,4 @@ class RegistryFollower:
 
     def _show_sync(self, version: str) -> None:
         slot = self.state.slot
-        synced = slot is None or slot.version == version or self._serves(slot, version)
-        self.state.metrics.registry_out_of_sync.set(int(not synced))
+        self.state.metrics.registry_out_of_sync.set(int(slot is not None and not self._in_sync(slot, version)))
