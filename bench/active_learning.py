@@ -115,7 +115,7 @@ def simulate(
     Every rule of a seed gets the same initial labelled set and the same side order,
     so rule-minus-random differences are paired by seed.
     """
-    from rmserve.training.acquisition import score_pairs, select
+    from rmserve.service.data.acquisition import score_pairs, select
 
     rng = np.random.default_rng(seed)
     xt, pt = f["train_x"], f["train_pairs"]
@@ -221,7 +221,7 @@ def plot(summary: dict, rules: list[str], full: tuple[float, float], path: Path,
          min_distance: float | None = None) -> None:
     import matplotlib
 
-    from rmserve.training.acquisition import DEFAULT_RULE
+    from rmserve.service.data.acquisition import DEFAULT_RULE
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -293,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
         print({k: v.shape for k, v in f.items()})
         return 0
 
-    from rmserve.training.acquisition import DEFAULT_MIN_DISTANCE
+    from rmserve.service.data.acquisition import DEFAULT_MIN_DISTANCE
 
     xt, pt = f["train_x"], f["train_pairs"]
     nn_std = nn_cosine_distance(xt[pt[:, 0]] + xt[pt[:, 1]])

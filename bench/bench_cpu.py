@@ -485,8 +485,8 @@ def run_engines(bench: Bench, model_dir: Path) -> None:
 def run_grpc(bench: Bench, model_dir: Path, registry: Path, servers: contextlib.ExitStack) -> None:
     """Start a server per dtype (stopped when `servers` closes, after the rounds) and register it."""
     from rmserve.client import RewardClient
-    from rmserve.service.background import BackgroundServer
-    from rmserve.service.config import ServerConfig
+    from rmserve.service.server.background import BackgroundServer
+    from rmserve.service.server.config import ServerConfig
 
     for dtype, short in (("float32", "fp32"), ("bfloat16", "bf16")):
         key = f"grpc-{short}"

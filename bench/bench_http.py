@@ -55,8 +55,8 @@ import torch
 from common import run_and_report  # bench/common.py
 
 from rmserve.client import AsyncRewardClient, RewardClient
-from rmserve.service.background import BackgroundServer
-from rmserve.service.config import ServerConfig
+from rmserve.service.server.background import BackgroundServer
+from rmserve.service.server.config import ServerConfig
 
 CASES = ("grpc-batch", "http-batch", "http-concurrent", "grpc-concurrent")
 WORDS = ["the", "of", "and", "to", "in", "is", "you", "that", "it", "he", "was", "for", "on", "are", "as", "with", "his", "they", "at", "be", "this", "have", "from", "or", "one", "had", "by", "word", "but", "not", "what", "all", "were", "we", "when", "your", "can", "said", "there", "use", "an", "each", "which", "she", "do", "how", "their", "if", "will", "up", "other", "about", "out", "many", "then", "them", "these", "so", "some", "her", "would", "make", "like", "him", "into", "time", "has", "look", "two", "more", "write", "go", "see", "number", "no", "way", "could", "people", "my", "than", "first", "water", "been", "call", "who", "oil", "its", "now", "find", "long", "down", "day", "did", "get", "come", "made", "may", "part", "bread", "flour", "yeast", "bake", "oven", "recipe", "answer", "question", "help", "safe", "sorry", "cannot"]

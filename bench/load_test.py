@@ -93,10 +93,10 @@ def reference(model_dir: str | None, dtype: str, pool: dict[str, Any]) -> dict[s
     import numpy as np
 
     from rmserve.client import _core
-    from rmserve.service.config import DEFAULT_MODEL_DIR
     from rmserve.service.engine.model import load_model
     from rmserve.service.engine.scoring import ScoringEngine
-    from rmserve.service.requests import encode_completion, encode_sample
+    from rmserve.service.server.config import DEFAULT_MODEL_DIR
+    from rmserve.service.server.requests import encode_completion, encode_sample
 
     model = load_model(Path(model_dir) if model_dir else DEFAULT_MODEL_DIR, dtype=dtype, device="cpu")
     engine = ScoringEngine(model)

@@ -49,7 +49,7 @@ DEFAULT_MAX_CONCURRENT_REQUESTS = 4
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 DEFAULT_HEALTH_TIMEOUT = 10.0
 DEFAULT_STREAM_CHUNK_SIZE = 64
-KEEPALIVE_TIME_MS = 60_000     # >= the server's MIN_CLIENT_PING_INTERVAL_MS (service/config.py)
+KEEPALIVE_TIME_MS = 60_000     # >= the server's MIN_CLIENT_PING_INTERVAL_MS (service/server/config.py)
 KEEPALIVE_TIMEOUT_MS = 20_000
 
 RETRYABLE_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED})
@@ -170,7 +170,7 @@ def build_channel_args(
     KEEPALIVE_TIME_MS, with or without calls open: a trainer's channel idle between
     steps stays connected (NAT and load-balancer entries on the way stay alive) and a
     dead server is noticed within 80 s rather than at the next call's deadline. rmserve
-    permits pings every 30 s (service/config.py MIN_CLIENT_PING_INTERVAL_MS), so they
+    permits pings every 30 s (service/server/config.py MIN_CLIENT_PING_INTERVAL_MS), so they
     never draw a too_many_pings GOAWAY.
     """
     opts: dict[str, Any] = {

@@ -10,7 +10,7 @@ installed (macOS client installs), the torch reference.
 
 No `conservative` (mean - lam * var) here: lam is chosen per request, while one
 launch spans many requests' samples, so the server applies it per request
-(service/requests.py `result_pb`) from `mean` and `var`.
+(service/server/requests.py `result_pb`) from `mean` and `var`.
 """
 
 from __future__ import annotations

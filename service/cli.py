@@ -12,7 +12,7 @@ import logging
 import sys
 from collections.abc import Iterator
 
-from rmserve.service.config import BACKEND_NAMES
+from rmserve.service.server.config import BACKEND_NAMES
 
 _BACKEND_FLAGS = {  # option -> (flag, the backend it belongs to)
     "device_map": ("--device-map", "accelerate"), "max_memory": ("--max-memory", "accelerate"),
@@ -39,10 +39,10 @@ def _serve(args: argparse.Namespace) -> int:
     import asyncio
     import signal
 
-    from rmserve.service.auth import install_reload_on_sighup
-    from rmserve.service.config import ServerConfig
-    from rmserve.service.errors import NotReady
-    from rmserve.service.server import RewardServer
+    from rmserve.service.server.app import RewardServer
+    from rmserve.service.server.auth import install_reload_on_sighup
+    from rmserve.service.server.config import ServerConfig
+    from rmserve.service.server.errors import NotReady
 
     try:
         backend_options = _backend_options(args)
@@ -159,7 +159,7 @@ def _labels_export(args: argparse.Namespace) -> int:
     n = 0
     try:
         if args.store:
-            from rmserve.training.preferences import Filters, SqliteStore
+            from rmserve.service.data.preferences import Filters, SqliteStore
 
             store = SqliteStore(args.store)
             if not store.path.is_file():
@@ -216,9 +216,9 @@ def _labels_report(args: argparse.Namespace) -> int:
 
 def _export_onnx(args: argparse.Namespace) -> int:
     try:
-        from rmserve.service.config import DEFAULT_MODEL_DIR
         from rmserve.service.engine.errors import EnsembleFormatError
         from rmserve.service.engine.onnx_export import export_onnx
+        from rmserve.service.server.config import DEFAULT_MODEL_DIR
     except ImportError as e:
         print(f"rmserve: export-onnx needs the onnx extra (pip install 'rmserve[onnx]'): {e}", file=sys.stderr)
         return 2

@@ -188,8 +188,8 @@ def tiny_ensemble(tmp_path_factory) -> Path:
 def start_server(model: Path | str, wait_ready: bool = True, **config):
     import tempfile
 
-    from rmserve.service.background import BackgroundServer
-    from rmserve.service.config import ServerConfig
+    from rmserve.service.server.background import BackgroundServer
+    from rmserve.service.server.config import ServerConfig
 
     config.setdefault("registry", tempfile.mkdtemp(prefix="rmserve-registry-"))
     return BackgroundServer(ServerConfig(model=None if model is None else str(model), port=0, metrics_port=0, **config)).start(wait_ready)

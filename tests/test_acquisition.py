@@ -1,4 +1,4 @@
-"""training/acquisition.py: the pair scores (hand-computed) and the diversified batch selection."""
+"""service/data/acquisition.py: the pair scores (hand-computed) and the diversified batch selection."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from rmserve.training.acquisition import (
+from rmserve.service.data.acquisition import (
     DEFAULT_MIN_DISTANCE,
     DEFAULT_RULE,
     binary_entropy,

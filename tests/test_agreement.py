@@ -1,11 +1,11 @@
-"""training/agreement.py: κ against hand computation, self-consistency, and the flag rule on planted labelers."""
+"""service/data/agreement.py: κ against hand computation, self-consistency, and the flag rule on planted labelers."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from rmserve.training.agreement import LabelRecord, cohens_kappa, labeler_report
+from rmserve.service.data.agreement import LabelRecord, cohens_kappa, labeler_report
 
 
 def rec(labeler: str, item: str, outcome: float, p: float | None = None, kind: str = "human") -> LabelRecord:

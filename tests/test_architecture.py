@@ -35,8 +35,8 @@ def test_the_layer_contracts_hold(tmp_path):
 
 @pytest.mark.parametrize(("where", "line", "contract"), [
     ("rmserve/service/engine/leak.py", "import grpc\n", "The model layer"),
-    ("rmserve/service/engine/leak.py", "from rmserve.service import scheduler\n", "The model layer"),
-    ("rmserve/training/leak.py", "from rmserve.service.server import RewardServer\n", "Training builds"),
+    ("rmserve/service/engine/leak.py", "from rmserve.service.server import scheduler\n", "The model layer"),
+    ("rmserve/training/leak.py", "from rmserve.service.server.app import RewardServer\n", "Training builds"),
     ("rmserve/client/leak.py", "import torch\n", "The client SDK"),
 ])
 def test_a_forbidden_import_breaks_its_contract(tmp_path, where, line, contract):
@@ -48,12 +48,21 @@ def test_a_forbidden_import_breaks_its_contract(tmp_path, where, line, contract)
     assert any(contract in ln for ln in broken), proc.stdout
 
 
-def test_every_server_module_is_named_in_the_contracts():
-    """The server's modules are listed by name; a new one must join the lists."""
+def test_the_service_folder_holds_only_layer_packages():
+    """The contracts name packages, so every module must live in one: a module dropped straight
+    into service/ (besides the CLI, which dispatches to the server and the trainer) would
+    belong to no layer and escape every contract."""
+    loose = {p.name for p in (ROOT / "service").glob("*.py")} - {"__init__.py", "cli.py"}
+    assert not loose, f"service/ modules outside a layer package: {sorted(loose)}"
     contracts = _contracts()
-    server = {f"rmserve.service.{p.stem}" for p in (ROOT / "service").glob("*.py") if p.stem != "__init__"}
     for cid in ("model-layer", "training"):
-        missing = server - set(contracts[cid]["forbidden_modules"])
-        assert not missing, f"contract {cid!r} does not forbid {sorted(missing)}"
-    sources = set(contracts["server-training"]["source_modules"]) | {"rmserve.service.cli"}
-    assert server == sources, f"server-training contract: {sorted(server ^ sources)}"
+        assert "rmserve.service.server" in contracts[cid]["forbidden_modules"], cid
+    assert contracts["server-training"]["source_modules"] == ["rmserve.service.server"]
+    assert not contracts["server-training"].get("ignore_imports"), "the server imports no training module"
+
+
+def test_the_server_may_not_import_training(tmp_path):
+    staged = lint_imports.stage(tmp_path)
+    (staged / "rmserve/service/server/leak.py").write_text("from rmserve.training import trainer\n")
+    proc = lint_imports.lint(staged)
+    assert proc.returncode != 0 and "rmserve.service.server.leak" in proc.stdout, proc.stdout

@@ -47,7 +47,7 @@ def test_admin_needs_the_admin_scope(keyed_server):
 
 
 def test_bad_key_files_are_rejected(tmp_path):
-    from rmserve.service.auth import load_api_keys
+    from rmserve.service.server.auth import load_api_keys
 
     bad = tmp_path / "k.json"
     bad.write_text(json.dumps({"k": ["root"]}))

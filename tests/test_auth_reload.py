@@ -16,8 +16,8 @@ import grpc
 import pytest
 
 from rmserve.client import RewardClient, RewardServiceError
-from rmserve.service import auth
-from rmserve.service.auth import ApiKeys, check_bind_address
+from rmserve.service.server import auth
+from rmserve.service.server.auth import ApiKeys, check_bind_address
 
 SAMPLE = [{"prompt": "hi", "response": "hello"}]
 OLD, NEW = "k-old-5ecret-0f1d", "k-new-5ecret-9a7c"
@@ -221,8 +221,8 @@ def test_an_open_server_refuses_other_addresses(host):
 
 
 def test_the_server_refuses_to_start_open_on_all_interfaces(tiny_ensemble, tmp_path):
-    from rmserve.service.background import BackgroundServer
-    from rmserve.service.config import ServerConfig
+    from rmserve.service.server.background import BackgroundServer
+    from rmserve.service.server.config import ServerConfig
 
     with pytest.raises(ValueError, match="--insecure-open"):
         BackgroundServer(ServerConfig(model=str(tiny_ensemble), host="0.0.0.0", port=0, metrics_port=None,

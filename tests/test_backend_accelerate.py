@@ -64,7 +64,7 @@ def _offloaded(model: torch.nn.Module, prefix: str) -> bool:
 
 
 def test_the_backend_is_registered_under_its_flag_name():
-    from rmserve.service.config import BACKEND_NAMES
+    from rmserve.service.server.config import BACKEND_NAMES
 
     assert set(BACKEND_NAMES) == set(BACKENDS)
     assert backend("accelerate").name == "accelerate"

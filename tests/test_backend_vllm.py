@@ -210,7 +210,7 @@ def test_request_errors_map_to_clear_exceptions(tiny_ensemble):
         engine.score([[5, 6], [5, 7, 6]])
     with pytest.raises(VllmRequestFailed, match=r"internal: boom \(retryable\)") as retryable:
         engine.score([[5, 8]])
-    from rmserve.service.errors import grpc_status
+    from rmserve.service.server.errors import grpc_status
 
     # what vLLM marks retryable reaches the caller as UNAVAILABLE (the SDK retries it); the rest is INTERNAL
     assert grpc_status(retryable.value)[0].name == "UNAVAILABLE"

@@ -87,7 +87,7 @@ def test_score_reports_bad_input_with_line_numbers(served, tmp_path):
 
 def test_serve_without_trained_default_says_what_to_do(tmp_path):
     """In a build without the default heads, `serve` explains instead of serving random heads."""
-    from rmserve.service.config import DEFAULT_MODEL_DIR
+    from rmserve.service.server.config import DEFAULT_MODEL_DIR
 
     if (DEFAULT_MODEL_DIR / "manifest.json").is_file():
         pytest.skip("this build ships the trained default")

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from rmserve.service.config import DEFAULT_MODEL_DIR
+from rmserve.service.server.config import DEFAULT_MODEL_DIR
 
 ROOT = Path(__file__).resolve().parents[1]
 DEV = ROOT.parent / "shared" / "data" / "hh-rlhf-harmless" / "dev.jsonl"

@@ -36,10 +36,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from rmserve.service.background import BackgroundServer
-from rmserve.service.config import ServerConfig
-from rmserve.service.jobs import TrainingJob
-from rmserve.training.config import TrainConfig
+from rmserve.service.data.train_config import TrainConfig
+from rmserve.service.server.background import BackgroundServer
+from rmserve.service.server.config import ServerConfig
+from rmserve.service.server.jobs import TrainingJob
 from rmserve.v1 import admin_pb2 as apb
 from rmserve.v1 import label_pb2 as lpb
 from rmserve.v1 import reward_pb2 as pb

@@ -18,9 +18,9 @@ from rmserve.service.engine.backbone import resolve_builtin
 from rmserve.service.engine.model import load_model
 from rmserve.service.engine.scoring import ScoringEngine
 from rmserve.service.engine.tokenization import PromptEncoder
-from rmserve.service.errors import InvalidInput
-from rmserve.service.requests import encode_completion, encode_groups
-from rmserve.service.scheduler import Scheduler
+from rmserve.service.server.errors import InvalidInput
+from rmserve.service.server.requests import encode_completion, encode_groups
+from rmserve.service.server.scheduler import Scheduler
 from rmserve.v1 import reward_pb2 as pb
 from tests.conftest import CHAT_TEMPLATE, CORPUS
 

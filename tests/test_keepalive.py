@@ -9,8 +9,8 @@ import pytest
 
 from rmserve.client import RewardClient, RewardServiceError
 from rmserve.client._core import build_channel_args
-from rmserve.service.background import BackgroundServer
-from rmserve.service.config import ServerConfig
+from rmserve.service.server.background import BackgroundServer
+from rmserve.service.server.config import ServerConfig
 
 SAMPLE = {"prompt": "How do I bake bread?", "response": "Mix flour, water and yeast."}
 # Short values so that a few seconds idle span several pings of both sides. gRPC clients send

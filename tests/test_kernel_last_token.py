@@ -164,7 +164,7 @@ def test_without_triton_the_reference_serves(monkeypatch: pytest.MonkeyPatch, in
 
 
 def test_no_conservative_in_the_kernel() -> None:
-    """lam is per request and a launch spans requests: the server applies it (service/requests.py)."""
+    """lam is per request and a launch spans requests: the server applies it (service/server/requests.py)."""
     assert "conservative" not in {f.name for f in dataclasses.fields(LastTokenScores)}
     case = CASES["padded-B1-T1-K1-fp32"]
     args, kwargs = make_inputs(case, seed=6)

@@ -18,7 +18,7 @@ import grpc
 import numpy as np
 import pytest
 
-from rmserve.training.preferences import (
+from rmserve.service.data.preferences import (
     MIGRATIONS,
     Filters,
     Preference,
@@ -87,8 +87,8 @@ def test_filters_and_training_rows(tmp_path):
     assert rows["r"]["ranking"] == [1, 0, 2] and rows["r"]["prompt"][0]["content"] == "rank these"
     assert rows["t"]["tie"] is True and rows["c3"]["ranking"] == [1, 1, 0]
 
+    from rmserve.service.data.preferences import training_rows
     from rmserve.training.data import pairs_from_rows
-    from rmserve.training.preferences import training_rows
 
     pairs, report = pairs_from_rows(training_rows(store))
     # p0, p1: one pair each; r: 3 untied pairs; t: a tie (counted, no pair); c3: w beats u and v,
@@ -237,7 +237,7 @@ def test_labels_export_cli_from_a_store_and_training_from_the_store_equals_train
     """`rmserve labels export --store` writes training rows; `train --from-store` gives the same
     ensemble report as training on that JSONL."""
     from rmserve.service.cli import main
-    from rmserve.training.config import TrainConfig
+    from rmserve.service.data.train_config import TrainConfig
     from rmserve.training.trainer import train
 
     rng = __import__("random").Random(0)
@@ -266,7 +266,7 @@ def test_labels_export_cli_from_a_store_and_training_from_the_store_equals_train
 
 
 def test_grpc_status_codes_of_the_store_errors():
-    from rmserve.service.errors import grpc_status
+    from rmserve.service.server.errors import grpc_status
 
     assert grpc_status(PreferenceConflict("x"))[0] == grpc.StatusCode.ALREADY_EXISTS
     assert grpc_status(StoreFull("x"))[0] == grpc.StatusCode.RESOURCE_EXHAUSTED
@@ -278,7 +278,7 @@ def test_grpc_status_codes_of_the_store_errors():
 
 def test_suggest_comparisons_ranks_pairs_by_the_acquisition_rule(label_server):
     from rmserve.client import RewardClient
-    from rmserve.training.acquisition import score_pairs
+    from rmserve.service.data.acquisition import score_pairs
 
     candidates = [
         {"id": f"c{i}", "prompt": f"How do I do task {i}?",

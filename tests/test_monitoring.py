@@ -1,7 +1,7 @@
 """The shipped monitoring assets agree with the metrics the server exports.
 
 docs/monitoring/ holds a Grafana dashboard, Prometheus alert rules and promtool
-unit tests for them. A metric renamed in service/metrics.py would silently
+unit tests for them. A metric renamed in service/server/metrics.py would silently
 empty a panel or disarm an alert; these tests catch that, and run promtool on
 the rules when it is installed (Debian package `prometheus`).
 """
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from rmserve.service.metrics import Metrics
+from rmserve.service.server.metrics import Metrics
 
 MONITORING = Path(__file__).resolve().parent.parent / "docs" / "monitoring"
 DASHBOARD = MONITORING / "grafana-dashboard.json"

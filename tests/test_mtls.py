@@ -80,8 +80,8 @@ def pki(tmp_path_factory) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def mtls_server(tiny_ensemble, pki):
-    from rmserve.service.background import BackgroundServer
-    from rmserve.service.config import ServerConfig
+    from rmserve.service.server.background import BackgroundServer
+    from rmserve.service.server.config import ServerConfig
 
     s = BackgroundServer(ServerConfig(
         model=str(tiny_ensemble), port=0, metrics_port=None, registry=tempfile.mkdtemp(prefix="rmserve-registry-"),
@@ -126,8 +126,8 @@ def test_a_client_with_a_certificate_from_another_ca_is_refused(mtls_server, pki
 
 
 def test_mtls_needs_the_servers_own_certificate(tiny_ensemble, pki):
-    from rmserve.service.background import BackgroundServer
-    from rmserve.service.config import ServerConfig
+    from rmserve.service.server.background import BackgroundServer
+    from rmserve.service.server.config import ServerConfig
 
     with pytest.raises(ValueError, match="needs the server's own --tls-cert"):
         BackgroundServer(ServerConfig(model=str(tiny_ensemble), port=0, metrics_port=None,

@@ -22,7 +22,6 @@ pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
 
 from rmserve.client import RewardClient
-from rmserve.service.config import BACKEND_NAMES, DEFAULT_MODEL_DIR
 from rmserve.service.engine.backends import BACKENDS
 from rmserve.service.engine.ensemble import (
     EnsembleFormatError,
@@ -37,6 +36,7 @@ from rmserve.service.engine.model import load_model
 from rmserve.service.engine.onnx_export import export_onnx, max_differences
 from rmserve.service.engine.onnx_runtime import OnnxEngine, load_onnx_model
 from rmserve.service.engine.scoring import ScoringEngine
+from rmserve.service.server.config import BACKEND_NAMES, DEFAULT_MODEL_DIR
 
 
 def fresh_seqs(seed: int, n: int, vocab: int, top: int) -> list[list[int]]:

@@ -7,8 +7,8 @@ import os
 
 import pytest
 
-from rmserve.service.errors import NotFound
-from rmserve.service.registry import KNOWN_SHOWN, Registry
+from rmserve.service.server.errors import NotFound
+from rmserve.service.server.registry import KNOWN_SHOWN, Registry
 
 
 def _version(root, name: str, mtime: float, manifest: bytes = b"not json: never read here") -> None:

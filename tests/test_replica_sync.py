@@ -1,4 +1,4 @@
-"""Hot swap with several replicas on one registry directory (service/replica_sync.py).
+"""Hot swap with several replicas on one registry directory (service/server/replica_sync.py).
 
 Two `rmserve serve` processes share a registry holding v1, v2 and a broken version, and
 poll its ACTIVE pointer every 0.2 s. ActivateModel(propagate=False) switches one replica
@@ -23,7 +23,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from rmserve.client import RewardClient, RewardServiceError
 from rmserve.service.engine.ensemble import read_manifest, write_manifest
-from rmserve.service.registry import ACTIVE, Registry
+from rmserve.service.server.registry import ACTIVE, Registry
 
 SAMPLE = [{"prompt": "hello", "response": "thanks for the bread"}]
 POLL = "0.2"

@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 
-from rmserve.service.monitor import MonitorConfig, RunMonitor
+from rmserve.service.server.monitor import MonitorConfig, RunMonitor
 
 N = 64  # samples per step
 

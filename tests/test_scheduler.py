@@ -13,8 +13,8 @@ import time
 
 import pytest
 
-from rmserve.service.errors import DeadlineExceeded, QueueFull, SampleFailed, Unavailable
-from rmserve.service.scheduler import Scheduler
+from rmserve.service.server.errors import DeadlineExceeded, QueueFull, SampleFailed, Unavailable
+from rmserve.service.server.scheduler import Scheduler
 
 # How long a test waits for a state before failing (or the blocked engine gives up): a hang
 # guard for a broken scheduler, never reached when it works, however loaded the machine.

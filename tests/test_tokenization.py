@@ -6,7 +6,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from rmserve.service.engine.tokenization import PromptEncoder
-from rmserve.service.errors import InvalidInput
+from rmserve.service.server.errors import InvalidInput
 
 
 @pytest.fixture(scope="module")

@@ -45,7 +45,7 @@ def test_a_model_the_cached_path_cannot_reproduce_is_detected(model):
 def test_training_falls_back_to_full_forwards_when_the_check_fails(tmp_path, tiny_llama_backbone, monkeypatch):
     import json
 
-    from rmserve.training.config import TrainConfig
+    from rmserve.service.data.train_config import TrainConfig
     from rmserve.training.trainer import train
 
     rows = [{"prompt": "q", "chosen": f"fox {w} thanks", "rejected": f"fox {w} no"} for w in ("dog", "salt", "bread", "quick")]

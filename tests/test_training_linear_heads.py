@@ -49,7 +49,7 @@ def test_cv_prefers_more_regularisation_when_data_is_scarce():
 
 
 def test_lbfgs_needs_a_frozen_backbone(tmp_path):
-    from rmserve.training.config import TrainConfig
+    from rmserve.service.data.train_config import TrainConfig
 
     with pytest.raises(ValueError, match="needs finetune_layers = 0"):
         TrainConfig(data="x", out="y", head_solver="lbfgs", finetune_layers=1)

@@ -18,11 +18,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from rmserve.service.data.train_config import TrainConfig
 from rmserve.service.engine.backbone import load_backbone
 from rmserve.service.engine.ensemble import read_manifest
 from rmserve.service.engine.model import load_model
 from rmserve.service.engine.scoring import ScoringEngine
-from rmserve.training.config import TrainConfig
 from rmserve.training.data import load_pairs
 from rmserve.training.encoding import encode_pairs
 from rmserve.training.evaluate import evaluate

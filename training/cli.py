@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from rmserve.training.config import SERVE_DTYPES, TrainConfig
+from rmserve.service.data.train_config import SERVE_DTYPES, TrainConfig
 from rmserve.training.data import DataError
 from rmserve.training.events import ProgressEvent, TrainingStopped
 from rmserve.training.metrics import format_report

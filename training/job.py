@@ -1,6 +1,6 @@
 """A training job as its own process: `python -m rmserve.training.job`.
 
-The server starts training through this entry point (service/jobs.py), so it
+The server starts training through this entry point (service/server/jobs.py), so it
 imports nothing of the trainer. Protocol: the parent writes one JSON object,
 the TrainConfig fields, to stdin and closes it; the job writes one JSON object
 per line to stdout for every progress event (`ProgressEvent.to_dict()`), and
@@ -31,7 +31,7 @@ def main(threads: int | None = None) -> int:
     os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
     with contextlib.suppress(OSError):
         os.nice(10)  # scoring in the parent wins the CPU when both want it
-    from rmserve.training.config import TrainConfig
+    from rmserve.service.data.train_config import TrainConfig
 
     try:
         cfg = TrainConfig(**json.loads(sys.stdin.read()))

@@ -47,6 +47,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from rmserve.service.data.preferences import Filters, SqliteStore, training_rows
+from rmserve.service.data.train_config import TrainConfig
 from rmserve.service.engine.backbone import Backbone, cache_dir, find_layers, load_backbone
 from rmserve.service.engine.ensemble import (
     MANIFEST,
@@ -61,7 +63,6 @@ from rmserve.service.engine.ood import OodCalibration, OodStats
 from rmserve.service.engine.padding import pad_token_id
 from rmserve.service.engine.tokenization import PromptEncoder
 from rmserve.training import checkpoint, frozen_states
-from rmserve.training.config import TrainConfig
 from rmserve.training.data import DataError, DataReport, Pair, load_pairs, pairs_from_rows
 from rmserve.training.encoding import EncodedPairs, encode_pairs
 from rmserve.training.events import ProgressCallback, ProgressEvent, Reporter, TrainingStopped
@@ -71,7 +72,6 @@ from rmserve.training.linear_heads import choose_l2, cross_fitted_rewards, fit_b
 from rmserve.training.loss import bt_loss
 from rmserve.training.metrics import pair_report
 from rmserve.training.ood import fit_ood, split_pairs
-from rmserve.training.preferences import Filters, SqliteStore, training_rows
 from rmserve.training.schedule import (
     bootstrap_counts,
     calibration_split,

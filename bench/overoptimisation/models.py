@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from rmserve.service.config import DEFAULT_MODEL_DIR
+from rmserve.service.server.config import DEFAULT_MODEL_DIR
 from rmserve.training.data import Pair, load_pairs
 
 Message = dict[str, str]
@@ -126,7 +126,7 @@ def write_proxy_data(gold: GoldScorer, train_path: str | Path, out_path: Path, s
 
 def train_proxy(data_path: Path, out_dir: Path, spec: ProxySpec) -> dict[str, Any]:
     """Fit the proxy ensemble with rmserve's own trainer; returns the parts of its report we cite."""
-    from rmserve.training.config import TrainConfig
+    from rmserve.service.data.train_config import TrainConfig
     from rmserve.training.trainer import train
 
     cfg = TrainConfig(

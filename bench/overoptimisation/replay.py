@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 from evolve import RunResult
 
-from rmserve.service.monitor import MonitorConfig, RunMonitor
+from rmserve.service.server.monitor import MonitorConfig, RunMonitor
 
 DEFAULTS = asdict(MonitorConfig())
 GRID: dict[str, Sequence[Any]] = {

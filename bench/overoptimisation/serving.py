@@ -47,8 +47,8 @@ class ProxyServer:
 
     def __init__(self, model_dir: str | Path, monitor: dict[str, Any] | None = None):
         from rmserve.client import RewardClient
-        from rmserve.service.background import BackgroundServer
-        from rmserve.service.config import ServerConfig
+        from rmserve.service.server.background import BackgroundServer
+        from rmserve.service.server.config import ServerConfig
 
         cfg = ServerConfig(model=str(model_dir), port=0, metrics_port=None, runs_file="",
                            monitor=dict(monitor or {}))

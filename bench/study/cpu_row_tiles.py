@@ -27,10 +27,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench_cpu import Sizes, cpu_lines, grpo_workload, ppo_workload
 from study_runs import interleaved_best, study_main
 
-from rmserve.service.config import DEFAULT_MODEL_DIR
 from rmserve.service.engine import precision
 from rmserve.service.engine.model import load_model
 from rmserve.service.engine.scoring import ScoringEngine
+from rmserve.service.server.config import DEFAULT_MODEL_DIR
 
 TILES = {"whole": None, "tiles-256": 256, "tiles-1024": 1024}
 

@@ -51,8 +51,8 @@ PARTNER = {"bf16-kernel": "bf16-grid", "bf16-grid": "bf16-kernel", "fp32-kernel"
 
 def child(variant: str, out: Path, data: Path) -> None:
     from rmserve.kernels import cpu_attention
-    from rmserve.service.config import DEFAULT_MODEL_DIR
     from rmserve.service.engine.model import load_model
+    from rmserve.service.server.config import DEFAULT_MODEL_DIR
 
     rm = load_model(DEFAULT_MODEL_DIR, dtype=VARIANTS[variant][0])
     pr = score_pairs(rm, data)

@@ -1,6 +1,6 @@
 """Errors of the model layer: plain Python exceptions, no gRPC.
 
-The server maps them to status codes in one place (`rmserve.service.errors`);
+The server maps them to status codes in one place (`rmserve.service.server.errors`);
 the trainer and the CLI show their messages as they are. Every message is
 written for the user who can fix the cause.
 """

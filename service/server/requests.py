@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from rmserve.service.engine.tokenization import Encoded, PromptEncoder
-from rmserve.service.errors import InvalidInput
+from rmserve.service.server.errors import InvalidInput
 from rmserve.v1 import reward_pb2 as pb
 
 

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from rmserve.service.errors import InvalidInput, NotReady
+from rmserve.service.server.errors import InvalidInput, NotReady
 
 log = logging.getLogger("rmserve.jobs")
 

@@ -30,8 +30,8 @@ from pathlib import Path
 
 import grpc
 
-from rmserve.service.errors import PermissionDenied, Unauthenticated
-from rmserve.service.rpc import refusing_handler
+from rmserve.service.server.errors import PermissionDenied, Unauthenticated
+from rmserve.service.server.rpc import refusing_handler
 
 log = logging.getLogger("rmserve.auth")
 

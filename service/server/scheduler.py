@@ -45,7 +45,7 @@ from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from rmserve.service.errors import DeadlineExceeded, QueueFull, SampleFailed, Unavailable
+from rmserve.service.server.errors import DeadlineExceeded, QueueFull, SampleFailed, Unavailable
 
 log = logging.getLogger("rmserve.scheduler")
 

@@ -4,7 +4,7 @@ Same process and event loop as the gRPC server (aiohttp on asyncio), and the
 same path for every sample: validation and tokenisation on the tokenizer
 threads, the shared scheduler (so many single-sample requests coalesce into
 batched forwards), the API-key check of the `score` scope, the metrics, and the
-error mapping of `service/rpc.py` (HTTP status + `{"error": {"code", "message"}}`).
+error mapping of `service/server/rpc.py` (HTTP status + `{"error": {"code", "message"}}`).
 
 Routes (docs/http.md):
 - `POST /get_reward` — OpenRLHF (`--reward.remote_url`): `{"query": [str], "prompts": [...],
@@ -27,14 +27,14 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
-from rmserve.service import auth
 from rmserve.service.engine.tokenization import Encoded
-from rmserve.service.errors import InvalidInput
-from rmserve.service.rpc import http_error
+from rmserve.service.server import auth
+from rmserve.service.server.errors import InvalidInput
+from rmserve.service.server.rpc import http_error
 from rmserve.v1 import reward_pb2 as pb
 
 if TYPE_CHECKING:
-    from rmserve.service.server import RewardServicer
+    from rmserve.service.server.app import RewardServicer
 
 REWARD_FIELDS = ("reward", "conservative", "min")
 _SCORE_METHOD = "/rmserve.v1.RewardService/Score"  # the scope an HTTP scoring call needs, as for gRPC

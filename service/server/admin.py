@@ -8,15 +8,15 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from rmserve.service.errors import InvalidInput, NotReady
-from rmserve.service.jobs import JobRunner, TrainingJob
-from rmserve.service.registry import Registry
-from rmserve.service.rpc import call_with_status, unary
+from rmserve.service.server.errors import InvalidInput, NotReady
+from rmserve.service.server.jobs import JobRunner, TrainingJob
+from rmserve.service.server.registry import Registry
+from rmserve.service.server.rpc import call_with_status, unary
 from rmserve.v1 import admin_pb2 as apb
 from rmserve.v1 import admin_pb2_grpc as apb_grpc
 
 if TYPE_CHECKING:
-    from rmserve.service.server import ServingState
+    from rmserve.service.server.app import ServingState
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +103,7 @@ class AdminServicer(apb_grpc.AdminServiceServicer):
             cfg["backbone"] = req.backbone
         cfg["name"] = req.name or live.name
         cfg["max_tokens"] = req.max_tokens or live.max_tokens
-        from rmserve.training.config import TrainConfig
+        from rmserve.service.data.train_config import TrainConfig
 
         try:
             TrainConfig(**cfg, out="-")

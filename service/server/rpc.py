@@ -30,8 +30,8 @@ from google.protobuf import message_factory
 from google.protobuf.descriptor import ServiceDescriptor
 from google.protobuf.message import DecodeError
 
-from rmserve.service.errors import InvalidInput, QueueFull, Unavailable, grpc_status
-from rmserve.service.metrics import Metrics
+from rmserve.service.server.errors import InvalidInput, QueueFull, Unavailable, grpc_status
+from rmserve.service.server.metrics import Metrics
 from rmserve.v1 import reward_pb2 as pb
 
 log = logging.getLogger("rmserve.rpc")

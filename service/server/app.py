@@ -2,7 +2,7 @@
 
 Data flow per RPC: validate + tokenize on the tokenizer threads -> scheduler
 (batches across callers) -> engine on its own thread -> results. The event
-loop only moves messages. Errors become gRPC statuses in service/rpc.py alone,
+loop only moves messages. Errors become gRPC statuses in service/server/rpc.py alone,
 through errors.grpc_status.
 """
 
@@ -23,14 +23,15 @@ import numpy as np
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from rmserve.service.admin import AdminServicer
-from rmserve.service.auth import ApiKeyInterceptor, ApiKeys, check_bind_address
-from rmserve.service.config import DEFAULT_MODEL_DIR, ServerConfig
+from rmserve.service.data.preferences import SqliteStore
 from rmserve.service.engine.backbone import cache_dir
 from rmserve.service.engine.backends import Engine, backend
 from rmserve.service.engine.ensemble import MANIFEST
 from rmserve.service.engine.model import RewardModel
-from rmserve.service.errors import (
+from rmserve.service.server.admin import AdminServicer
+from rmserve.service.server.auth import ApiKeyInterceptor, ApiKeys, check_bind_address
+from rmserve.service.server.config import DEFAULT_MODEL_DIR, ServerConfig
+from rmserve.service.server.errors import (
     InvalidInput,
     NonFiniteScore,
     NotFound,
@@ -38,16 +39,23 @@ from rmserve.service.errors import (
     SampleFailed,
     Unavailable,
 )
-from rmserve.service.http import HttpFrontDoor
-from rmserve.service.labels import LabelServicer
-from rmserve.service.metrics import Metrics
-from rmserve.service.monitor import MonitorConfig, RunMonitor, StepSummary
-from rmserve.service.registry import Registry
-from rmserve.service.replica_sync import RegistryFollower
-from rmserve.service.requests import Row, encode_groups, encode_samples, result_pb
-from rmserve.service.rpc import Malformed, Work, add_service, chunk_error, deadline_of, drain, unary
-from rmserve.service.scheduler import Scheduler
-from rmserve.training.preferences import SqliteStore
+from rmserve.service.server.http import HttpFrontDoor
+from rmserve.service.server.labels import LabelServicer
+from rmserve.service.server.metrics import Metrics
+from rmserve.service.server.monitor import MonitorConfig, RunMonitor, StepSummary
+from rmserve.service.server.registry import Registry
+from rmserve.service.server.replica_sync import RegistryFollower
+from rmserve.service.server.requests import Row, encode_groups, encode_samples, result_pb
+from rmserve.service.server.rpc import (
+    Malformed,
+    Work,
+    add_service,
+    chunk_error,
+    deadline_of,
+    drain,
+    unary,
+)
+from rmserve.service.server.scheduler import Scheduler
 from rmserve.v1 import admin_pb2 as apb
 from rmserve.v1 import label_pb2 as lpb
 from rmserve.v1 import reward_pb2 as pb
@@ -544,7 +552,7 @@ class RewardServer:
     async def stop(self, grace: float | None = None) -> None:
         """Graceful stop (SIGTERM): health NOT_SERVING first, then new calls get UNAVAILABLE
         while the calls in flight finish within `grace` (default: config.grace_s); returns
-        as soon as none is left, whatever streams are still open (service/rpc.py `drain`)."""
+        as soon as none is left, whatever streams are still open (service/server/rpc.py `drain`)."""
         await self.health.enter_graceful_shutdown()
         self.state.work.close()
         if self.follower is not None:  # no hot swap while stopping

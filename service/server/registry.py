@@ -15,7 +15,7 @@ Several replicas may share one registry directory (a shared volume, a mounted
 bucket): ACTIVE is then the fleet's version. It is replaced by rename (temp file
 + fsync + os.replace), so a reader sees the old pointer or the new one, never a
 half-written one, and it is written only after the version it names is complete.
-Replicas follow it with service/replica_sync.py (docs/scaling.md).
+Replicas follow it with service/server/replica_sync.py (docs/scaling.md).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from rmserve.service.engine.ensemble import MANIFEST, atomic_write_bytes, read_manifest
-from rmserve.service.errors import InvalidInput, NotFound
+from rmserve.service.server.errors import InvalidInput, NotFound
 
 _VERSION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 ACTIVE = "ACTIVE"

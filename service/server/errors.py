@@ -1,7 +1,7 @@
 """Server errors, and the one table that maps every rmserve error to a gRPC status.
 
 The model layer raises plain exceptions (`rmserve.service.engine.errors`), the
-preference store its own (`rmserve.training.preferences`); the scheduler,
+preference store its own (`rmserve.service.data.preferences`); the scheduler,
 registry, auth and admin raise the ones below. Only this module
 turns either kind into a status (`grpc_status`), so every caller sees the same
 code for the same problem, whichever service or path raised it.
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import grpc
 
+from rmserve.service.data.preferences import PreferenceConflict, StoreFull, StoreUnavailable
 from rmserve.service.engine.errors import (
     EngineOutOfMemory,
     EngineUnavailable,
@@ -18,7 +19,6 @@ from rmserve.service.engine.errors import (
     InvalidInput,
     RMServeError,
 )
-from rmserve.training.preferences import PreferenceConflict, StoreFull, StoreUnavailable
 
 __all__ = [
     "DeadlineExceeded",

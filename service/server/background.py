@@ -9,8 +9,8 @@ from __future__ import annotations
 import asyncio
 import threading
 
-from rmserve.service.config import ServerConfig
-from rmserve.service.server import RewardServer
+from rmserve.service.server.app import RewardServer
+from rmserve.service.server.config import ServerConfig
 
 
 class BackgroundServer:

@@ -5,8 +5,8 @@ index and rejects the batch: nothing half-stored), then commits it to the
 preference store on a worker thread and acknowledges only after the commit is
 on disk. SuggestComparisons scores candidate responses with the live ensemble
 (through the same scheduler as scoring) and ranks their pairs by the
-acquisition rule of `training/acquisition.py`. LabelerReport compares each
-labeler with the model and with the others (`training/agreement.py`).
+acquisition rule of `service/data/acquisition.py`. LabelerReport compares each
+labeler with the model and with the others (`service/data/agreement.py`).
 """
 
 from __future__ import annotations
@@ -20,16 +20,16 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from rmserve.service.errors import InvalidInput
-from rmserve.service.requests import encode_groups
-from rmserve.service.rpc import call_with_status, deadline_of, unary
-from rmserve.training.preferences import Filters, Preference, PreferenceStore, validate
+from rmserve.service.data.preferences import Filters, Preference, PreferenceStore, validate
+from rmserve.service.server.errors import InvalidInput
+from rmserve.service.server.requests import encode_groups
+from rmserve.service.server.rpc import call_with_status, deadline_of, unary
 from rmserve.v1 import label_pb2 as lpb
 from rmserve.v1 import label_pb2_grpc as lpb_grpc
 from rmserve.v1 import reward_pb2 as pb
 
 if TYPE_CHECKING:
-    from rmserve.service.server import ServingState
+    from rmserve.service.server.app import ServingState
 
 EXPORT_CHUNK = 500        # rows per ExportPreferences message
 REPORT_MAX_SCORED = 4096  # newest comparisons the report scores with the model (bounds its cost)
@@ -149,7 +149,7 @@ class LabelServicer(lpb_grpc.LabelServiceServicer):
 
     @unary("SuggestComparisons")
     async def SuggestComparisons(self, request: lpb.SuggestComparisonsRequest, context) -> lpb.SuggestComparisonsResponse:
-        from rmserve.training import acquisition
+        from rmserve.service.data import acquisition
 
         if request.k <= 0:
             raise InvalidInput(f"k must be >= 1, got {request.k}")
@@ -185,7 +185,7 @@ class LabelServicer(lpb_grpc.LabelServiceServicer):
 
     @unary("LabelerReport")
     async def LabelerReport(self, request: lpb.LabelerReportRequest, context) -> lpb.LabelerReportResponse:
-        from rmserve.training.agreement import LabelRecord, labeler_report
+        from rmserve.service.data.agreement import LabelRecord, labeler_report
 
         prefs = await asyncio.get_running_loop().run_in_executor(
             None, lambda: list(self.store.query(Filters(tag=request.tag or None)))
