@@ -220,7 +220,7 @@ def test_the_pod_runs_as_the_dockerfiles_user_and_locked_down(docs):
 
 
 def test_the_hpa_documents_the_queue_depth_metric_by_its_real_name(docs):
-    metrics = (ROOT / "service" / "metrics.py").read_text()
+    metrics = (ROOT / "service" / "server" / "metrics.py").read_text()
     (name,) = re.findall(r'Gauge\("(rmserve_queue_depth)"', metrics)
     text = (K8S / "hpa.yaml").read_text()
     assert f"name: {name}" in text and "type: Pods" in text and "prometheus-adapter" in text
