@@ -57,6 +57,7 @@ def test_the_wheel_ships_every_package_the_type_markers_and_the_default_model(tm
     (wheel,) = (tmp_path / "dist").glob("rmserve-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
     for folder, package in (("service/engine", "rmserve/service/engine"), ("service", "rmserve/service"),
+                            ("service/server", "rmserve/service/server"), ("service/data", "rmserve/service/data"),
                             ("training", "rmserve/training"), ("client", "rmserve/client"),
                             ("kernels", "rmserve/kernels")):
         for f in (root / folder).glob("*.py"):
