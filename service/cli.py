@@ -266,9 +266,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", default="cpu", help="cpu, cuda[:n] or auto (CUDA when there is one); "
                    "on CUDA the engine packs padding-free batches and sizes its token budget from memory")
     s.add_argument("--backend", default="torch", choices=sorted(BACKEND_NAMES),
-                   help="what runs the forward: torch (default), onnx (a directory from `rmserve export-onnx`), "
-                   "accelerate (one model split over the node's GPUs), vllm (vLLM's pooling runner, tensor "
-                   "parallel); docs/big-models.md")
+                   help="what runs the forward: torch (default), onnx (a directory from `rmserve export-onnx`; "
+                   "experimental on CUDA), accelerate (one model split over the node's GPUs; experimental over "
+                   "several GPUs), vllm (experimental: vLLM's pooling runner, tensor parallel). Experimental: never "
+                   "run on a GPU, tested against fakes until a GPU run is recorded in bench/results/ "
+                   "(docs/STATUS.md); docs/big-models.md")
     s.add_argument("--device-map", metavar="MAP",
                    help="--backend accelerate: auto (default), balanced, balanced_low_0, sequential, or a JSON "
                    'object {"module": GPU index | "cpu" | "disk"} (or a file holding one)')
