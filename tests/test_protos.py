@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 # Lines that stamp the generator's version: a grpcio-tools patch release rewrites them and nothing
@@ -40,6 +42,32 @@ def test_bare_folder_names_are_not_importable_from_an_install(tmp_path):
     )
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_the_checkout_root_on_sys_path_does_not_shadow_hugging_faces_kernels():
+    """`python -m pytest` (or `python -m rmserve...`) run from the checkout puts its root first on
+    sys.path, where the `kernels/` folder is found as a top-level `kernels`. transformers imports
+    Hugging Face's `kernels` when that is installed, and must get it (kernels/__init__.py hands the
+    name over), while rmserve's kernels stay `rmserve.kernels`."""
+    import importlib.metadata
+
+    try:
+        importlib.metadata.version("kernels")
+    except importlib.metadata.PackageNotFoundError:
+        pytest.skip("Hugging Face's kernels is not installed: nothing to shadow")
+    code = (
+        "import os, sys\n"
+        "import transformers.integrations.hub_kernels, kernels, rmserve.kernels\n"
+        "print(os.path.realpath(sys.path[0] or '.'), kernels.__file__, rmserve.kernels.__file__, "
+        "hasattr(kernels, 'get_kernel'), sep='\\n')"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONSAFEPATH"}  # the root stays on sys.path
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    first, hf, ours, has_get_kernel = out.stdout.split()
+    assert Path(first) == ROOT.resolve()
+    assert not Path(hf).resolve().is_relative_to(ROOT.resolve() / "kernels") and has_get_kernel == "True", hf
+    assert Path(ours).resolve() == ROOT.resolve() / "kernels" / "__init__.py"
 
 
 def test_the_wheel_ships_every_package_the_type_markers_and_the_default_model(tmp_path):
