@@ -166,6 +166,15 @@ def assert_same_scores(got, want, atol: float = 1e-5) -> None:
             np.testing.assert_allclose(a, b, rtol=1e-5, atol=atol, err_msg=name)
 
 
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags as the Linux kernel lists them (/proc/cpuinfo); empty elsewhere."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    return {f for line in text.splitlines() if line.startswith(("flags", "Features")) for f in line.split(":", 1)[1].split()}
+
+
 # ------------------------------------------------------------------------------ servers
 
 
