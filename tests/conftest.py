@@ -140,3 +140,21 @@ def server_factory():
     yield make
     for s in started:
         s.stop()
+
+
+@pytest.fixture(scope="module")
+def fake_server():
+    """The client SDK's fake RewardService (tests/client_fake_server.py), one per test module."""
+    from tests.client_fake_server import FakeServer
+
+    srv = FakeServer().start()
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture
+def fs(fake_server):
+    """The module's fake server, its calls and injected failures cleared and serving, for one test."""
+    fake_server.reset()
+    fake_server.set_serving(True)
+    return fake_server

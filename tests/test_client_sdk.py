@@ -47,20 +47,6 @@ UNAVAILABLE = grpc.StatusCode.UNAVAILABLE
 EXHAUSTED = grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
-@pytest.fixture(scope="module")
-def server():
-    srv = fake.FakeServer().start()
-    yield srv
-    srv.stop()
-
-
-@pytest.fixture
-def fs(server):
-    server.reset()
-    server.set_serving(True)
-    return server
-
-
 @pytest.fixture
 def client(fs):
     with RewardClient(fs.address, timeout=10, initial_backoff=0.01, max_backoff=0.05) as c:

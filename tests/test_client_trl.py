@@ -13,19 +13,6 @@ from tests import client_fake_server as fake
 from tests.helpers import byte_bpe_tokenizer
 
 
-@pytest.fixture(scope="module")
-def server():
-    srv = fake.FakeServer().start()
-    yield srv
-    srv.stop()
-
-
-@pytest.fixture
-def fs(server):
-    server.reset()
-    return server
-
-
 class Recorder:
     """Stands in for TRL's log_metric / log_extra hooks."""
 
