@@ -124,6 +124,11 @@ def test_the_checkout_root_on_sys_path_does_not_shadow_hugging_faces_kernels():
     assert Path(first) == ROOT.resolve()
     assert not Path(hf).resolve().is_relative_to(ROOT.resolve() / "kernels") and has_get_kernel == "True", hf
     assert Path(ours).resolve() == ROOT.resolve() / "kernels" / "__init__.py"
+    # and in this process, which `python -m pytest` started with the root first on sys.path
+    import transformers.integrations.hub_kernels  # noqa: F401  (imports `kernels`, as it is installed)
+
+    hf = sys.modules["kernels"].__file__
+    assert not Path(hf).resolve().is_relative_to(ROOT.resolve() / "kernels"), hf
 
 
 def test_the_wheel_ships_every_package_the_type_markers_and_the_default_model(tmp_path):
