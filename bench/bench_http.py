@@ -5,7 +5,7 @@ downloaded once the builtin backbone is cached):
 
     .venv/bin/python bench/bench_http.py --out bench/results/http-$(date +%F).md
 
-`--quick` builds a tiny random Llama with a chat template (as tests/conftest.py
+`--quick` builds a tiny random Llama with a chat template (as tests/helpers.py
 does), short texts and N = 16 by default, and runs in seconds; its engine time is
 small, so `--quick --n 64` shows what the transports themselves cost (tests/test_bench_http.py runs it so the script cannot
 rot); `--model DIR` serves another model.

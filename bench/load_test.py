@@ -4,7 +4,7 @@ Run (the recorded figures: bench/results/load-test-2026-12-06.md):
 
     .venv/bin/python bench/load_test.py --seconds 30 --out bench/results/load-test-$(date +%F).md
 
-`--tiny` serves a tiny random Llama (as tests/conftest.py builds; tests/test_load.py runs
+`--tiny` serves a tiny random Llama (as tests/helpers.py builds; tests/test_load.py runs
 `--tiny --clients 8 --seconds 5`), otherwise the embedded default model (or `--model DIR`).
 
 What it does:

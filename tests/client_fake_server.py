@@ -10,7 +10,7 @@ gates, never by sleeping. It runs a real grpc.aio server (with the standard
 health service) on 127.0.0.1, port 0, in a thread with its own event loop, so
 both the sync and the async client can talk to it.
 
-Test modules load it by path (pytest runs with --import-mode=importlib).
+Test modules import it as `tests.client_fake_server`, as they import tests/helpers.py.
 """
 
 from __future__ import annotations

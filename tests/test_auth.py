@@ -8,6 +8,7 @@ import grpc
 import pytest
 
 from rmserve.client import RewardClient, RewardServiceError
+from tests.helpers import self_signed_cert
 
 
 @pytest.fixture
@@ -59,19 +60,7 @@ def test_bad_key_files_are_rejected(tmp_path):
 
 
 def test_tls_when_certificates_are_given(tiny_ensemble, server_factory, tmp_path):
-    import shutil
-    import subprocess
-
-    openssl = shutil.which("openssl")
-    if openssl is None:
-        pytest.skip("openssl CLI not installed")
-    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    subprocess.run(
-        [openssl, "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
-         "-keyout", str(key), "-out", str(cert), "-days", "1", "-subj", "/CN=127.0.0.1",
-         "-addext", "subjectAltName=IP:127.0.0.1"],
-        check=True, capture_output=True,
-    )
+    cert, key = self_signed_cert(tmp_path, "/CN=127.0.0.1", "IP:127.0.0.1")
     s = server_factory(tiny_ensemble, tls_cert=str(cert), tls_key=str(key))
     with RewardClient(s.address, timeout=30, root_certificates=cert.read_bytes()) as c:
         assert len(c.score(SAMPLE)) == 1

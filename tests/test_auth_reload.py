@@ -6,11 +6,9 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import signal
 import subprocess
 import sys
-import time
 
 import grpc
 import pytest
@@ -18,6 +16,7 @@ import pytest
 from rmserve.client import RewardClient, RewardServiceError
 from rmserve.service.server import auth
 from rmserve.service.server.auth import ApiKeys, check_bind_address
+from tests.helpers import wait_for_line
 
 SAMPLE = [{"prompt": "hi", "response": "hello"}]
 OLD, NEW = "k-old-5ecret-0f1d", "k-new-5ecret-9a7c"
@@ -157,18 +156,6 @@ def _env() -> dict[str, str]:
     return {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
 
 
-def _wait_for(proc: subprocess.Popen, pattern: str, log: list[str], timeout: float = 120) -> re.Match:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        line = proc.stderr.readline()
-        if not line:
-            break
-        log.append(line)
-        if m := re.search(pattern, line):
-            return m
-    raise AssertionError(f"no line matching {pattern!r}:\n" + "".join(log))
-
-
 def test_sighup_reloads_the_key_file_of_rmserve_serve(tiny_ensemble, tmp_path):
     f = tmp_path / "keys.json"
     write_keys(f, {OLD: ["score"]})
@@ -177,13 +164,13 @@ def test_sighup_reloads_the_key_file_of_rmserve_serve(tiny_ensemble, tmp_path):
                             stderr=subprocess.PIPE, text=True, env=_env())
     log: list[str] = []
     try:
-        port = _wait_for(proc, r"SERVING .* on 127\.0\.0\.1:(\d+)", log).group(1)
+        port = wait_for_line(proc, r"SERVING .* on 127\.0\.0\.1:(\d+)", log).group(1)
         address = f"127.0.0.1:{port}"
         with RewardClient(address, timeout=60, api_key=OLD) as c:
             assert len(c.score(SAMPLE)) == 1
         write_keys(f, {NEW: ["score"]})
         proc.send_signal(signal.SIGHUP)
-        _wait_for(proc, r"reloaded 1 API keys from", log)
+        wait_for_line(proc, r"reloaded 1 API keys from", log)
         with RewardClient(address, timeout=60, api_key=NEW) as c:
             assert len(c.score(SAMPLE)) == 1
         with RewardClient(address, timeout=60, api_key=OLD) as c, pytest.raises(RewardServiceError) as err:
@@ -191,7 +178,7 @@ def test_sighup_reloads_the_key_file_of_rmserve_serve(tiny_ensemble, tmp_path):
         assert err.value.code == grpc.StatusCode.UNAUTHENTICATED
         f.write_text("{broken")
         proc.send_signal(signal.SIGHUP)
-        assert str(f) in _wait_for(proc, r"ERROR .*API keys not reloaded", log).string
+        assert str(f) in wait_for_line(proc, r"ERROR .*API keys not reloaded", log).string
         with RewardClient(address, timeout=60, api_key=NEW) as c:
             assert len(c.score(SAMPLE)) == 1  # still serving, with the keys it had
         proc.send_signal(signal.SIGTERM)

@@ -36,9 +36,9 @@ from rmserve.service.engine.sharded import (
     parse_max_memory,
     sharded_engine,
 )
+from tests.helpers import assert_same_scores as _assert_same
 
 H = 32
-FIELDS = ("rewards", "mean", "var", "min", "epistemic", "ood_score")
 
 # the tiny ensemble's bare LlamaModel: two blocks, the second offloaded
 SPLIT = {"embed_tokens": "cpu", "rotary_emb": "cpu", "layers.0": "cpu", "layers.1": "disk", "norm": "cpu"}
@@ -49,14 +49,6 @@ def _seqs(n: int = 11, seed: int = 0) -> list[list[int]]:
     seqs = [rng.integers(5, 250, int(rng.integers(2, 40))).tolist() for _ in range(n)]
     prompt = rng.integers(5, 250, 24).tolist()  # a GRPO group: the engine encodes the prompt once
     return seqs + [prompt + rng.integers(5, 250, int(rng.integers(1, 9))).tolist() for _ in range(4)]
-
-
-def _assert_same(got, want, atol: float = 1e-5) -> None:
-    for name in FIELDS:
-        a, b = getattr(got, name), getattr(want, name)
-        assert (a is None) == (b is None), name
-        if a is not None:
-            np.testing.assert_allclose(a, b, rtol=1e-5, atol=atol, err_msg=name)
 
 
 def _offloaded(model: torch.nn.Module, prefix: str) -> bool:

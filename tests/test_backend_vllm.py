@@ -44,9 +44,9 @@ from rmserve.service.engine.vllm_backend import (
     cut_checkpoint,
     load_vllm_model,
 )
+from tests.helpers import assert_same_scores as _assert_same
 
 H = 32
-FIELDS = ("rewards", "mean", "var", "min", "epistemic", "ood_score")
 
 
 # ---------------------------------------------------------------- vLLM 0.34.0's shapes
@@ -123,14 +123,6 @@ class Factory:
 def _seqs(n: int = 13, seed: int = 0) -> list[list[int]]:
     rng = np.random.default_rng(seed)
     return [rng.integers(5, 250, int(rng.integers(1, 40))).tolist() for _ in range(n)]
-
-
-def _assert_same(got, want, atol: float = 1e-5) -> None:
-    for name in FIELDS:
-        a, b = getattr(got, name), getattr(want, name)
-        assert (a is None) == (b is None), name
-        if a is not None:
-            np.testing.assert_allclose(a, b, rtol=1e-5, atol=atol, err_msg=name)
 
 
 @pytest.fixture(scope="module")

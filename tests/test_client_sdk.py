@@ -14,16 +14,13 @@ calls the fake server makes wait for each other.
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import math
 import pickle
-import shutil
 import socket
 import subprocess
 import sys
 import time
 import types
-from pathlib import Path
 
 import grpc
 import numpy as np
@@ -43,36 +40,11 @@ from rmserve.client import (
 from rmserve.client import errors as E
 from rmserve.client import sync as sync_client
 from rmserve.client._core import ClientOptions, Deadline, RetryState
+from tests import client_fake_server as fake
+from tests.helpers import self_signed_cert
 
-
-def load_fake():
-    """tests/client_fake_server.py, imported by path (pytest uses --import-mode=importlib)."""
-    name = "_rmserve_tests_client_fake_server"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("client_fake_server.py"))
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[name] = mod
-        spec.loader.exec_module(mod)
-    return sys.modules[name]
-
-
-fake = load_fake()
 UNAVAILABLE = grpc.StatusCode.UNAVAILABLE
 EXHAUSTED = grpc.StatusCode.RESOURCE_EXHAUSTED
-
-
-@pytest.fixture(scope="module")
-def server():
-    srv = fake.FakeServer().start()
-    yield srv
-    srv.stop()
-
-
-@pytest.fixture
-def fs(server):
-    server.reset()
-    server.set_serving(True)
-    return server
 
 
 @pytest.fixture
@@ -441,16 +413,7 @@ def test_retries_ride_out_a_server_that_comes_back(monkeypatch):
 
 
 def test_tls_with_root_certificates(tmp_path):
-    openssl = shutil.which("openssl")
-    if openssl is None:
-        pytest.skip("openssl CLI not installed")
-    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
-    subprocess.run(
-        [openssl, "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
-         "-keyout", str(key), "-out", str(cert), "-days", "1", "-subj", "/CN=localhost",
-         "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost"],
-        check=True, capture_output=True, timeout=30,
-    )
+    cert, key = self_signed_cert(tmp_path, "/CN=localhost", "IP:127.0.0.1,DNS:localhost")
     srv = fake.FakeServer(tls=(key.read_bytes(), cert.read_bytes())).start()
     try:
         with RewardClient(srv.address, root_certificates=cert.read_bytes(), api_key="k") as c:

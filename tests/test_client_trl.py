@@ -2,43 +2,15 @@
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import pickle
-import sys
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 
 from rmserve.client import RewardClient, as_trl_reward_func
-
-
-def load_fake():
-    """tests/client_fake_server.py, imported by path (pytest uses --import-mode=importlib)."""
-    name = "_rmserve_tests_client_fake_server"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("client_fake_server.py"))
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[name] = mod
-        spec.loader.exec_module(mod)
-    return sys.modules[name]
-
-
-fake = load_fake()
-
-
-@pytest.fixture(scope="module")
-def server():
-    srv = fake.FakeServer().start()
-    yield srv
-    srv.stop()
-
-
-@pytest.fixture
-def fs(server):
-    server.reset()
-    return server
+from tests import client_fake_server as fake
+from tests.helpers import byte_bpe_tokenizer
 
 
 class Recorder:
@@ -162,27 +134,10 @@ def test_default_run_id_comes_from_env(fs, monkeypatch):
 
 # -- TRL's real GRPOTrainer ---------------------------------------------------------
 
-CHAT_TEMPLATE = (
-    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
-)
-
 
 def tiny_tokenizer():
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
     specials = ["<pad>", "<eos>", "<|user|>", "<|assistant|>", "<|system|>", "<|end|>"]
-    trainer = trainers.BpeTrainer(
-        vocab_size=300, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
-    )
-    tok.train_from_iterator(["the quick brown fox", "how do I bake bread?", "hello there"], trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>")
-    fast.chat_template = CHAT_TEMPLATE
-    return fast
+    return byte_bpe_tokenizer(["the quick brown fox", "how do I bake bread?", "hello there"], specials)
 
 
 @pytest.mark.parametrize("conversational", [False, True])

@@ -19,7 +19,6 @@ import os
 import sys
 import threading
 import types
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from unittest import mock
@@ -30,6 +29,7 @@ import pytest
 from rmserve.client import AuthenticationError, RewardClient, RewardServiceError
 from rmserve.client import verl as rv
 from rmserve.client.verl import EXTRA_KEYS, compute_score, compute_score_batch, compute_score_sync
+from tests.helpers import make_tiny_ensemble, scraped_sample
 
 PROMPT = "How do I bake bread?"
 CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": PROMPT}]
@@ -53,11 +53,7 @@ def server(tiny_ensemble, server_factory, monkeypatch):
 
 
 def score_rpcs(server) -> float:
-    text = urllib.request.urlopen(server.metrics_url, timeout=10).read().decode()
-    for line in text.splitlines():
-        if line.startswith('rmserve_requests_total{code="OK",method="Score"}'):
-            return float(line.split(" ")[1])
-    return 0.0
+    return scraped_sample(server.metrics_url, "rmserve_requests_total", code="OK", method="Score")
 
 
 def run(coro):
@@ -162,12 +158,7 @@ def test_max_batch_splits_and_late_calls_start_a_new_batch(server, monkeypatch):
 
 
 def test_same_keys_for_every_sample_nan_where_not_served(tiny_ensemble, tmp_path, server_factory, monkeypatch):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("_verl_test_conftest", Path(__file__).with_name("conftest.py"))
-    helpers = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(helpers)
-    bare = helpers.make_tiny_ensemble(tmp_path / "bare", with_epistemic=False)
+    bare = make_tiny_ensemble(tmp_path / "bare", with_epistemic=False)
     s = server_factory(bare)
     monkeypatch.setenv("RMSERVE_ADDRESS", s.address)
     outs = run(lambda: asyncio.gather(*(compute_score("s", f"r{i}", None, {"prompt": PROMPT}) for i in range(5))))

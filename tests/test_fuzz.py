@@ -61,7 +61,7 @@ MAX_MESSAGE_BYTES = 4 << 20
 MAX_SAMPLES = 16
 # Train may read this file (the server's --data-root): a path the strategies can name
 DATA_FILE = Path(tempfile.gettempdir()) / f"rmserve-fuzz-{os.getpid()}" / "prefs.jsonl"
-VOCAB = 300  # the tiny test tokenizer's (conftest.make_tokenizer)
+VOCAB = 300  # the tiny test tokenizer's (tests/helpers.py: make_tokenizer)
 
 C = grpc.StatusCode
 SERVICES = [pb.DESCRIPTOR.services_by_name["RewardService"], apb.DESCRIPTOR.services_by_name["AdminService"],

@@ -4,11 +4,9 @@ waiting out the grace period for streams that are merely open."""
 
 from __future__ import annotations
 
-import re
 import signal
 import threading
 import time
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
@@ -17,6 +15,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from rmserve.v1 import reward_pb2 as pb
 from rmserve.v1 import reward_pb2_grpc as pb_grpc
+from tests.helpers import scraped_sample
 
 GRACE_S = 60  # long: exiting well within it is the behaviour under test, not a speed
 REQ = pb.ScoreRequest(samples=[pb.Sample(text=pb.PromptResponse(prompt="How do I bake bread?", response="Knead."))])
@@ -82,8 +81,7 @@ def test_sigterm_finishes_the_call_in_flight_and_refuses_new_ones(tiny_ensemble,
     metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
 
     def in_flight() -> float:
-        text = urllib.request.urlopen(metrics_url, timeout=10).read().decode()
-        return float(re.search(r"^rmserve_requests_in_flight (\S+)$", text, re.M).group(1))
+        return scraped_sample(metrics_url, "rmserve_requests_in_flight")
 
     with grpc.insecure_channel(address) as ch, ThreadPoolExecutor(1) as pool:
         stub = pb_grpc.RewardServiceStub(ch)

@@ -22,7 +22,7 @@ from rmserve.service.server.errors import InvalidInput
 from rmserve.service.server.requests import encode_completion, encode_groups
 from rmserve.service.server.scheduler import Scheduler
 from rmserve.v1 import reward_pb2 as pb
-from tests.conftest import CHAT_TEMPLATE, CORPUS
+from tests.helpers import CHAT_TEMPLATE, CORPUS
 
 PROMPTS = [
     "How do I bake bread? Give me the steps.",

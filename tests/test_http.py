@@ -11,6 +11,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from rmserve.client import RewardClient
+from tests.helpers import registry_sample
 
 MSGS = [{"role": "user", "content": "How do I bake bread?"}, {"role": "assistant", "content": "Mix flour and water."}]
 
@@ -159,7 +160,7 @@ def test_http_needs_the_score_scope(tiny_ensemble, server_factory, tmp_path, tok
 def test_concurrent_single_sample_requests_coalesce_into_few_engine_batches(http_server, tokenizer):
     """OpenRLHF sends one sample per request: 300 at once must not mean 300 forwards."""
     metrics = http_server.server.state.metrics
-    calls_before = metrics.forward_seconds._sum.get(), sum(b.get() for b in metrics.forward_seconds._buckets)
+    calls_before = registry_sample(metrics.registry, "rmserve_forward_seconds_count")  # engine batches so far
     queries = [rendered(tokenizer, [{"role": "user", "content": f"question {i}"},
                                     {"role": "assistant", "content": f"answer number {i}"}]) for i in range(300)]
 
@@ -172,7 +173,7 @@ def test_concurrent_single_sample_requests_coalesce_into_few_engine_batches(http
             return await asyncio.gather(*(one(q) for q in queries))
 
     got = asyncio.run(fire())
-    engine_calls = sum(b.get() for b in metrics.forward_seconds._buckets) - calls_before[1]
+    engine_calls = registry_sample(metrics.registry, "rmserve_forward_seconds_count") - calls_before
     with RewardClient(http_server.address, timeout=120, max_samples_per_request=512) as c:
         want = [r.reward for r in c.score([{"token_ids": tokenizer(q, add_special_tokens=False)["input_ids"]}
                                            for q in queries])]

@@ -19,6 +19,7 @@ from rmserve.client import RewardClient
 from rmserve.service.server.app import STREAM_WINDOW
 from rmserve.v1 import reward_pb2 as pb
 from rmserve.v1 import reward_pb2_grpc as pb_grpc
+from tests.helpers import registry_sample
 
 HANG_GUARD_S = 120.0
 
@@ -109,10 +110,10 @@ def test_a_stalled_stream_is_held_to_its_window_while_others_are_served(tiny_ens
     total = 1000
 
     def held() -> float:
-        return metrics.stream_chunks._value.get()
+        return registry_sample(metrics.registry, "rmserve_stream_chunks_unanswered")
 
     def scored() -> float:
-        return metrics.requests.labels("ScoreStream.chunk", "OK")._value.get()
+        return registry_sample(metrics.registry, "rmserve_requests_total", method="ScoreStream.chunk", code="OK")
 
     def chunks():
         for n in range(total):

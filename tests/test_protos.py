@@ -1,12 +1,17 @@
-"""The committed stubs must be what scripts/gen_protos.sh generates now."""
+"""The protos: the committed stubs are what scripts/gen_protos.sh generates now; buf's lint and
+breaking-change check (buf.yaml, docs/protos.md) pass and can fail; the package's folders."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -30,6 +35,59 @@ def test_committed_stubs_are_fresh(tmp_path):
     assert not stale, f"stale generated stubs {stale}: run scripts/gen_protos.sh and commit"
 
 
+def _buf() -> str:
+    """The buf CLI of the dev extra (buf-bin), beside this interpreter or on PATH."""
+    beside = Path(sys.executable).with_name("buf")
+    found = str(beside) if beside.exists() else shutil.which("buf")
+    if found is None:
+        pytest.skip("buf is not installed (the dev extra's buf-bin)")
+    return found
+
+
+def _run_buf(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    return subprocess.run([_buf(), *args], cwd=cwd, capture_output=True, text=True, timeout=120)
+
+
+def test_buf_lint_and_the_breaking_check_against_the_released_api_pass():
+    lint = _run_buf("lint")
+    assert lint.returncode == 0, lint.stdout + lint.stderr
+    breaking = _run_buf("breaking", "--against", "protos/released-api.yaml")
+    assert breaking.returncode == 0, breaking.stdout + breaking.stderr
+
+
+def test_the_lint_exceptions_are_exactly_the_three_rpcs_buf_yaml_names():
+    """buf.yaml turns RPC_RESPONSE_STANDARD_NAME off for two whole files; without that, exactly the
+    three RPCs it lists fail the rule, so a new RPC in those files is still held to it."""
+    import yaml
+
+    config = yaml.safe_load((ROOT / "buf.yaml").read_text())
+    del config["lint"]["ignore_only"]
+    out = _run_buf("lint", "--error-format", "json", "--config", json.dumps(config))
+    found = {(e["path"], e["type"], re.search(r'RPC response type "(\w+)"', e["message"]).group(1))
+             for e in map(json.loads, out.stdout.splitlines())}
+    assert found == {
+        ("protos/rmserve/v1/admin.proto", "RPC_RESPONSE_STANDARD_NAME", "TrainProgress"),
+        ("protos/rmserve/v1/reward.proto", "RPC_RESPONSE_STANDARD_NAME", "ModelInfo"),
+        ("protos/rmserve/v1/reward.proto", "RPC_RESPONSE_STANDARD_NAME", "RunStatus"),
+    }, out.stdout + out.stderr
+
+
+@pytest.mark.parametrize(("old", "new", "named"), [
+    ("  float reward = 2; ", "  reserved 2; ", "reward"),                     # a result field dropped
+    ("  string run_id = 1;                        //", "  string run_id = 11; //", "run_id"),  # renumbered
+    ("rpc Compare(CompareRequest)", "rpc Rank(CompareRequest)", "Compare"),   # an RPC renamed
+])
+def test_the_breaking_check_fails_on_a_planted_break(tmp_path, old, new, named):
+    shutil.copytree(ROOT / "protos", tmp_path / "protos", ignore=shutil.ignore_patterns("*.py", "*.pyi", "__pycache__"))
+    shutil.copy(ROOT / "buf.yaml", tmp_path / "buf.yaml")
+    proto = tmp_path / "protos" / "rmserve" / "v1" / "reward.proto"
+    text = proto.read_text()
+    assert text.count(old) == 1, old
+    proto.write_text(text.replace(old, new))
+    out = _run_buf("breaking", "--against", str(ROOT / "protos" / "released-api.yaml"), cwd=tmp_path)
+    assert out.returncode != 0 and f'"{named}"' in out.stdout, out.stdout + out.stderr
+
+
 def test_bare_folder_names_are_not_importable_from_an_install(tmp_path):
     """Outside the checkout (cwd elsewhere), only `rmserve.*` resolves to rmserve's folders (another
     distribution may own a bare name: transformers installs Hugging Face's `kernels`)."""
@@ -40,6 +98,37 @@ def test_bare_folder_names_are_not_importable_from_an_install(tmp_path):
     )
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_the_checkout_root_on_sys_path_does_not_shadow_hugging_faces_kernels():
+    """`python -m pytest` (or `python -m rmserve...`) run from the checkout puts its root first on
+    sys.path, where the `kernels/` folder is found as a top-level `kernels`. transformers imports
+    Hugging Face's `kernels` when that is installed, and must get it (kernels/__init__.py hands the
+    name over), while rmserve's kernels stay `rmserve.kernels`."""
+    import importlib.metadata
+
+    try:
+        importlib.metadata.version("kernels")
+    except importlib.metadata.PackageNotFoundError:
+        pytest.skip("Hugging Face's kernels is not installed: nothing to shadow")
+    code = (
+        "import os, sys\n"
+        "import transformers.integrations.hub_kernels, kernels, rmserve.kernels\n"
+        "print(os.path.realpath(sys.path[0] or '.'), kernels.__file__, rmserve.kernels.__file__, "
+        "hasattr(kernels, 'get_kernel'), sep='\\n')"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONSAFEPATH"}  # the root stays on sys.path
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    first, hf, ours, has_get_kernel = out.stdout.split()
+    assert Path(first) == ROOT.resolve()
+    assert not Path(hf).resolve().is_relative_to(ROOT.resolve() / "kernels") and has_get_kernel == "True", hf
+    assert Path(ours).resolve() == ROOT.resolve() / "kernels" / "__init__.py"
+    # and in this process, which `python -m pytest` started with the root first on sys.path
+    import transformers.integrations.hub_kernels  # noqa: F401  (imports `kernels`, as it is installed)
+
+    hf = sys.modules["kernels"].__file__
+    assert not Path(hf).resolve().is_relative_to(ROOT.resolve() / "kernels"), hf
 
 
 def test_the_wheel_ships_every_package_the_type_markers_and_the_default_model(tmp_path):

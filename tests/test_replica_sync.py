@@ -14,16 +14,15 @@ import concurrent.futures
 import dataclasses
 import shutil
 import time
-import urllib.request
 from pathlib import Path
 
 import grpc
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from rmserve.client import RewardClient, RewardServiceError
 from rmserve.service.engine.ensemble import read_manifest, write_manifest
 from rmserve.service.server.registry import ACTIVE, Registry
+from tests.helpers import scraped_sample
 
 SAMPLE = [{"prompt": "hello", "response": "thanks for the bread"}]
 POLL = "0.2"
@@ -53,12 +52,7 @@ def wait_for(what: str, check, timeout: float = WAIT_S):
 
 def metric(port: int, name: str, **labels: str) -> float:
     """A sample of a replica's /metrics; 0 when absent (a labelled counter not yet counted)."""
-    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            if s.name == name and s.labels == labels:
-                return s.value
-    return 0.0
+    return scraped_sample(f"http://127.0.0.1:{port}/metrics", name, **labels)
 
 
 def version_of(address: str) -> str:
