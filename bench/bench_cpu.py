@@ -8,6 +8,14 @@ the builtin backbone is cached):
 `--tiny` runs a tiny random Llama in seconds (tests/test_bench_cpu.py runs it
 so the script cannot rot); `--workloads` and `--variants` run a subset.
 
+Before/after (a change that must not slow serving down): `--against REF` runs the
+PPO and GRPO workloads through gRPC against two server processes, one from this
+checkout's working tree and one from git ref REF, alternating in one client, and
+reports the new/old time ratios per round, best and median (bench/before_after.py
+says how; docs/engine.md has the command):
+
+    .venv/bin/python bench/bench_cpu.py --against 73db9bf --out bench/results/refactor-vs-73db9bf-$(date +%F).md
+
 Every variant scores the same token ids with the embedded default's backbone
 (SmolLM2-135M-Instruct) and random heads (heads do not change the cost):
 
@@ -90,8 +98,6 @@ import numpy as np
 import torch
 from common import causal_pairs, decoder_flops, run_and_report  # bench/common.py: FLOPs, report
 
-from rmserve.service.engine.padding import pad_token_id, right_pad
-
 VARIANTS = ("hf-padded", "hf-best-fp32", "hf-best-bf16", "engine-fp32", "engine-bf16", "grpc-fp32", "grpc-bf16",
             "engine-packed-fp32", "engine-padded-fp32", "engine-packed-bf16", "engine-padded-bf16")
 DEFAULT_VARIANTS = VARIANTS[:7]   # the forced-layout rows answer one question (packed vs padded): ask for them
@@ -100,6 +106,7 @@ BASELINE = "hf-padded"
 TOKEN_BUDGET = 4096   # hf-best (PPO) and rmserve's engine: padded tokens per forward
 ARRIVAL_BATCH = 32    # the baseline's fixed batch size
 NUM_HEADS = 5
+AGAINST_ROUNDS = 5    # --against's default rounds
 
 
 @dataclass(frozen=True)
@@ -286,6 +293,8 @@ def grpo_workload(encoder, tokenizer, groups: int, sizes: Sizes, seed: int = 1) 
 # --------------------------------------------------------------------------- #
 
 def _padded(batch: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    from rmserve.service.engine.padding import right_pad
+
     return right_pad(batch, pad)
 
 
@@ -454,6 +463,8 @@ def hf_label(w: Workload) -> str:
 
 
 def run_hf(bench: Bench, rm) -> None:
+    from rmserve.service.engine.padding import pad_token_id
+
     member = rm.members[0]
     model, pad = member.backbone.model, pad_token_id(member.backbone.tokenizer)
     heads = (member.weight, member.bias)
@@ -676,24 +687,79 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--tiny", action="store_true", help="tiny random Llama, seconds (for tests)")
     ap.add_argument("--n", type=int, default=96, help="sequences in the PPO-like workload (--tiny: at most 24)")
     ap.add_argument("--groups", type=int, default=4, help="groups in the GRPO-like workload (--tiny: at most 2)")
-    ap.add_argument("--repeat", type=int, default=1, help="interleaved timed rounds, each running every variant once (best is kept)")
+    ap.add_argument("--repeat", type=int,
+                    help="interleaved timed rounds, each running every variant once (best is kept); default 1, "
+                         f"with --against {AGAINST_ROUNDS} (at least 3)")
     ap.add_argument("--workloads", nargs="+", choices=WORKLOADS, default=list(WORKLOADS))
     ap.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(DEFAULT_VARIANTS),
                     help=f"variants to run ({BASELINE} always runs: everything is compared to it)")
     ap.add_argument("--out", help="also write the report (markdown) to this file")
+    ab = ap.add_argument_group("before/after (--against)")
+    ab.add_argument("--against", metavar="REF",
+                    help="instead of the variants: the gRPC workloads on a server from this checkout vs one from "
+                         "git ref REF (e.g. 73db9bf), rounds interleaved (bench/before_after.py)")
+    ab.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
+                    help="both servers' --dtype (auto: bfloat16 where this CPU has native bf16, else float32; "
+                         "resolved here, so both get the same)")
+    ab.add_argument("--threads", type=int, help="OMP_NUM_THREADS and MKL_NUM_THREADS for both servers "
+                    "(default: torch's default)")
+    ab.add_argument("--cpus", help="pin both servers to these CPUs (e.g. 0-1 or 0,2); default: no pinning")
+    ab.add_argument("--note", help="a line at the top of the report (e.g. 'smoke run on a shared machine')")
     args = ap.parse_args(argv)
+    if args.repeat is None:
+        args.repeat = AGAINST_ROUNDS if args.against else 1
+    if args.against and args.repeat < 3:
+        ap.error("--against needs --repeat >= 3 (at least three interleaved rounds)")
+    if args.cpus and not args.against:
+        ap.error("--cpus applies to --against")
+    args.cpus = parse_cpus(args.cpus) if args.cpus else None
     args.sizes = TINY if args.tiny else Sizes()
     if args.tiny:
         args.n, args.groups = min(args.n, 24), min(args.groups, 2)
     return args
 
 
+def parse_cpus(text: str) -> set[int]:
+    """`0-1,4` -> {0, 1, 4} (the taskset list syntax)."""
+    out: set[int] = set()
+    for part in text.split(","):
+        lo, _, hi = part.strip().partition("-")
+        out.update(range(int(lo), int(hi or lo) + 1))
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     return run_and_report(argv, parse_args, run_all, "rmserve-bench-")
 
 
+def run_against(args, argv: list[str], tmp: Path, t_start: float) -> str:
+    """--against: the PPO and GRPO workloads through gRPC, this checkout's server vs the ref's."""
+    import before_after  # bench/before_after.py
+
+    from rmserve.service.engine.model import load_model, native_bf16_cpu
+
+    model_dir = build_model_dir(tmp / "model", args.tiny)
+    encoder = load_model(model_dir, dtype="float32", fused=False).encoder  # the model itself is not kept
+    made = {
+        "ppo": lambda: ppo_workload(args.n, args.sizes.min_len, args.sizes.max_len, len(encoder.tokenizer)),
+        "grpo": lambda: grpo_workload(encoder, encoder.tokenizer, args.groups, args.sizes),
+    }
+    workloads = [made[name]() for name in WORKLOADS if name in args.workloads]
+    dtype = args.dtype if args.dtype != "auto" else ("bfloat16" if native_bf16_cpu() else "float32")
+    return before_after.compare(
+        against=args.against, model_dir=model_dir, workloads=workloads, score=grpc_scores,
+        rate=lambda w, seconds: per_s(w, w.units / seconds), dtype=dtype, rounds=args.repeat,
+        threads=args.threads, cpus=args.cpus, header=[f"- torch {torch.__version__} (client)", *cpu_lines()],
+        command=argv, note=args.note, tmp=tmp, t_start=t_start,
+        model_label=("tiny random Llama (2 layers, hidden 64)" if args.tiny else "SmolLM2-135M-Instruct backbone")
+        + f" + {NUM_HEADS} random heads",
+    )
+
+
 def run_all(args, argv: list[str], tmp: Path, t_start: float) -> str:
     """Build the model and workloads, run every selected variant, return the report."""
+    if args.against:
+        return run_against(args, argv, tmp, t_start)
     from rmserve.service.engine.model import load_model, native_bf16_cpu
 
     model_dir = build_model_dir(tmp / "model", args.tiny)

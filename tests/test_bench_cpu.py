@@ -101,3 +101,109 @@ def test_isa_caps_report_what_the_kernels_run_under() -> None:
                          text=True, timeout=120, check=True).stdout.strip()
     assert out == ("ATen kernels DEFAULT; no attention kernel (disabled by RMSERVE_CPU_ATTENTION=0); "
                    "ATEN_CPU_CAPABILITY=default, ONEDNN_MAX_CPU_ISA=AVX2")
+
+
+# --------------------------------------------------------------------------- #
+# --against: a server from this checkout vs one from a git ref (bench/before_after.py)
+# --------------------------------------------------------------------------- #
+
+def _before_after(monkeypatch):
+    import importlib
+
+    monkeypatch.syspath_prepend(str(SCRIPT.parent))  # as bench_cpu.py imports it
+    return importlib.import_module("before_after")
+
+
+def _git_checkout() -> bool:
+    try:
+        subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, check=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return True
+
+
+def test_a_ref_is_staged_as_installed_and_wins_over_the_editable_install(monkeypatch, tmp_path: Path) -> None:
+    """The ref's tree, mapped by its own pyproject.toml: every package's modules and its package data
+    (default model, kernel sources, protos); a child with the staged folder on PYTHONPATH imports
+    rmserve from there, not from the checkout an editable install points at."""
+    import pytest
+
+    if not _git_checkout():
+        pytest.skip("not a git checkout: --against needs git")
+    ba = _before_after(monkeypatch)
+    commit = ba.export_ref("HEAD", tmp_path / "src")
+    assert commit == ba.resolve("HEAD") and len(commit) == 40
+    staged = ba.stage(tmp_path / "staged", tmp_path / "src")
+    pkg = staged / "rmserve"
+    for rel in ("__init__.py", "v1/reward_pb2.py", "v1/reward.proto", "service/cli.py", "service/engine/__init__.py",
+                "kernels/cpu_attention.cpp", "service/default_model/manifest.json"):
+        assert (pkg / rel).is_file(), rel
+    assert not list(pkg.rglob("test_*.py")) and not (pkg / "tests").exists()
+    code = "import rmserve, rmserve.v1.reward_pb2 as pb, rmserve.service as s; print(rmserve.__file__); print(pb.__file__); print(s.__file__)"
+    env = {**os.environ, "PYTHONPATH": str(staged)}
+    out = subprocess.run([sys.executable, "-c", code], env=env, cwd=tmp_path, capture_output=True, text=True,
+                         timeout=120, check=True).stdout.split()
+    assert len(out) == 3 and all(Path(f).resolve().is_relative_to(staged.resolve()) for f in out), out
+
+
+def test_package_dirs_follow_setuptools_mapping(monkeypatch) -> None:
+    ba = _before_after(monkeypatch)
+    mapping = {"rmserve": "protos/rmserve", "rmserve.service": "service", "rmserve.service.server": "service/server"}
+    assert ba.package_dir("rmserve.service.server", mapping) == "service/server"
+    assert ba.package_dir("rmserve.service.server.requests", mapping) == "service/server/requests"
+    assert ba.package_dir("rmserve.v1", mapping) == "protos/rmserve/v1"
+    assert ba.package_dir("other.pkg", {"": "src"}) == "src/other/pkg"
+
+
+def test_an_unknown_ref_is_refused_by_name(monkeypatch) -> None:
+    import pytest
+
+    if not _git_checkout():
+        pytest.skip("not a git checkout: --against needs git")
+    ba = _before_after(monkeypatch)
+    with pytest.raises(SystemExit, match="no-such-ref-here"):
+        ba.resolve("no-such-ref-here")
+
+
+def test_ratios_are_new_over_old_and_the_verdict_weighs_the_spread(monkeypatch) -> None:
+    ba = _before_after(monkeypatch)
+    s = ba.summarise([2.0, 2.2, 2.1], [1.0, 1.1, 1.0], [4.0, 4.0, 4.0], [2.0, 2.0, 2.0])
+    assert (s.best, s.median, s.cpu_median) == (2.0, 2.1, 2.0)
+    assert s.paired == [2.0, 2.0, 2.1] and math.isclose(s.spread_new, 1.1) and math.isclose(s.spread_old, 1.1)
+    assert s.verdict == "slower beyond noise"
+    assert ba.summarise([1.0, 2.0, 1.0], [1.0, 1.0, 1.0], [1.0] * 3, [1.0] * 3).verdict == "within noise"
+    assert ba.summarise([1.0, 1.0, 1.0], [2.0, 2.1, 2.0], [1.0] * 3, [1.0] * 3).verdict == "faster beyond noise"
+
+
+def test_cpu_lists_parse_like_taskset(monkeypatch) -> None:
+    import importlib
+
+    monkeypatch.syspath_prepend(str(SCRIPT.parent))
+    bench = importlib.import_module("bench_cpu")
+    assert bench.parse_cpus("0-1,4") == {0, 1, 4} and bench.parse_cpus("3") == {3}
+
+
+def test_against_head_serves_both_sides_and_reports_ratios(tmp_path: Path) -> None:
+    """End to end with the tiny model: two server processes (this working tree and HEAD), the same
+    scores on both, a ratio row per workload (no timing is asserted)."""
+    import pytest
+
+    if not _git_checkout():
+        pytest.skip("not a git checkout: --against needs git")
+    out = tmp_path / "ab.md"
+    stdout = run_bench("--against", "HEAD", "--repeat", "3", "--n", "8", "--groups", "1", "--out", str(out))
+    head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True,
+                          check=True).stdout.strip()
+    assert f"- new: {head} (this checkout's working tree" in stdout and f"- old: {head} (HEAD = " in stdout
+    assert "rmserve imported from the staged copies (checked)" in stdout and "/new-staged/rmserve/" in stdout
+    for w in ("ppo", "grpo"):
+        diff = next(ln for ln in stdout.splitlines() if ln.startswith(f"- {w}: max |score new - score old| = "))
+        assert float(diff.split("(")[1].split(" x ")[0]) < 1e-3, diff
+        rows = [r for r in table_rows(stdout.split("Ratios are time new / time old")[1]) if r["workload"] == w]
+        assert len(rows) == 1 and float(rows[0]["best ratio"]) > 0, rows
+        assert rows[0]["verdict"] in ("within noise", "slower beyond noise", "faster beyond noise")
+    per_round = table_rows(stdout.split("Per round")[1].split("Ratios are")[0])
+    assert [(r["round"].split()[0], r["workload"]) for r in per_round] == [
+        (str(n), w) for n in (1, 2, 3) for w in ("ppo", "grpo")]
+    assert "Idle server's CPU time while the other was driven" in stdout
+    assert out.read_text().strip() in stdout and "command: `python bench/bench_cpu.py --tiny --against HEAD" in stdout
