@@ -13,9 +13,16 @@ import json
 import signal
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
-from rmserve.service.data.train_config import SERVE_DTYPES, TrainConfig
+from rmserve.service.data.train_config import (
+    SERVE_DTYPES,
+    Device,
+    HeadSolver,
+    Kind,
+    LabelerKind,
+    TrainConfig,
+)
 from rmserve.training.data import DataError
 from rmserve.training.events import ProgressEvent, TrainingStopped
 from rmserve.training.metrics import format_report
@@ -30,14 +37,14 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     source.add_argument("--from-store", nargs="?", const=str(default_store()), metavar="STORE",
                         help="train on the labels in a preference store (the server's SQLite file; "
                              f"default {default_store()}), filtered by --store-*")
-    p.add_argument("--store-kind", choices=["human", "ai"], help="with --from-store: only this labeler kind")
+    p.add_argument("--store-kind", choices=get_args(LabelerKind), help="with --from-store: only this labeler kind")
     p.add_argument("--store-since", type=float, metavar="UNIX_S", help="with --from-store: labelled at or after")
     p.add_argument("--store-tag", help="with --from-store: only this dataset tag")
     p.add_argument("--store-labeler", help="with --from-store: only this labeler")
     p.add_argument("--dev", help="held-out preferences, evaluated once at the end for the report (never used to train or select)")
     p.add_argument("--out", required=True, help="ensemble directory to write")
     p.add_argument("--backbone", default=d.backbone, help="HF checkpoint directory or builtin:<name> (default %(default)s)")
-    p.add_argument("--kind", choices=["heads", "members"], default=d.kind,
+    p.add_argument("--kind", choices=get_args(Kind), default=d.kind,
                    help="heads: one backbone, K bootstrap heads; members: K separately fine-tuned backbones")
     p.add_argument("-k", "--num-heads", type=int, default=d.num_heads, help="K: heads or members (default %(default)s)")
     p.add_argument("--num-layers", type=int, default=None,
@@ -50,7 +57,7 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
                    help="when fine-tuning the last N layers, run the frozen ones once and cache their output (default on)")
     p.add_argument("--bootstrap", action=argparse.BooleanOptionalAction, default=None,
                    help="per-head bootstrap resamples (default: on for heads, off for members)")
-    p.add_argument("--head-solver", choices=["adamw", "lbfgs"], default=d.head_solver,
+    p.add_argument("--head-solver", choices=get_args(HeadSolver), default=d.head_solver,
                    help="frozen backbone: adamw trains heads for --epochs; lbfgs fits each head's L2 logistic "
                         "regression exactly (default %(default)s)")
     p.add_argument("--head-l2", type=_l2, default=None, metavar="L2|auto",
@@ -77,7 +84,7 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
                    help="OOD flag threshold: this quantile of held-out in-distribution scores (default %(default)s: "
                         "1%% false alarms); none: no OOD statistics")
     p.add_argument("--ood-holdout", type=float, default=d.ood_holdout, help="share of pairs held out for that threshold")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default=d.device)
+    p.add_argument("--device", choices=get_args(Device), default=d.device)
     p.add_argument("--token-budget", type=int, default=d.token_budget, help="padded tokens per forward batch for features/eval")
     p.add_argument("--feature-cache", default=None, help="frozen-feature cache directory ('' disables; default $RMSERVE_CACHE/features)")
     p.add_argument("--checkpoint-every", dest="checkpoint_every_s", type=float, default=d.checkpoint_every_s, help="seconds")

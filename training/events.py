@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -74,3 +75,14 @@ class Reporter:
 
     def phase(self, phase: str, message: str) -> None:
         self.emit(ProgressEvent("phase", phase, message=message))
+
+    @contextmanager
+    def reporting_errors(self) -> Iterator[None]:
+        """An exception inside (other than TrainingStopped) also goes out as an `error` event."""
+        try:
+            yield
+        except TrainingStopped:
+            raise
+        except Exception as e:
+            self.emit(ProgressEvent("error", self.current_phase, message=f"{type(e).__name__}: {e}"))
+            raise

@@ -5,14 +5,25 @@ x_c - x_r: a convex problem with one optimum per L2 strength. Solving it with
 L-BFGS (float64, to convergence) replaces an lr/epochs search with one knob,
 and that knob is chosen by k-fold cross-validation on the training pairs
 (never on dev). The bias cancels in r_c - r_r; it is set by the normalisation.
+
+`fit_exact_heads` is the trainer's `head_solver=lbfgs` path: what the training
+loop (training/trainer.py) calls instead of its AdamW steps.
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
+
+from rmserve.training.events import ProgressEvent, Reporter
+from rmserve.training.schedule import derive_seed
+
+if TYPE_CHECKING:  # the solvers stay importable without the model layer (bench/study uses them)
+    from rmserve.training.inputs import EmbedFn, FitPairs
 
 DEFAULT_GRID = (1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0, 3.0)
 
@@ -134,3 +145,81 @@ def cross_fitted_rewards(
             r = (r - r.mean()) / r.std(correction=0).clamp_min(1e-12)
             rc[test, h], rr[test, h] = r[chosen[test]], r[rejected[test]]
     return rc, rr
+
+
+@dataclass
+class ExactFit:
+    """What an exact (lbfgs) head fit hands to finalisation; empty for gradient-trained heads."""
+
+    info: dict[str, Any] | None = None                              # report["heads"]
+    cross_fitted: tuple[torch.Tensor, torch.Tensor] | None = None  # out-of-fold (chosen, rejected) rewards
+
+
+def fit_exact_heads(
+    pairs: FitPairs,
+    embed_fn: EmbedFn,
+    *,
+    seed: int,
+    l2: float | None,
+    sources: list,
+    num_seqs: int,
+    cross_fit: bool,
+    rep: Reporter,
+    member: int,
+    step: int,
+    total: int,
+) -> tuple[torch.Tensor, ExactFit]:
+    """Each head's L2 logistic regression on frozen (whitened) features, solved exactly.
+
+    `l2` None: chosen by CV grouped by `sources` (a ranked list stays in one fold).
+    `cross_fit`: also the out-of-fold rewards the temperature is fitted on when no
+    slice of train is held out. One `step` event per head, numbered from `step` + 1.
+    Returns the weights [K, H] (whitened space) and what finalisation reports.
+    """
+    pw, margin = pairs.weight, pairs.margin
+    k = pairs.counts.shape[0]
+    dx = (embed_fn(pairs.chosen[pairs.fit]) - embed_fn(pairs.rejected[pairs.fit])).double()
+    l2, info = _head_l2(l2, seed, dx, pairs, sources, rep)
+    cross_fitted = _cross_fitted(seed, l2, pairs, embed_fn, sources, num_seqs, rep) if cross_fit else None
+    weights = []
+    t0 = time.monotonic()
+    for j in range(k):
+        w = fit_bt_head(dx, pairs.counts[j].double() * pw.double(), l2=l2, margin=margin)
+        weights.append(w.float())
+        step += 1
+        d = dx @ w
+        rep.emit(ProgressEvent(
+            "step", "train", step=step, total=total, member=member,
+            loss=round(float((pw * F.softplus(margin - d.float())).sum() / pw.sum()), 5),
+            accuracy=round(float((pw * (d > 0)).sum() / pw.sum()), 4),
+            eta_s=round((time.monotonic() - t0) / (j + 1) * (k - j - 1), 1),
+        ))
+    return torch.stack(weights), ExactFit(info, cross_fitted)
+
+
+def _head_l2(l2: float | None, seed: int, dx: torch.Tensor, pairs: FitPairs, sources: list,
+             rep: Reporter) -> tuple[float, dict[str, Any]]:
+    """The L2 strength, `--head-l2` or chosen by grouped CV on train, and its report["heads"] entry."""
+    if l2 is not None:
+        return l2, {"solver": "lbfgs", "l2": l2, "chosen_by": "--head-l2"}
+    choice = choose_l2(dx, pairs.weight.double(), seed=derive_seed(seed, "cv"), groups=sources)
+    l2 = choice.l2
+    info = {"solver": "lbfgs", "l2": l2, "chosen_by": f"{choice.folds}-fold CV NLL on train",
+            "cv_accuracy": {str(g): round(v, 4) for g, v in choice.cv_accuracy.items()},
+            "cv_nll": {str(g): round(v, 5) for g, v in choice.cv_nll.items()}}
+    rep.phase("train", f"L2 {l2:g} chosen by {choice.folds}-fold CV on train "
+                       f"(CV accuracy {choice.cv_accuracy[l2]:.3f})")
+    return l2, info
+
+
+def _cross_fitted(seed: int, l2: float, pairs: FitPairs, embed_fn: EmbedFn, sources: list, num_seqs: int,
+                  rep: Reporter) -> tuple[torch.Tensor, torch.Tensor]:
+    """No held-out slice: out-of-fold rewards of the train pairs, so the temperature sees unseen pairs."""
+    rep.phase("train", "out-of-fold rewards on train (5 folds) for the temperature")
+    chosen, rejected = pairs.chosen[pairs.fit], pairs.rejected[pairs.fit]
+    seqs = torch.unique(torch.cat([chosen, rejected]))
+    where = torch.full((num_seqs,), -1, dtype=torch.long)
+    where[seqs] = torch.arange(len(seqs))
+    return cross_fitted_rewards(
+        embed_fn(seqs), where[chosen], where[rejected], pairs.counts.double() * pairs.weight.double(),
+        l2=l2, margin=pairs.margin, seed=derive_seed(seed, "cv"), groups=sources)

@@ -3,9 +3,27 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
-from typing import Any
+from typing import Any, Literal, TypedDict, get_args
 
-SERVE_DTYPES = ("float32", "bfloat16", "float16")  # what a manifest may name (service/engine/model.py DTYPES)
+# The fields that take a fixed set of strings; validation and the CLI's choices read these.
+Kind = Literal["heads", "members"]                     # K heads on one backbone | K backbones
+HeadSolver = Literal["adamw", "lbfgs"]                 # gradient steps | exact L2 logistic fit
+ServeDtype = Literal["float32", "bfloat16", "float16"]  # what a manifest may name (service/engine/model.py DTYPES)
+Device = Literal["auto", "cpu", "cuda"]
+LabelerKind = Literal["human", "ai"]                   # store_filters["kind"]
+
+SERVE_DTYPES: tuple[str, ...] = get_args(ServeDtype)
+STORE_FILTERS: tuple[str, ...] = ("kind", "since", "tag", "labeler")
+
+
+class StoreFilters(TypedDict, total=False):
+    """Which rows of the preference store train (service/data/preferences.py Filters)."""
+
+    kind: LabelerKind
+    since: float       # unix seconds: labelled at or after
+    tag: str
+    labeler: str
+
 
 # Fields that may change between a run and its resumption: they do not change what is trained
 # (the data itself is checked by its fingerprint, not its path).
@@ -21,7 +39,7 @@ class TrainConfig:
     out: str                                    # ensemble directory to write
     backbone: str = "builtin:smollm2-135m-instruct"
     dev: str | None = None                      # evaluated once at the end, for the report only
-    kind: str = "heads"                         # heads | members
+    kind: Kind = "heads"                        # heads | members
     num_heads: int = 5                          # K: heads (kind=heads) or members (kind=members)
     num_layers: int | None = None               # layer cut: use (and serve) only the first N blocks
     finetune_layers: int = 0                    # last N layers trained; 0 = frozen backbone; -1 = all
@@ -29,7 +47,7 @@ class TrainConfig:
     lora_alpha: float | None = None             # default 2 x rank
     prefix_cache: bool = True                   # run the frozen layers once, train on their cached output
     bootstrap: bool | None = None               # per-head bootstrap resample; default on for heads, off for members
-    head_solver: str = "adamw"                  # adamw | lbfgs (frozen backbone only: exact L2 logistic fit)
+    head_solver: HeadSolver = "adamw"           # adamw | lbfgs (frozen backbone only: exact L2 logistic fit)
     head_l2: float | None = None                # lbfgs: L2 strength; None = chosen by 5-fold CV on train
     epochs: int = 3
     lr: float = 1e-3                            # heads
@@ -40,7 +58,7 @@ class TrainConfig:
     grad_accum: int = 1
     max_grad_norm: float = 1.0                  # 0 disables clipping
     max_tokens: int = 1024                      # serving limit written to the manifest; training encodes with it
-    serve_dtype: str = "float32"                # serving dtype written to the manifest (what --dtype auto serves)
+    serve_dtype: ServeDtype = "float32"         # serving dtype written to the manifest (what --dtype auto serves)
     seed: int = 0
     center_coef: float = 0.0
     lambda0: float = 1.0                        # epistemic prior: M = lambda0 I + sum e e^T
@@ -49,7 +67,7 @@ class TrainConfig:
     uncertainty_penalty: float = 1.0            # manifest default lambda for `conservative`
     ood_quantile: float | None = 0.99           # OOD flag threshold quantile (training/ood.py); None = no OOD stats
     ood_holdout: float = 0.25                   # share of pairs held out to calibrate that threshold
-    device: str = "auto"                        # auto | cpu | cuda
+    device: Device = "auto"                     # auto | cpu | cuda
     token_budget: int = 4096                    # padded tokens per forward batch (features, final embeddings)
     feature_cache: str | None = None            # frozen-feature cache dir; None = $RMSERVE_CACHE/features; "" = off
     checkpoint_every_s: float = 300.0           # plus one at every epoch end
@@ -61,7 +79,7 @@ class TrainConfig:
     name: str | None = None                     # manifest name; default: the out directory's name
     version: str | None = None                  # manifest version; default: UTC time + config hash
     from_store: str | None = None               # read the preferences from this store (SQLite) instead of `data`
-    store_filters: dict | None = None           # kind (human|ai), since (unix s), tag, labeler
+    store_filters: StoreFilters | None = None   # kind (human|ai), since (unix s), tag, labeler
 
     def __post_init__(self) -> None:
         problems = []
@@ -69,8 +87,11 @@ class TrainConfig:
             problems.append(f"ood_quantile must be in (0, 1) or None, got {self.ood_quantile}")
         if not 0 < self.ood_holdout < 1:
             problems.append(f"ood_holdout must be in (0, 1), got {self.ood_holdout}")
-        if self.kind not in ("heads", "members"):
-            problems.append(f"kind must be 'heads' or 'members', got {self.kind!r}")
+        for name, allowed in (("kind", Kind), ("head_solver", HeadSolver), ("serve_dtype", ServeDtype),
+                              ("device", Device)):
+            problem = _not_one_of(name, getattr(self, name), allowed)
+            if problem:
+                problems.append(problem)
         if self.num_heads < 1:
             problems.append("num_heads must be >= 1")
         if self.kind == "members" and self.finetune_layers == 0:
@@ -87,10 +108,6 @@ class TrainConfig:
             problems.append("calib_frac must be in [0, 0.5)")
         if self.num_layers is not None and self.num_layers < 1:
             problems.append("num_layers must be >= 1 (or None for every layer)")
-        if self.serve_dtype not in SERVE_DTYPES:
-            problems.append(f"serve_dtype must be one of {', '.join(SERVE_DTYPES)}, got {self.serve_dtype!r}")
-        if self.head_solver not in ("adamw", "lbfgs"):
-            problems.append(f"head_solver must be 'adamw' or 'lbfgs', got {self.head_solver!r}")
         if self.head_solver == "lbfgs" and self.finetune_layers != 0:
             problems.append("head_solver=lbfgs fits heads on frozen features: it needs finetune_layers = 0")
         if self.head_solver == "lbfgs" and self.center_coef:
@@ -101,16 +118,18 @@ class TrainConfig:
             problems.append("lora_rank must be >= 0")
         if self.lora_rank and self.finetune_layers == 0:
             problems.append("lora_rank needs finetune_layers != 0 (the layers LoRA goes on)")
-        if self.device not in ("auto", "cpu", "cuda"):
-            problems.append("device must be auto, cpu or cuda")
         if bool(self.data) == bool(self.from_store):
             problems.append("give the preferences either as a file (data) or as a store (from_store), not both")
-        if self.store_filters:
-            unknown = sorted(set(self.store_filters) - {"kind", "since", "tag", "labeler"})
+        if self.store_filters is not None and not isinstance(self.store_filters, dict):
+            problems.append(f"store_filters must be an object of {', '.join(STORE_FILTERS)}, "
+                            f"got {type(self.store_filters).__name__}")
+        elif self.store_filters:
+            unknown = sorted(set(self.store_filters) - set(STORE_FILTERS))
             if unknown:
-                problems.append(f"store_filters: unknown {unknown}; known: kind, since, tag, labeler")
-            if self.store_filters.get("kind") not in (None, "human", "ai"):
-                problems.append("store_filters kind must be human or ai")
+                problems.append(f"store_filters: unknown {unknown}; known: {', '.join(STORE_FILTERS)}")
+            if self.store_filters.get("kind") not in (None, *get_args(LabelerKind)):
+                problems.append(f"store_filters kind must be {_alternatives(LabelerKind)}, "
+                                f"got {self.store_filters.get('kind')!r}")
         if problems:
             raise ValueError("bad training config: " + "; ".join(problems))
 
@@ -130,3 +149,16 @@ class TrainConfig:
         """Fields (outside RESUMABLE_CHANGES) where `other` differs: what forbids a resume."""
         mine = self.to_dict()
         return sorted(k for k in mine if k not in RESUMABLE_CHANGES and other.get(k) != mine[k])
+
+
+def _alternatives(allowed: Any) -> str:
+    """'a' or 'b' / one of 'a', 'b', 'c': the values of a Literal, as a message names them."""
+    values = [repr(v) for v in get_args(allowed)]
+    return " or ".join(values) if len(values) == 2 else "one of " + ", ".join(values)
+
+
+def _not_one_of(name: str, value: Any, allowed: Any) -> str | None:
+    """The problem with a field outside its Literal (None when it is one of them), naming both."""
+    if value in get_args(allowed):
+        return None
+    return f"{name} must be {_alternatives(allowed)}, got {value!r}"
