@@ -96,7 +96,8 @@ def reference(model_dir: str | None, dtype: str, pool: dict[str, Any]) -> dict[s
     from rmserve.service.engine.model import load_model
     from rmserve.service.engine.scoring import ScoringEngine
     from rmserve.service.server.config import DEFAULT_MODEL_DIR
-    from rmserve.service.server.requests import encode_completion, encode_sample
+    from rmserve.service.server.encoding import encode_completion, encode_input, sample_name
+    from rmserve.service.server.wire import sample_of
 
     model = load_model(Path(model_dir) if model_dir else DEFAULT_MODEL_DIR, dtype=dtype, device="cpu")
     engine = ScoringEngine(model)
@@ -106,8 +107,9 @@ def reference(model_dir: str | None, dtype: str, pool: dict[str, Any]) -> dict[s
         out = engine.score([ids])
         return float(out.mean[0]), float(np.sqrt(max(float(out.var[0]), 0.0))), float(out.min[0])
 
-    samples = [alone(encode_sample(enc, _core.build_sample(s, i), i).ids) for i, s in enumerate(pool["samples"])]
-    groups = [[alone(encode_completion(enc, prompt, None, c, "group").ids) for c in completions]
+    samples = [alone(encode_input(enc, sample_of(_core.build_sample(s, i)).input, sample_name(i)).ids)
+               for i, s in enumerate(pool["samples"])]
+    groups = [[alone(encode_completion(enc, prompt, c, "group").ids) for c in completions]
               for prompt, completions in pool["groups"]]
     return {"samples": samples, "groups": groups, "model": f"{model.name} {model.version} ({model.dtype_name}, "
                                                           f"{model.num_heads} heads)"}

@@ -18,9 +18,10 @@ from rmserve.service.engine.backbone import resolve_builtin
 from rmserve.service.engine.model import load_model
 from rmserve.service.engine.scoring import ScoringEngine
 from rmserve.service.engine.tokenization import PromptEncoder
+from rmserve.service.server.encoding import encode_completion, encode_groups
 from rmserve.service.server.errors import InvalidInput
-from rmserve.service.server.requests import encode_completion, encode_groups
 from rmserve.service.server.scheduler import Scheduler
+from rmserve.service.server.wire import groups_of
 from rmserve.v1 import reward_pb2 as pb
 from tests.helpers import CHAT_TEMPLATE, CORPUS
 
@@ -54,10 +55,8 @@ MESSAGES = [
 
 
 def one_by_one(enc: PromptEncoder, prompt, completions, gi: int = 0):
-    """Today's path: every completion rendered and tokenised whole (requests.encode_completion)."""
-    text, msgs = (prompt, None) if isinstance(prompt, str) else (None, pb.Conversation(messages=[
-        pb.Message(role=m["role"], content=m["content"]) for m in prompt]))
-    return [encode_completion(enc, text, msgs, c, f"group {gi} completion {ci}") for ci, c in enumerate(completions)]
+    """Today's path: every completion rendered and tokenised whole (encoding.encode_completion)."""
+    return [encode_completion(enc, prompt, c, f"group {gi} completion {ci}") for ci, c in enumerate(completions)]
 
 
 @pytest.fixture(scope="module")
@@ -173,13 +172,13 @@ def test_encode_groups_equals_encoding_each_completion(tiny_tok):
     groups = [pb.Group(prompt_text=p, completions=COMPLETIONS[:6]) for p in PROMPTS[:3]]
     groups.append(pb.Group(prompt_messages=pb.Conversation(messages=[pb.Message(role="user", content="hi")]),
                            completions=["a", "b"]))
-    got = encode_groups(enc, groups, 1024)
+    got = encode_groups(enc, groups_of(groups), 1024)
     want = [one_by_one(enc, p, COMPLETIONS[:6], gi) for gi, p in enumerate(PROMPTS[:3])]
     want.append(one_by_one(enc, [{"role": "user", "content": "hi"}], ["a", "b"], 3))
     assert got == want
     bad = pb.Group(prompt_messages=pb.Conversation(messages=[pb.Message(role="wizard", content="x")]), completions=["a"])
     with pytest.raises(InvalidInput, match="group 1 completion 0: message 0 has unknown role 'wizard'"):
-        encode_groups(enc, [groups[0], bad], 1024)
+        encode_groups(enc, groups_of([groups[0], bad]), 1024)
 
 
 # --------------------------------------------------------------------------- scores

@@ -16,7 +16,7 @@ import grpc
 import pytest
 
 from rmserve.client import RewardClient
-from rmserve.service.server.app import STREAM_WINDOW
+from rmserve.service.server.reward import STREAM_WINDOW
 from rmserve.v1 import reward_pb2 as pb
 from rmserve.v1 import reward_pb2_grpc as pb_grpc
 from tests.helpers import registry_sample

@@ -10,7 +10,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-import rmserve.service.server.app as server_mod
+import rmserve.service.server.state as server_mod
 from rmserve.service.engine import backends
 from rmserve.service.server.errors import NotReady
 from rmserve.v1 import reward_pb2 as pb

@@ -6,17 +6,15 @@ import json
 import logging
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from rmserve.service.server.errors import InvalidInput, NotReady
 from rmserve.service.server.jobs import JobRunner, TrainingJob
 from rmserve.service.server.registry import Registry
 from rmserve.service.server.rpc import call_with_status, unary
+from rmserve.service.server.state import ServingState
 from rmserve.v1 import admin_pb2 as apb
 from rmserve.v1 import admin_pb2_grpc as apb_grpc
-
-if TYPE_CHECKING:
-    from rmserve.service.server.app import ServingState
 
 log = logging.getLogger(__name__)
 

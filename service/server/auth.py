@@ -78,6 +78,15 @@ def load_api_keys_env(var: str) -> dict[str, frozenset[str]]:
     return parse_api_keys(text, f"${var}")
 
 
+def caller_id(authorization: str | None, otherwise: str) -> str:
+    """Who a call counts against for --max-queue-per-client, the same on every door: its
+    `authorization` header as a short digest (a key is never kept), else `otherwise` (its
+    connection or host)."""
+    if authorization:
+        return "key:" + hashlib.sha256(authorization.encode()).hexdigest()[:16]
+    return otherwise
+
+
 def _digest(key: str) -> bytes:
     # Fixed-length digests, so compare_digest's time depends on neither the content nor the length of a key.
     return hashlib.sha256(key.encode("utf-8", "surrogatepass")).digest()

@@ -19,55 +19,69 @@ Calls may be tagged for the run monitor with headers `X-RMServe-Run-Id` and `X-R
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from aiohttp import web
 
-from rmserve.service.engine.tokenization import Encoded
 from rmserve.service.server import auth
+from rmserve.service.server.core import ModelInfo, ScoreOptions, ScoreResult, ScoringCore
+from rmserve.service.server.encoding import Chat, Rendered, Sample, Text, messages
 from rmserve.service.server.errors import InvalidInput
 from rmserve.service.server.rpc import http_error
-from rmserve.v1 import reward_pb2 as pb
-
-if TYPE_CHECKING:
-    from rmserve.service.server.app import RewardServicer
 
 REWARD_FIELDS = ("reward", "conservative", "min")
 _SCORE_METHOD = "/rmserve.v1.RewardService/Score"  # the scope an HTTP scoring call needs, as for gRPC
 
 
-def _client(request: web.Request) -> str:
-    """Who a request counts against for --max-queue-per-client: its API key (a digest, the
-    same as over gRPC), else its host (HTTP clients often open a connection per request)."""
-    if header := request.headers.get("Authorization"):
-        return "key:" + hashlib.sha256(header.encode()).hexdigest()[:16]
-    return f"http:{request.remote}"
+def _caller(request: web.Request) -> str:
+    """Who a request counts against for --max-queue-per-client: its API key (the same digest
+    as over gRPC), else its host (HTTP clients often open a connection per request)."""
+    return auth.caller_id(request.headers.get("Authorization"), f"http:{request.remote}")
 
 
-def _text(content: Any, where: str) -> str:
-    """A message's content: a string, or OpenAI-style parts whose text parts are joined."""
-    if content is None or isinstance(content, str):
-        return content or ""
-    if isinstance(content, list) and all(isinstance(p, dict) for p in content):
-        other = sorted({str(p.get("type")) for p in content if p.get("type") != "text"})
-        if other:
-            raise InvalidInput(f"{where}: content parts of type {other} cannot be scored; only text parts can")
-        if not all(isinstance(p.get("text"), str) for p in content):
-            raise InvalidInput(f'{where}: every text part needs a string "text"')
-        return "".join(p["text"] for p in content)
-    raise InvalidInput(f'{where}: "content" must be a string or a list of {{"type": "text", "text": ...}} parts')
+# -- JSON <-> the core's objects: the one place this door reads or writes result fields ---------
+
+def extra_logs(results: list[ScoreResult]) -> dict[str, list]:
+    """OpenRLHF's `extra_logs`: every field, per sample; optional ones when every sample has them."""
+    logs: dict[str, list] = {
+        "rm_reward": [r.reward for r in results], "rm_std": [r.std for r in results],
+        "rm_min": [r.min for r in results], "rm_conservative": [r.conservative for r in results],
+    }
+    for name, values in (("rm_epistemic", [r.epistemic for r in results]),
+                         ("rm_ood_score", [r.ood_score for r in results]),
+                         ("rm_ood", [None if r.ood is None else float(r.ood) for r in results])):
+        if all(v is not None for v in values):
+            logs[name] = values
+    return logs
+
+
+def result_json(r: ScoreResult) -> dict[str, Any]:
+    """slime's flat result: every field a result has (None where the model has none)."""
+    return {"reward": r.reward, "conservative": r.conservative, "min": r.min, "std": r.std,
+            "epistemic": r.epistemic, "num_tokens": r.num_tokens, "truncated": r.truncated,
+            "ood_score": r.ood_score, "ood": r.ood}
+
+
+def model_json(m: ModelInfo, reward_field: str) -> dict[str, Any]:
+    return {
+        "name": m.name, "version": m.version, "kind": m.kind, "num_members": m.num_members,
+        "num_heads": m.num_heads, "backbone": m.backbone, "backbone_layers": m.backbone_layers,
+        "max_tokens": m.max_tokens, "dtype": m.dtype, "has_epistemic": m.has_epistemic,
+        "ood_threshold": m.ood_threshold, "ood_calibrated_on": m.ood_calibrated_on,
+        "default_uncertainty_penalty": m.default_uncertainty_penalty, "reward_field": reward_field,
+        "max_samples_per_request": m.max_samples_per_request,
+    }
 
 
 class HttpFrontDoor:
-    def __init__(self, servicer: RewardServicer, *, keys: auth.ApiKeys | None, reward_field: str = "reward"):
+    def __init__(self, core: ScoringCore, *, keys: auth.ApiKeys | None, reward_field: str = "reward"):
         if reward_field not in REWARD_FIELDS:
             raise ValueError(f"--http-reward-field must be one of {REWARD_FIELDS}, got {reward_field!r}")
-        self.servicer = servicer
-        self.state = servicer.state
+        self.core = core
+        self.state = core.state
         self.keys = keys
         self.reward_field = reward_field
         self.serving = False  # set by the server: True while SERVING
@@ -127,14 +141,12 @@ class HttpFrontDoor:
             raise InvalidInput(f"the body is not valid JSON: {e}") from e
 
     @staticmethod
-    def _options(request: web.Request) -> pb.ScoreOptions:
-        opts = pb.ScoreOptions(run_id=request.headers.get("X-RMServe-Run-Id", ""))
-        if step := request.headers.get("X-RMServe-Step"):
-            try:
-                opts.step = int(step)
-            except ValueError as e:
-                raise InvalidInput(f"X-RMServe-Step must be an integer, got {step!r}") from e
-        return opts
+    def _options(request: web.Request) -> ScoreOptions:
+        step = request.headers.get("X-RMServe-Step")
+        try:
+            return ScoreOptions(run_id=request.headers.get("X-RMServe-Run-Id", ""), step=int(step) if step else None)
+        except ValueError as e:
+            raise InvalidInput(f"X-RMServe-Step must be an integer, got {step!r}") from e
 
     # -- routes ---------------------------------------------------------------------------
 
@@ -150,23 +162,11 @@ class HttpFrontDoor:
         if not queries:  # OpenRLHF sends empty slices when several reward URLs split a batch
             return {"rewards": [], "scores": [], "extra_logs": {}}
 
-        def encode(encoder) -> list[Encoded]:
-            return [encoder.rendered(q, f"query {i}") for i, q in enumerate(queries)]
-
-        results, _ = await self.servicer.score_samples(None, self._options(request), None, encode=encode,
-                                                       client=_client(request))
-        rewards = [getattr(r, self.reward_field) for r in results]
-        logs: dict[str, list] = {
-            "rm_reward": [r.reward for r in results], "rm_std": [r.std for r in results],
-            "rm_min": [r.min for r in results], "rm_conservative": [r.conservative for r in results],
-        }
-        if all(r.HasField("epistemic") for r in results):
-            logs["rm_epistemic"] = [r.epistemic for r in results]
-        if all(r.HasField("ood_score") for r in results):
-            logs["rm_ood_score"] = [r.ood_score for r in results]
-        if all(r.HasField("ood") for r in results):
-            logs["rm_ood"] = [float(r.ood) for r in results]
-        return {"rewards": rewards, "scores": rewards, "extra_logs": logs}
+        scored = await self.core.score([Sample(Rendered(q)) for q in queries], self._options(request),
+                                       caller=_caller(request), name=lambda i: f"query {i}",
+                                       max_samples=len(queries))  # OpenRLHF sends a whole batch: no split
+        rewards = [getattr(r, self.reward_field) for r in scored.results]
+        return {"rewards": rewards, "scores": rewards, "extra_logs": extra_logs(scored.results)}
 
     async def score(self, request: web.Request) -> dict[str, Any]:
         body = await self._json(request)
@@ -175,40 +175,20 @@ class HttpFrontDoor:
         prompt, response = body["prompt"], body["response"]
         if not isinstance(response, str):
             raise InvalidInput('"response" must be a string')
-        encode = samples = None
         if isinstance(prompt, str):
-            def encode(encoder) -> list[Encoded]:
-                # slime with --apply-chat-template sends the prompt rendered: no second template then
-                if encoder.is_rendered(prompt):
-                    return [encoder.rendered_reply(prompt, response, "the sample")]
-                return [encoder.prompt_response(prompt, response, "the sample")]
+            # slime with --apply-chat-template sends the prompt rendered: no second template then
+            sample = Sample(Text(prompt, response, maybe_rendered=True))
         elif isinstance(prompt, list) and all(isinstance(m, dict) and {"role", "content"} <= set(m) for m in prompt):
-            msgs = [pb.Message(role=str(m["role"]), content=_text(m["content"], f"prompt[{i}]"))
-                    for i, m in enumerate(prompt)]
-            samples = [pb.Sample(conversation=pb.Conversation(messages=[*msgs, pb.Message(role="assistant", content=response)]))]
+            sample = Sample(Chat([*messages(prompt, lambda i: f"prompt[{i}]"), {"role": "assistant", "content": response}]))
         else:
             raise InvalidInput('"prompt" must be a string or a list of {"role", "content"} messages')
-        (r,), _ = await self.servicer.score_samples(samples, self._options(request), None, encode=encode,
-                                                    client=_client(request))
-        out = {"reward": r.reward, "conservative": r.conservative, "min": r.min, "std": r.std,
-               "epistemic": r.epistemic if r.HasField("epistemic") else None,
-               "num_tokens": r.num_tokens, "truncated": r.truncated}
-        out["ood_score"] = r.ood_score if r.HasField("ood_score") else None
-        out["ood"] = r.ood if r.HasField("ood") else None
-        return out
+        scored = await self.core.score([sample], self._options(request), caller=_caller(request),
+                                       name=lambda i: "the sample")
+        return result_json(scored.results[0])
 
     async def health(self, request: web.Request) -> web.Response:
         ok = self.serving and self.state.slot is not None
         return web.json_response({"status": "SERVING" if ok else "NOT_SERVING"}, status=200 if ok else 503)
 
     async def model(self, request: web.Request) -> dict[str, Any]:
-        m = self.state.live_slot().model
-        return {
-            "name": m.name, "version": m.version, "kind": m.kind, "num_members": len(m.members),
-            "num_heads": m.num_heads, "backbone": m.backbone_name, "backbone_layers": m.backbone_layers,
-            "max_tokens": m.max_tokens, "dtype": m.dtype_name, "has_epistemic": m.has_epistemic,
-            "ood_threshold": m.ood.threshold if m.ood else None,
-            "ood_calibrated_on": m.ood.calibrated_on if m.ood else None,
-            "default_uncertainty_penalty": m.uncertainty_penalty, "reward_field": self.reward_field,
-            "max_samples_per_request": self.state.config.max_samples_per_request,
-        }
+        return model_json(self.core.model_info(), self.reward_field)

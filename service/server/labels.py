@@ -16,45 +16,31 @@ import hashlib
 import json
 import math
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
 import numpy as np
 
 from rmserve.service.data.preferences import Filters, Preference, PreferenceStore, validate
+from rmserve.service.server.core import ScoringCore
+from rmserve.service.server.encoding import Group, Prompt
 from rmserve.service.server.errors import InvalidInput
-from rmserve.service.server.requests import encode_groups
 from rmserve.service.server.rpc import call_with_status, deadline_of, unary
+from rmserve.service.server.state import ServingState
+from rmserve.service.server.wire import prompt_of, set_prompt
 from rmserve.v1 import label_pb2 as lpb
 from rmserve.v1 import label_pb2_grpc as lpb_grpc
-from rmserve.v1 import reward_pb2 as pb
-
-if TYPE_CHECKING:
-    from rmserve.service.server.app import ServingState
 
 EXPORT_CHUNK = 500        # rows per ExportPreferences message
 REPORT_MAX_SCORED = 4096  # newest comparisons the report scores with the model (bounds its cost)
 
 
-def _prompt(msg) -> str | list[dict[str, str]]:
-    if msg.WhichOneof("prompt") == "prompt_messages":
-        return [{"role": m.role, "content": m.content} for m in msg.prompt_messages.messages]
-    return msg.prompt_text
-
-
-def _set_prompt(msg, prompt: str | list[dict[str, str]]) -> None:
-    if isinstance(prompt, str):
-        msg.prompt_text = prompt
-    else:
-        msg.prompt_messages.CopyFrom(pb.Conversation(messages=[pb.Message(**m) for m in prompt]))
-
-
 def preference_from_pb(item: lpb.Preference, index: int) -> Preference:
     where = f"item {index}" + (f" (id {item.id!r})" if item.id else "")
-    if item.WhichOneof("prompt") is None:
+    prompt = prompt_of(item)
+    if prompt is None:
         raise InvalidInput(f"{where}: has no prompt; set prompt_text or prompt_messages")
     label = item.WhichOneof("label")
     p = Preference(
-        id=item.id, prompt=_prompt(item), responses=list(item.responses),
+        id=item.id, prompt=prompt, responses=list(item.responses),
         choice=item.choice if label == "choice" else None,
         ranking=list(item.ranking.ranks) if label == "ranking" else None,
         tie=label == "tie" and item.tie,
@@ -92,48 +78,21 @@ def comparisons(p: Preference) -> list[tuple[int, int, float]]:
 
 
 class LabelServicer(lpb_grpc.LabelServiceServicer):
-    def __init__(self, state: ServingState, store: PreferenceStore):
-        self.state = state
+    def __init__(self, state: ServingState, core: ScoringCore, store: PreferenceStore):
+        self.state = state  # rpc.unary reads its metrics and work
+        self.core = core
         self.store = store
 
     async def _scored(
-        self, prompts_and_responses: Sequence[tuple[object, Sequence[str]]], context, *, skip_unreadable: bool = False
+        self, prompts_and_responses: Sequence[tuple[Prompt, Sequence[str]]], context, *, skip_unreadable: bool = False
     ) -> list[np.ndarray | None]:
-        """Per-head rewards [n_responses, K] for each (prompt, responses), through the scheduler.
+        """Per-head rewards [n_responses, K] for each (prompt, responses), through the scoring core.
         With `skip_unreadable`, an item the model cannot encode (a role its template does not
         know, a response over its token limit) gets None instead of failing the whole call."""
-        slot = self.state.live_slot()
-        groups = []
-        for prompt, responses in prompts_and_responses:
-            g = pb.Group(completions=list(responses))
-            _set_prompt(g, prompt)
-            groups.append(g)
-        loop = asyncio.get_running_loop()
-        limit = max(self.state.config.max_samples_per_request, sum(len(g.completions) for g in groups))
-
-        def encode() -> list[list | None]:
-            if not skip_unreadable:
-                return encode_groups(slot.model.encoder, groups, limit)
-            out: list[list | None] = []
-            for g in groups:
-                try:
-                    out.append(encode_groups(slot.model.encoder, [g], limit)[0])
-                except InvalidInput:
-                    out.append(None)
-            return out
-
-        encoded = await loop.run_in_executor(self.state.tokenizer_pool, encode)
-        flat = [e for g in encoded if g is not None for e in g]
-        rows = await self.state.scheduler.submit(slot, [e.ids for e in flat], [len(e.ids) for e in flat],
-                                                 deadline_of(context)) if flat else []
-        out, i = [], 0
-        for g in encoded:
-            if g is None:
-                out.append(None)
-                continue
-            out.append(np.stack([rows[i + j].rewards for j in range(len(g))]).astype(np.float64))
-            i += len(g)
-        return out
+        groups = [Group(prompt, responses) for prompt, responses in prompts_and_responses]
+        judged, _ = await self.core.judge(groups, deadline=deadline_of(context), skip_unreadable=skip_unreadable)
+        return [None if results is None else np.array([r.members for r in results], dtype=np.float64)
+                for results in judged]
 
     @unary("SubmitPreferences")
     async def SubmitPreferences(self, request: lpb.SubmitPreferencesRequest, context) -> lpb.SubmitPreferencesResponse:
@@ -155,13 +114,14 @@ class LabelServicer(lpb_grpc.LabelServiceServicer):
             raise InvalidInput(f"k must be >= 1, got {request.k}")
         if not request.candidates:
             raise InvalidInput("the request has no candidates")
-        for i, c in enumerate(request.candidates):
-            if c.WhichOneof("prompt") is None:
+        prompts = [prompt_of(c) for c in request.candidates]
+        for i, (c, prompt) in enumerate(zip(request.candidates, prompts, strict=True)):
+            if prompt is None:
                 raise InvalidInput(f"candidate {i}: has no prompt; set prompt_text or prompt_messages")
             if len(c.responses) < 2:
                 raise InvalidInput(f"candidate {i}: needs at least 2 responses to compare, got {len(c.responses)}")
         slot_version = self.state.live_slot().version
-        rewards = await self._scored([(_prompt(c), c.responses) for c in request.candidates], context)
+        rewards = await self._scored([(p, c.responses) for p, c in zip(prompts, request.candidates, strict=True)], context)
         index: list[tuple[int, int, int]] = []
         ra, rb = [], []
         for ci, (c, r) in enumerate(zip(request.candidates, rewards, strict=True)):
@@ -180,7 +140,7 @@ class LabelServicer(lpb_grpc.LabelServiceServicer):
                 prob=float(scores.prob[n]), score=float(scores.score[n]),
                 disagreement=float(scores.disagreement[n]), uncertainty=float(scores.uncertainty[n]),
             )
-            _set_prompt(s, _prompt(c))
+            set_prompt(s, prompts[ci])
         return out
 
     @unary("LabelerReport")

@@ -27,14 +27,11 @@ import contextlib
 import logging
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from rmserve.service.engine.ensemble import MANIFEST
 from rmserve.service.server.errors import NotFound, RMServeError
 from rmserve.service.server.registry import Registry
-
-if TYPE_CHECKING:
-    from rmserve.service.server.app import ModelSlot, ServingState
+from rmserve.service.server.state import ModelSlot, ServingState
 
 log = logging.getLogger("rmserve.replica_sync")
 
