@@ -43,6 +43,7 @@ from rmserve.service.server.http import HttpFrontDoor
 from rmserve.service.server.labels import LabelServicer
 from rmserve.service.server.metrics import Metrics
 from rmserve.service.server.monitor import MonitorConfig, RunMonitor, StepSummary
+from rmserve.service.server.ports import listening
 from rmserve.service.server.registry import Registry
 from rmserve.service.server.replica_sync import RegistryFollower
 from rmserve.service.server.requests import Row, encode_groups, encode_samples, result_pb
@@ -504,19 +505,23 @@ class RewardServer:
                 [(Path(self.config.tls_key).read_bytes(), Path(self.config.tls_cert).read_bytes())],
                 root_certificates=client_ca, require_client_auth=client_ca is not None,
             )
-            self.port = self._server.add_secure_port(address, creds)
+            with listening(self.config.host, self.config.port, "--port"):
+                self.port = self._server.add_secure_port(address, creds)
         else:
-            self.port = self._server.add_insecure_port(address)
+            with listening(self.config.host, self.config.port, "--port"):
+                self.port = self._server.add_insecure_port(address)
         if self.port == 0:
             raise OSError(f"cannot listen on {self.config.host}:{self.config.port}")
         await self._server.start()
         if self.config.metrics_port is not None:
-            self._metrics_http, _ = self.state.metrics.serve_http(self.config.metrics_port, self.config.metrics_host or self.config.host)
+            with listening(self.config.metrics_host or self.config.host, self.config.metrics_port, "--metrics-port"):
+                self._metrics_http, _ = self.state.metrics.serve_http(self.config.metrics_port, self.config.metrics_host or self.config.host)
             self.metrics_port = self._metrics_http.server_port
         self.state.scheduler.start()
         if self.config.http_port is not None:
             self.http = HttpFrontDoor(reward_servicer, keys=keys, reward_field=self.config.http_reward_field)
-            self.http_port = await self.http.start(self.config.host, self.config.http_port)
+            with listening(self.config.host, self.config.http_port, "--http-port"):
+                self.http_port = await self.http.start(self.config.host, self.config.http_port)
         self._saver = asyncio.ensure_future(self._save_runs_periodically())
         log.info("listening on %s:%d; loading %s (health reports not ready until it is warm)", self.config.host, self.port, model_path)
         self._loaded = asyncio.ensure_future(self._load(model_path))
