@@ -7,12 +7,14 @@ them, so `rmserve score` and `rmserve info` work from a client-only install.
 from __future__ import annotations
 
 import argparse
+import atexit
 import dataclasses
 import json
 import logging
+import os
 import sys
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from rmserve.service.server.config import BACKEND_NAMES
 
@@ -41,6 +43,7 @@ def _backend_options(args: argparse.Namespace) -> dict:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    """Serve until SIGTERM or SIGINT; the process ends here (`_exit_without_teardown`)."""
     import asyncio
     import signal
 
@@ -93,7 +96,22 @@ def _serve(args: argparse.Namespace) -> int:
         await server.stop()
         return 0
 
-    return asyncio.run(run())
+    _exit_without_teardown(asyncio.run(run()))
+
+
+def _exit_without_teardown(code: int) -> NoReturn:
+    """End `rmserve serve` as soon as the server has stopped, skipping the interpreter's teardown.
+
+    When `server.stop()` returns, everything the server owns is finished: calls drained, the
+    run monitor saved, the store closed, training jobs stopped. What a normal exit then adds is
+    Python freeing the ~2800 modules torch, transformers and triton bring: 3.8 s on an idle
+    4-core machine, 5-7 s on the 2-core CI one, after rmserve's last line ran (measured with
+    gdb in Py_FinalizeEx). The exit handlers still run (logging's flush, the removal of
+    temporary folders registered with weakref.finalize), then the process ends with `code`."""
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def _monitor_settings(items: list[str]) -> dict[str, float | int]:
