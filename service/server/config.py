@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-DEFAULT_MODEL_DIR = Path(__file__).parent / "default_model"
+DEFAULT_MODEL_DIR = Path(__file__).parent.parent / "default_model"  # service/default_model
 
 # Keepalive (docs/production.md#keepalive), one place for the server's values.
 # The server pings every connection, idle or not, each KEEPALIVE_TIME_MS and drops it when no
