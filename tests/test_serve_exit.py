@@ -6,7 +6,8 @@ transformers and triton import. The CLI now ends the process once the server has
 the exit handlers have run. The tests check that mechanism rather than a wall-clock bound (a
 loaded machine must not fail a test): the exit handlers ran (logs flushed, temporary folders
 removed) and the interpreter's teardown did not (an object's finalizer that only teardown
-would call never ran). The time taken is reported in the assertion messages.
+would call never ran). The time taken is reported in the assertion messages. The rest of
+an idle stop's time was the /metrics server's poll (up to 0.5 s), which stop() no longer waits for.
 """
 
 from __future__ import annotations
@@ -64,3 +65,32 @@ def test_idle_server_exits_without_interpreter_teardown(tiny_ensemble, tmp_path,
     assert "stopping: finishing in-flight requests" in rest, rest  # the log is flushed
     assert "probe: exit handlers ran" in rest, rest
     assert "probe: interpreter teardown ran" not in rest, f"exit took {took:.2f} s through the teardown:\n{rest}"
+
+
+def test_stop_does_not_wait_for_the_metrics_servers_poll(tiny_ensemble, tmp_path):
+    """The /metrics server's `shutdown()` blocks until its loop next polls (every 0.5 s); stop()
+    tells it to end and goes on. Here its shutdown blocks until released: stop() must return
+    while it still waits (on the old code it hung there and this call timed out)."""
+    import threading
+
+    from rmserve.service.server.background import BackgroundServer
+    from rmserve.service.server.config import ServerConfig
+
+    s = BackgroundServer(ServerConfig(model=str(tiny_ensemble), port=0, metrics_port=0,
+                                      registry=str(tmp_path / "registry"))).start()
+    release, waiting = threading.Event(), threading.Event()
+    real_shutdown = s.server._metrics_http.shutdown
+
+    def shutdown_after_the_poll():
+        waiting.set()
+        release.wait(120)
+        real_shutdown()
+
+    s.server._metrics_http.shutdown = shutdown_after_the_poll
+    try:
+        s.call(s.server.stop(0), timeout=60)
+        assert waiting.wait(60) and not release.is_set()  # asked to end, and not waited for
+    finally:
+        release.set()
+        s.loop.call_soon_threadsafe(s.loop.stop)
+        s._thread.join(30)

@@ -43,7 +43,7 @@ from rmserve.service.server.http import HttpFrontDoor
 from rmserve.service.server.labels import LabelServicer
 from rmserve.service.server.metrics import Metrics
 from rmserve.service.server.monitor import MonitorConfig, RunMonitor, StepSummary
-from rmserve.service.server.ports import listening
+from rmserve.service.server.ports import listening, stop_listening
 from rmserve.service.server.registry import Registry
 from rmserve.service.server.replica_sync import RegistryFollower
 from rmserve.service.server.requests import Row, encode_groups, encode_samples, result_pb
@@ -581,7 +581,7 @@ class RewardServer:
         if self._loaded is not None and not self._loaded.done():
             self._loaded.cancel()
         if self._metrics_http is not None:
-            self._metrics_http.shutdown()
+            stop_listening(self._metrics_http)  # no wait for its 0.5 s poll (ports.py)
         if self.store is not None:
             self.store.close()
         self.state.tokenizer_pool.shutdown(wait=False)

@@ -9,16 +9,22 @@ why (found by binding a plain socket to the same address: the bind failure's own
 always there). The gRPC server must also not share its port: gRPC sets SO_REUSEPORT by default,
 so a second server on a busy port would start and take part of the first one's connections;
 config.py's `grpc_options` turns that off, and the second server's bind fails here instead.
+
+`stop_listening` ends the /metrics server (a socketserver) without waiting for it: its
+`shutdown()` blocks until `serve_forever` next wakes, up to its 0.5 s poll interval, which
+was most of what a graceful stop of an idle server still took.
 """
 
 from __future__ import annotations
 
 import errno
 import socket
+import socketserver
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-__all__ = ["PortUnavailable", "listening", "port_unavailable"]
+__all__ = ["PortUnavailable", "listening", "port_unavailable", "stop_listening"]
 
 
 class PortUnavailable(OSError):
@@ -78,3 +84,12 @@ def listening(host: str, port: int, flag: str) -> Iterator[None]:
         raise
     except (OSError, RuntimeError) as e:
         raise port_unavailable(host, port, flag, e) from e
+
+
+def stop_listening(server: socketserver.BaseServer) -> None:
+    """Tell a socketserver's `serve_forever` loop to end, without waiting for it to notice.
+
+    `shutdown()` waits for the loop's next wake-up (http.server polls every 0.5 s); it runs on a
+    daemon thread instead, so a stopping server does not wait out a poll timer: the loop ends by
+    itself within the poll interval, or with the process."""
+    threading.Thread(target=server.shutdown, name="rmserve-metrics-stop", daemon=True).start()
