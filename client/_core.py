@@ -4,6 +4,11 @@ Request building, validation, chunking, response parsing and the retry policy
 live here once; `sync.py` and `async_client.py` only move bytes (blocking or
 awaiting) and sleep. That keeps the two clients in lockstep: a fix here fixes
 both, and tests of one exercise the logic of the other.
+
+Every check of a call's input raises `InvalidRequestError` (INVALID_ARGUMENT, the
+server's code for the same mistakes; also a ValueError), before anything is sent.
+A client built with an unusable address or TLS material raises a plain ValueError:
+that is configuration, not a request.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ import grpc
 from rmserve.client.errors import (
     DeadlineExceededError,
     InternalServerError,
+    InvalidRequestError,
     RewardServiceError,
     _metadata_pairs,
     from_rpc_error,
@@ -89,15 +95,15 @@ class ClientOptions:
 
     def __post_init__(self) -> None:
         if self.timeout is not None and not self.timeout > 0:
-            raise ValueError(f"timeout must be > 0 seconds or None, got {self.timeout!r}")
+            raise InvalidRequestError(f"timeout must be > 0 seconds or None, got {self.timeout!r}")
         if self.max_retries < 0:
-            raise ValueError(f"max_retries must be >= 0, got {self.max_retries!r}")
+            raise InvalidRequestError(f"max_retries must be >= 0, got {self.max_retries!r}")
         if self.max_samples_per_request < 1:
-            raise ValueError(f"max_samples_per_request must be >= 1, got {self.max_samples_per_request!r}")
+            raise InvalidRequestError(f"max_samples_per_request must be >= 1, got {self.max_samples_per_request!r}")
         if self.max_concurrent_requests < 1:
-            raise ValueError(f"max_concurrent_requests must be >= 1, got {self.max_concurrent_requests!r}")
+            raise InvalidRequestError(f"max_concurrent_requests must be >= 1, got {self.max_concurrent_requests!r}")
         if not 0 <= self.initial_backoff <= self.max_backoff:
-            raise ValueError("need 0 <= initial_backoff <= max_backoff")
+            raise InvalidRequestError("need 0 <= initial_backoff <= max_backoff")
 
     def override(self, **changes: Any) -> ClientOptions:
         """A copy with the changes that are not None; `self` is untouched."""
@@ -310,21 +316,51 @@ class RetryState:
 
 def _text(value: Any, where: str) -> str:
     if not isinstance(value, str):
-        raise ValueError(f"{where}: expected a str, got {type(value).__name__}")
+        raise InvalidRequestError(f"{where}: expected a str, got {type(value).__name__}")
     return value
 
 
+def message_text(content: Any, where: str) -> str:
+    """A message's content as the text the model scores, with one meaning on every client path
+    (the SDK, the TRL and verl adapters) and the server's HTTP door: a str as it is; OpenAI-style
+    parts (`[{"type": "text", "text": ...}, ...]`) with their text joined by ""; None (an
+    assistant turn that only calls tools) as "". Any other part type (image_url, input_audio,
+    ...) is refused, naming the part: the model reads text only, and dropping the part would
+    score another conversation than the one the caller sent."""
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, (bytes, Mapping)) or not isinstance(content, Sequence):
+        raise InvalidRequestError(
+            f"{where}: expected a str or a list of {{'type': 'text', 'text': str}} parts, "
+            f"got {type(content).__name__}"
+        )
+    texts = []
+    for k, part in enumerate(content):
+        kind = part.get("type") if isinstance(part, Mapping) else type(part).__name__
+        if kind != "text":
+            raise InvalidRequestError(
+                f"{where}, part {k}: a part of type {kind!r} cannot be scored; only 'text' parts can"
+            )
+        if not isinstance(part.get("text"), str):
+            raise InvalidRequestError(f"{where}, part {k}: a 'text' part needs 'text': str")
+        texts.append(part["text"])
+    return "".join(texts)
+
+
 def build_messages(messages: Any, where: str) -> pb.Conversation:
-    """A Conversation from [{"role", "content"}, ...]; extra keys (tool_calls, ...) are ignored."""
+    """A Conversation from [{"role", "content"}, ...]; extra keys (tool_calls, ...) are ignored.
+    Content is a str or text parts (`message_text`)."""
     if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence) or not messages:
-        raise ValueError(f"{where}: expected a non-empty list of {{'role', 'content'}} dicts")
+        raise InvalidRequestError(f"{where}: expected a non-empty list of {{'role', 'content'}} dicts")
     conv = pb.Conversation()
     for j, m in enumerate(messages):
         if not isinstance(m, Mapping) or "role" not in m or "content" not in m:
-            raise ValueError(f"{where}, message {j}: expected a dict with 'role' and 'content'")
+            raise InvalidRequestError(f"{where}, message {j}: expected a dict with 'role' and 'content'")
         conv.messages.add(
             role=_text(m["role"], f"{where}, message {j} role"),
-            content=_text(m["content"], f"{where}, message {j} content"),
+            content=message_text(m["content"], f"{where}, message {j} content"),
         )
     return conv
 
@@ -333,12 +369,12 @@ def build_sample(sample: Any, index: int) -> pb.Sample:
     """Validate one caller sample and turn it into a proto, naming the sample in every error."""
     where = f"sample {index}"
     if not isinstance(sample, Mapping):
-        raise ValueError(f"{where}: expected a dict, one of {_SAMPLE_SHAPES}; got {type(sample).__name__}")
+        raise InvalidRequestError(f"{where}: expected a dict, one of {_SAMPLE_SHAPES}; got {type(sample).__name__}")
     keys = set(sample) - {"id"}
     out = pb.Sample()
     if "id" in sample and sample["id"] is not None:
         if not isinstance(sample["id"], (str, int)) or isinstance(sample["id"], bool):
-            raise ValueError(f"{where}: 'id' must be a str or int, got {type(sample['id']).__name__}")
+            raise InvalidRequestError(f"{where}: 'id' must be a str or int, got {type(sample['id']).__name__}")
         out.id = str(sample["id"])
     if keys == {"messages"}:
         out.conversation.CopyFrom(build_messages(sample["messages"], where))
@@ -353,15 +389,15 @@ def build_sample(sample: Any, index: int) -> pb.Sample:
     elif keys == {"token_ids"}:
         ids = sample["token_ids"]
         if isinstance(ids, (str, bytes)) or not isinstance(ids, Iterable):
-            raise ValueError(f"{where}: 'token_ids' must be a list of ints")
+            raise InvalidRequestError(f"{where}: 'token_ids' must be a list of ints")
         try:
             out.tokens.ids.extend(operator.index(t) for t in ids)
         except (TypeError, ValueError) as e:
-            raise ValueError(f"{where}: 'token_ids' must be a list of int32 ints ({e})") from None
+            raise InvalidRequestError(f"{where}: 'token_ids' must be a list of int32 ints ({e})") from None
         if not out.tokens.ids:
-            raise ValueError(f"{where}: 'token_ids' is empty")
+            raise InvalidRequestError(f"{where}: 'token_ids' is empty")
     else:
-        raise ValueError(
+        raise InvalidRequestError(
             f"{where}: expected one of {_SAMPLE_SHAPES} (plus an optional 'id'); got keys {sorted(sample)}"
         )
     return out
@@ -378,7 +414,7 @@ def build_options(
         opts.step = operator.index(step)
     if uncertainty_penalty is not None:
         if not math.isfinite(uncertainty_penalty):
-            raise ValueError(f"uncertainty_penalty must be finite, got {uncertainty_penalty!r}")
+            raise InvalidRequestError(f"uncertainty_penalty must be finite, got {uncertainty_penalty!r}")
         opts.uncertainty_penalty = float(uncertainty_penalty)
     return opts
 
@@ -399,7 +435,7 @@ def check_sizes(requests: Sequence[Any], max_bytes: int) -> None:
     for i, req in enumerate(requests):
         size = req.ByteSize()
         if size > max_bytes:
-            raise ValueError(
+            raise InvalidRequestError(
                 f"request chunk {i} is {size} bytes, over the {max_bytes}-byte message limit: "
                 "lower max_samples_per_request or raise max_message_bytes (the server must accept it too)"
             )
@@ -426,10 +462,10 @@ class ScorePlan:
         max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
     ) -> ScorePlan:
         if isinstance(samples, Mapping):
-            raise ValueError("score() takes a list of samples; wrap a single sample in a list")
+            raise InvalidRequestError("score() takes a list of samples; wrap a single sample in a list")
         protos = [build_sample(s, i) for i, s in enumerate(samples)]
         if not protos:
-            raise ValueError("score() needs at least one sample")
+            raise InvalidRequestError("score() needs at least one sample")
         reqs = [
             pb.ScoreRequest(samples=protos[r.start : r.stop], options=options)
             for r in _chunks(len(protos), max_per_request)
@@ -474,9 +510,9 @@ class GroupsPlan:
             try:
                 prompt, completions = item
             except (TypeError, ValueError):
-                raise ValueError(f"group {g}: expected a (prompt, completions) pair") from None
+                raise InvalidRequestError(f"group {g}: expected a (prompt, completions) pair") from None
             if isinstance(completions, str) or not isinstance(completions, Sequence) or not completions:
-                raise ValueError(f"group {g}: completions must be a non-empty list of str")
+                raise InvalidRequestError(f"group {g}: completions must be a non-empty list of str")
             texts = [_text(c, f"group {g}, completion {j}") for j, c in enumerate(completions)]
             template = pb.Group(id=str(g))
             set_prompt(template, prompt, f"group {g}")
@@ -486,7 +522,7 @@ class GroupsPlan:
                 piece.completions.extend(texts[r.start : r.stop])
                 pieces.append((g, piece))
         if not pieces:
-            raise ValueError("score_groups() needs at least one group")
+            raise InvalidRequestError("score_groups() needs at least one group")
         requests: list[pb.ScoreGroupsRequest] = []
         owners: list[list[tuple[int, int]]] = []
         load = max_per_request  # forces a new request for the first piece
@@ -533,7 +569,7 @@ class StreamFeeder:
 
     def __init__(self, options: pb.ScoreOptions, chunk_size: int):
         if chunk_size < 1:
-            raise ValueError(f"chunk_size must be >= 1, got {chunk_size!r}")
+            raise InvalidRequestError(f"chunk_size must be >= 1, got {chunk_size!r}")
         self.options = options
         self.chunk_size = chunk_size
         self.sizes: deque[int] = deque()
@@ -788,6 +824,7 @@ __all__ = [
     "build_compare",
     "build_options",
     "build_sample",
+    "message_text",
     "parse_compare",
     "parse_model_info",
     "parse_result",

@@ -48,8 +48,14 @@ class RewardServiceError(Exception):
         self.attempts = attempts
 
 
-class InvalidRequestError(RewardServiceError):
-    """INVALID_ARGUMENT: the request itself is wrong; retrying will not help."""
+class InvalidRequestError(RewardServiceError, ValueError):
+    """INVALID_ARGUMENT: the request itself is wrong; retrying will not help.
+
+    Raised by the server's refusal and, with the same code, by the SDK's own checks before
+    anything is sent (an empty batch, a sample with no messages, empty `token_ids`, a content
+    part that is not text, ...). Also a `ValueError`, which those checks raised before this
+    class existed, so callers that catch ValueError still do.
+    """
 
     default_code = grpc.StatusCode.INVALID_ARGUMENT
 

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from rmserve.client._core import Prompt, set_prompt
+from rmserve.client.errors import InvalidRequestError
 from rmserve.v1 import label_pb2 as lpb
 
 __all__ = ["LabelerStats", "SubmitResult", "Suggestion", "build_candidates", "build_preferences"]
@@ -59,21 +60,21 @@ class LabelerStats:
 def _preference(item: Mapping[str, Any], i: int) -> lpb.Preference:
     where = f"item {i}"
     if not isinstance(item, Mapping):
-        raise ValueError(f"{where}: expected a dict, got {type(item).__name__}")
+        raise InvalidRequestError(f"{where}: expected a dict, got {type(item).__name__}")
     if unknown := sorted(set(item) - _KEYS):
-        raise ValueError(f"{where}: unknown keys {unknown}; known: {sorted(_KEYS)}")
+        raise InvalidRequestError(f"{where}: unknown keys {unknown}; known: {sorted(_KEYS)}")
     for key in ("id", "prompt", "responses", "labeler"):
         if key not in item:
-            raise ValueError(f"{where}: missing {key!r}")
+            raise InvalidRequestError(f"{where}: missing {key!r}")
     responses = item["responses"]
     if isinstance(responses, (str, bytes)) or not isinstance(responses, Sequence):
-        raise ValueError(f"{where}: 'responses' must be a list of str")
+        raise InvalidRequestError(f"{where}: 'responses' must be a list of str")
     p = lpb.Preference(id=str(item["id"]), responses=[str(r) for r in responses], labeler=str(item["labeler"]),
                        labeler_kind=str(item.get("labeler_kind", "human")))
     set_prompt(p, item["prompt"], where)
     labels = [k for k in ("choice", "ranking") if item.get(k) is not None] + (["tie"] if item.get("tie") is True else [])
     if len(labels) != 1:
-        raise ValueError(f"{where}: set exactly one of 'choice', 'ranking' or 'tie': True")
+        raise InvalidRequestError(f"{where}: set exactly one of 'choice', 'ranking' or 'tie': True")
     if labels == ["choice"]:
         p.choice = int(item["choice"])
     elif labels == ["ranking"]:
@@ -83,7 +84,7 @@ def _preference(item: Mapping[str, Any], i: int) -> lpb.Preference:
     if item.get("margin") is not None:
         margin = float(item["margin"])
         if not math.isfinite(margin):
-            raise ValueError(f"{where}: 'margin' must be finite")
+            raise InvalidRequestError(f"{where}: 'margin' must be finite")
         p.margin = margin
     if item.get("timestamp") is not None:
         p.timestamp_unix = float(item["timestamp"])
@@ -97,7 +98,7 @@ def build_preferences(items: Iterable[Mapping[str, Any]], chunk: int) -> list[lp
     """Requests of at most `chunk` items each (each is stored all-or-nothing by the server)."""
     prefs = [_preference(item, i) for i, item in enumerate(items)]
     if not prefs:
-        raise ValueError("submit_preferences needs at least one item")
+        raise InvalidRequestError("submit_preferences needs at least one item")
     return [lpb.SubmitPreferencesRequest(items=prefs[i:i + chunk]) for i in range(0, len(prefs), chunk)]
 
 
@@ -110,7 +111,7 @@ def build_candidates(candidates: Iterable[Mapping[str, Any]], k: int) -> lpb.Sug
     req = lpb.SuggestComparisonsRequest(k=int(k))
     for i, c in enumerate(candidates):
         if not isinstance(c, Mapping) or "prompt" not in c or "responses" not in c:
-            raise ValueError(f"candidate {i}: expected {{'prompt': str | messages, 'responses': [str, ...]}}")
+            raise InvalidRequestError(f"candidate {i}: expected {{'prompt': str | messages, 'responses': [str, ...]}}")
         msg = req.candidates.add(id=str(c.get("id", i)), responses=[str(r) for r in c["responses"]])
         set_prompt(msg, c["prompt"], f"candidate {i}")
     return req

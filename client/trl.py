@@ -17,7 +17,8 @@ import uuid
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
-from rmserve.client.errors import RewardServiceError
+from rmserve.client._core import message_text
+from rmserve.client.errors import InvalidRequestError, RewardServiceError
 from rmserve.client.sync import RewardClient
 from rmserve.client.types import ScoreResult
 
@@ -29,40 +30,33 @@ OnAlarm = Literal["ignore", "conservative", "min"]
 _ON_ALARM = ("ignore", "conservative", "min")
 
 
-def _content(content: Any) -> str:
-    """Message content as text: TRL may give None (tool calls) or a list of typed parts."""
-    if content is None:
-        return ""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, Sequence):
-        return "".join(
-            p.get("text", "") if isinstance(p, Mapping) else str(p) for p in content
-        )
-    return str(content)
+def _messages(msgs: Sequence[Mapping[str, Any]], where: str) -> list[dict[str, str]]:
+    """Chat messages with text content. TRL may give None content (a tool-calling turn) or
+    typed parts; both read as the SDK reads them (`message_text`: text parts joined, any other
+    part refused with its index and type, never dropped)."""
+    return [
+        {"role": str(m["role"]), "content": message_text(m.get("content"), f"{where}, message {j} content")}
+        for j, m in enumerate(msgs)
+    ]
 
 
-def _messages(msgs: Sequence[Mapping[str, Any]]) -> list[dict[str, str]]:
-    return [{"role": str(m["role"]), "content": _content(m.get("content"))} for m in msgs]
-
-
-def _as_sample(prompt: Any, completion: Any) -> dict[str, Any]:
+def _as_sample(prompt: Any, completion: Any, i: int) -> dict[str, Any]:
     """One Score sample from a TRL (prompt, completion) pair, plain or conversational."""
     if isinstance(completion, str):
         if isinstance(prompt, str):
             return {"prompt": prompt, "response": completion}
-        return {"prompt": _messages(prompt), "response": completion}
-    head = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else _messages(prompt)
-    return {"messages": head + _messages(completion)}
+        return {"prompt": _messages(prompt, f"prompt {i}"), "response": completion}
+    head = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else _messages(prompt, f"prompt {i}")
+    return {"messages": head + _messages(completion, f"completion {i}")}
 
 
-def _completion_text(completion: Any) -> str:
+def _completion_text(completion: Any, i: int) -> str:
     if isinstance(completion, str):
         return completion
-    return "".join(_content(m.get("content")) for m in completion)
+    return "".join(m["content"] for m in _messages(completion, f"completion {i}"))
 
 
-def _group_completion(completion: Any) -> str | None:
+def _group_completion(completion: Any, i: int) -> str | None:
     """The completion as the single assistant reply ScoreGroups takes, or None when it is more."""
     if isinstance(completion, str):
         return completion
@@ -73,7 +67,7 @@ def _group_completion(completion: Any) -> str | None:
         and completion[0].get("role") == "assistant"
         and not completion[0].get("tool_calls")
     ):
-        return _content(completion[0].get("content"))
+        return message_text(completion[0].get("content"), f"completion {i}, message 0 content")
     return None
 
 
@@ -179,15 +173,15 @@ class RewardFunc:
         "not applicable", which leaves them unpenalised by this function).
         """
         if len(prompts) != len(completions):
-            raise ValueError(f"{len(prompts)} prompts but {len(completions)} completions")
+            raise InvalidRequestError(f"{len(prompts)} prompts but {len(completions)} completions")
         keep = [
             i for i, c in enumerate(completions)
-            if self.empty_reward is None or _completion_text(c).strip()
+            if self.empty_reward is None or _completion_text(c, i).strip()
         ]
         if not keep:
             return [self.empty_reward] * len(completions)
         step = getattr(trainer_state, "global_step", None)
-        results = self._score([prompts[i] for i in keep], [completions[i] for i in keep], step)
+        results = self._score([prompts[i] for i in keep], [completions[i] for i in keep], step, keep)
         self._log(results, log_metric, log_extra)
         self._watch_run(log_metric)
         field = self.on_alarm if self.alarmed and self.on_alarm != "ignore" else self.field
@@ -221,21 +215,24 @@ class RewardFunc:
             if mean_base > 0:
                 log_metric("rmserve/std_trend", stds[-1] / mean_base)
 
-    def _score(self, prompts: Sequence[Any], completions: Sequence[Any], step: int | None) -> list[ScoreResult]:
+    def _score(
+        self, prompts: Sequence[Any], completions: Sequence[Any], step: int | None, index: Sequence[int]
+    ) -> list[ScoreResult]:
+        """Scores the pairs; `index` is each pair's position in the trainer's batch (for errors)."""
         options = dict(
             uncertainty_penalty=self.uncertainty_penalty, run_id=self.run_id, step=step, timeout=self.timeout
         )
         runs = _runs(prompts)
         if self.use_groups and any(end - start > 1 for start, end in runs):
-            texts = [_group_completion(c) for c in completions]
+            texts = [_group_completion(c, i) for i, c in zip(index, completions, strict=True)]
             if all(t is not None for t in texts):
                 groups = []
                 for start, end in runs:
                     p = prompts[start]
-                    groups.append((p if isinstance(p, str) else _messages(p), texts[start:end]))
+                    groups.append((p if isinstance(p, str) else _messages(p, f"prompt {index[start]}"), texts[start:end]))
                 per_group = self.client.score_groups_many(groups, **options)
                 return [r for g in per_group for r in g]
-        samples = [_as_sample(p, c) for p, c in zip(prompts, completions, strict=True)]
+        samples = [_as_sample(p, c, i) for i, p, c in zip(index, prompts, completions, strict=True)]
         return self.client.score(samples, **options)
 
     @staticmethod

@@ -62,7 +62,6 @@ from typing import Any
 from rmserve.client import _core
 from rmserve.client.async_client import AsyncRewardClient
 from rmserve.client.errors import InvalidRequestError
-from rmserve.client.trl import _content
 from rmserve.client.types import ScoreResult
 
 __all__ = [
@@ -186,8 +185,12 @@ def _prompt(extra_info: Mapping[str, Any]) -> str | list[dict[str, str]]:
         if isinstance(prompt, Mapping):
             prompt = [prompt]
         if isinstance(prompt, Sequence) and all(isinstance(m, Mapping) for m in prompt):
-            return [{"role": str(m["role"]), "content": _content(_plain(m.get("content")))} for m in prompt]
-        raise ValueError(
+            return [
+                {"role": str(m["role"]),
+                 "content": _core.message_text(_plain(m.get("content")), f"extra_info[{key!r}], message {j} content")}
+                for j, m in enumerate(prompt)
+            ]
+        raise InvalidRequestError(
             f"rmserve verl: extra_info[{key!r}] must be text or chat messages "
             f"([{{'role': ..., 'content': ...}}, ...]), got {type(prompt).__name__}"
         )
@@ -195,8 +198,11 @@ def _prompt(extra_info: Mapping[str, Any]) -> str | list[dict[str, str]]:
 
 
 def build_sample(solution_str: Any, extra_info: Mapping[str, Any] | None) -> dict[str, Any]:
-    """The Score sample for one verl call: the prompt from `extra_info`, the response from `solution_str`."""
-    return {"prompt": _prompt(extra_info or {}), "response": _content(solution_str)}
+    """The Score sample for one verl call: the prompt from `extra_info`, the response from `solution_str`.
+
+    Message content reads as everywhere in the SDK (`_core.message_text`): text parts joined,
+    any other part refused with its index and type."""
+    return {"prompt": _prompt(extra_info or {}), "response": _core.message_text(_plain(solution_str), "solution_str")}
 
 
 def as_reward_dict(result: ScoreResult, field: str = "reward") -> dict[str, float]:
@@ -356,8 +362,8 @@ async def compute_score(
     Returns `{"score", "rm_reward", "rm_std", "rm_epistemic", "rm_ood"}` (NaN
     where the server has no value). `data_source` and `ground_truth` are
     ignored: the reward model judges the response to the prompt. Raises the
-    SDK's `RewardServiceError` subclasses (bad address, wrong key, ...) and
-    ValueError for a prompt it cannot read. Extra keyword arguments that are
+    SDK's `RewardServiceError` subclasses (bad address, wrong key, ...), and
+    `InvalidRequestError` (a ValueError too) for a prompt or response it cannot read. Extra keyword arguments that are
     not settings (verl's `reward_router_address`, ...) are ignored.
     """
     extra_info = extra_info if isinstance(extra_info, Mapping) else {}

@@ -7,12 +7,19 @@ them, so `rmserve score` and `rmserve info` work from a client-only install.
 from __future__ import annotations
 
 import argparse
+import atexit
+import dataclasses
 import json
 import logging
+import os
 import sys
 from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from rmserve.service.server.config import BACKEND_NAMES
+
+if TYPE_CHECKING:
+    from rmserve.client.types import ScoreResult
 
 _BACKEND_FLAGS = {  # option -> (flag, the backend it belongs to)
     "device_map": ("--device-map", "accelerate"), "max_memory": ("--max-memory", "accelerate"),
@@ -36,6 +43,7 @@ def _backend_options(args: argparse.Namespace) -> dict:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    """Serve until SIGTERM or SIGINT; the process ends here (`_exit_without_teardown`)."""
     import asyncio
     import signal
 
@@ -88,7 +96,22 @@ def _serve(args: argparse.Namespace) -> int:
         await server.stop()
         return 0
 
-    return asyncio.run(run())
+    _exit_without_teardown(asyncio.run(run()))
+
+
+def _exit_without_teardown(code: int) -> NoReturn:
+    """End `rmserve serve` as soon as the server has stopped, skipping the interpreter's teardown.
+
+    When `server.stop()` returns, everything the server owns is finished: calls drained, the
+    run monitor saved, the store closed, training jobs stopped. What a normal exit then adds is
+    Python freeing the ~2800 modules torch, transformers and triton bring: 3.8 s on an idle
+    4-core machine, 5-7 s on the 2-core CI one, after rmserve's last line ran (measured with
+    gdb in Py_FinalizeEx). The exit handlers still run (logging's flush, the removal of
+    temporary folders registered with weakref.finalize), then the process ends with `code`."""
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def _monitor_settings(items: list[str]) -> dict[str, float | int]:
@@ -120,6 +143,19 @@ def _read_jsonl(path: str) -> Iterator[dict]:
             yield row
 
 
+def _result_fields(result: ScoreResult) -> dict[str, Any]:
+    """Every field of a ScoreResult, read from the dataclass so that a new field reaches the
+    output by itself. None (a model without OOD statistics, ...) is written as null, except
+    `members` (there unless --members) and `id` (the input row keeps its own)."""
+    out = {}
+    for f in dataclasses.fields(result):
+        value = getattr(result, f.name)
+        if f.name == "id" or (f.name == "members" and value is None):
+            continue
+        out[f.name] = list(value) if isinstance(value, tuple) else value
+    return out
+
+
 def _score(args: argparse.Namespace) -> int:
     """JSONL in (one sample per line), JSONL out (the input row plus the scores)."""
     from rmserve.client import RewardClient, RewardServiceError
@@ -138,13 +174,7 @@ def _score(args: argparse.Namespace) -> int:
             )
         with out:
             for row, res in zip(rows, results, strict=True):
-                scores = {
-                    "reward": res.reward, "std": res.std, "min": res.min, "conservative": res.conservative,
-                    "epistemic": res.epistemic, "num_tokens": res.num_tokens, "truncated": res.truncated,
-                }
-                if res.members is not None:
-                    scores["members"] = list(res.members)
-                out.write(json.dumps({**row, **scores}) + "\n")
+                out.write(json.dumps({**row, **_result_fields(res)}) + "\n")
     except (RewardServiceError, ValueError) as e:
         print(f"rmserve score: {e}", file=sys.stderr)
         return 1
@@ -190,8 +220,6 @@ def _labels_export(args: argparse.Namespace) -> int:
 
 
 def _labels_report(args: argparse.Namespace) -> int:
-    import dataclasses
-
     from rmserve.client import RewardClient, RewardServiceError
 
     try:
@@ -235,8 +263,6 @@ def _export_onnx(args: argparse.Namespace) -> int:
 
 
 def _info(args: argparse.Namespace) -> int:
-    import dataclasses
-
     from rmserve.client import RewardClient, RewardServiceError
 
     try:

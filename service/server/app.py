@@ -29,6 +29,7 @@ from rmserve.service.server.config import ServerConfig
 from rmserve.service.server.core import ScoringCore
 from rmserve.service.server.http import HttpFrontDoor
 from rmserve.service.server.labels import LabelServicer
+from rmserve.service.server.ports import listening, stop_listening
 from rmserve.service.server.registry import Registry
 from rmserve.service.server.replica_sync import RegistryFollower
 from rmserve.service.server.reward import RewardServicer
@@ -99,19 +100,23 @@ class RewardServer:
                 [(Path(self.config.tls_key).read_bytes(), Path(self.config.tls_cert).read_bytes())],
                 root_certificates=client_ca, require_client_auth=client_ca is not None,
             )
-            self.port = self._server.add_secure_port(address, creds)
+            with listening(self.config.host, self.config.port, "--port"):
+                self.port = self._server.add_secure_port(address, creds)
         else:
-            self.port = self._server.add_insecure_port(address)
+            with listening(self.config.host, self.config.port, "--port"):
+                self.port = self._server.add_insecure_port(address)
         if self.port == 0:
             raise OSError(f"cannot listen on {self.config.host}:{self.config.port}")
         await self._server.start()
         if self.config.metrics_port is not None:
-            self._metrics_http, _ = self.state.metrics.serve_http(self.config.metrics_port, self.config.metrics_host or self.config.host)
+            with listening(self.config.metrics_host or self.config.host, self.config.metrics_port, "--metrics-port"):
+                self._metrics_http, _ = self.state.metrics.serve_http(self.config.metrics_port, self.config.metrics_host or self.config.host)
             self.metrics_port = self._metrics_http.server_port
         self.state.scheduler.start()
         if self.config.http_port is not None:
             self.http = HttpFrontDoor(self.core, keys=keys, reward_field=self.config.http_reward_field)
-            self.http_port = await self.http.start(self.config.host, self.config.http_port)
+            with listening(self.config.host, self.config.http_port, "--http-port"):
+                self.http_port = await self.http.start(self.config.host, self.config.http_port)
         self._saver = asyncio.ensure_future(self._save_runs_periodically())
         log.info("listening on %s:%d; loading %s (health reports not ready until it is warm)", self.config.host, self.port, model_path)
         self._loaded = asyncio.ensure_future(self._load(model_path))
@@ -172,7 +177,7 @@ class RewardServer:
         if self._loaded is not None and not self._loaded.done():
             self._loaded.cancel()
         if self._metrics_http is not None:
-            self._metrics_http.shutdown()
+            stop_listening(self._metrics_http)  # no wait for its 0.5 s poll (ports.py)
         if self.store is not None:
             self.store.close()
         self.state.tokenizer_pool.shutdown(wait=False)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-DEFAULT_MODEL_DIR = Path(__file__).parent / "default_model"
+DEFAULT_MODEL_DIR = Path(__file__).parent.parent / "default_model"  # service/default_model
 
 # Keepalive (docs/production.md#keepalive), one place for the server's values.
 # The server pings every connection, idle or not, each KEEPALIVE_TIME_MS and drops it when no
@@ -75,7 +75,7 @@ class ServerConfig:
         return self.max_queue_per_client or None
 
     def grpc_options(self) -> list[tuple[str, int]]:
-        """The gRPC server's channel arguments: message limits and keepalive."""
+        """The gRPC server's channel arguments: message limits, keepalive, an unshared port."""
         return [
             ("grpc.max_receive_message_length", self.max_message_bytes),
             ("grpc.max_send_message_length", self.max_message_bytes),
@@ -86,4 +86,5 @@ class ServerConfig:
             ("grpc.http2.max_pings_without_data", 0),  # no cap on pings between data frames
             ("grpc.http2.min_ping_interval_without_data_ms", self.min_client_ping_interval_ms),
             ("grpc.http2.max_ping_strikes", MAX_PING_STRIKES),
+            ("grpc.so_reuseport", 0),  # a busy --port is refused (ports.py), not silently shared
         ]
