@@ -22,9 +22,9 @@ import torch
 
 from rmserve.service.engine import invariant_attention
 from rmserve.service.engine.backbone import load_backbone
+from rmserve.service.engine.contract import plan_batches
 from rmserve.service.engine.padding import right_pad
 from rmserve.service.engine.precision import mixed_bf16
-from rmserve.service.engine.scoring import plan_batches
 
 
 def last_hidden(model, seqs, batches, pad, ctx):

@@ -41,8 +41,9 @@ from study_runs import best_seconds, interleaved_best, study_main
 
 from rmserve.kernels import cpu_attention
 from rmserve.service.engine import invariant_attention as ia
+from rmserve.service.engine.heads import BatchStats, LastTokenIndex, engine_output, member_scores
 from rmserve.service.engine.model import load_model
-from rmserve.service.engine.scoring import BatchStats, ScoringEngine, engine_output, member_scores
+from rmserve.service.engine.scoring import ScoringEngine
 
 DEFAULT = Path(__file__).resolve().parents[2] / "service" / "default_model"
 VARIANTS = {  # name: (dtype, kernel on, packing)
@@ -108,7 +109,7 @@ def float64_rewards(seqs: list[list[int]]) -> np.ndarray:
             h = backbone(input_ids=torch.tensor([s])).last_hidden_state[0, -1]
             last.append(h.float())
     hidden = torch.stack(last)[:, None, :]
-    out = engine_output([member_scores(m, hidden, {"lengths": torch.ones(len(seqs), dtype=torch.long)})],
+    out = engine_output([member_scores(m, hidden, LastTokenIndex(lengths=torch.ones(len(seqs), dtype=torch.long)))],
                         BatchStats())
     return out.rewards
 

@@ -16,8 +16,8 @@ import torch
 from safetensors.torch import save_file
 
 from rmserve.service.engine.backbone import load_backbone
+from rmserve.service.engine.contract import plan_batches
 from rmserve.service.engine.padding import pad_token_id, right_pad
-from rmserve.service.engine.scoring import plan_batches
 from rmserve.service.engine.tokenization import PromptEncoder
 from rmserve.training.data import load_pairs
 from rmserve.training.encoding import encode_pairs
