@@ -45,7 +45,7 @@ _BLOCK_N = 64    # output columns of e @ L per program
 @dataclass
 class LastTokenScores:
     """Per sequence, over the K heads of this launch (one ensemble member: the engine
-    combines members' statistics exactly, service/engine/scoring.py combine_member_stats)."""
+    combines members' statistics exactly, service/engine/heads.py combine_member_stats)."""
 
     rewards: torch.Tensor              # [B, K] float32
     mean: torch.Tensor                 # [B]

@@ -26,6 +26,8 @@ from pathlib import Path
 import torch
 from transformers import AutoModel, AutoTokenizer
 
+from rmserve.service.engine.settings import settings
+
 log = logging.getLogger(__name__)
 
 
@@ -46,7 +48,8 @@ BUILTINS: dict[str, Builtin] = {
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("RMSERVE_CACHE", Path.home() / ".cache" / "rmserve"))
+    """$RMSERVE_CACHE (engine/settings.py)."""
+    return settings().cache
 
 
 def resolve_builtin(name: str) -> Path:

@@ -225,7 +225,7 @@ class Engine:
 
         def run(sub: list[int]) -> None:
             batch = [batch_seqs[i] for i in sub]
-            put([positions[i] for i in sub], trunk.forward(batch, prefix) if prefix is not None else trunk.forward(batch))
+            put([positions[i] for i in sub], trunk.forward(batch, prefix))
             stats.batches += 1
             stats.real_tokens += sum(map(len, batch))
             stats.padded_tokens += computed_tokens(batch, packed)
