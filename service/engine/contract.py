@@ -170,7 +170,7 @@ class Engine:
 
         def run(idx: list[int]) -> None:
             emb = trunk.forward([seqs[i] for i in idx])
-            out[idx] = emb.index.gather(emb.hidden[which]).float()
+            out[idx] = emb.index.gather(emb.hidden[which].to(trunk.device)).float()
 
         for idx in self._plan(trunk, [len(s) for s in seqs], trunk.packed):
             self._split_on_oom(trunk, idx, run, BatchStats())

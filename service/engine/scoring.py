@@ -165,6 +165,7 @@ class _Prefix:
     length: int
     cache: object
     own: list | None
+    key: str            # the forward's name for the cache (_cache_kwarg)
 
 
 class TorchTrunk(Trunk):
@@ -200,9 +201,9 @@ class TorchTrunk(Trunk):
         model = fam.backbone.model
         cache = DynamicCache(config=model.config)
         own = fam.new_caches()
-        fam.forward({"input_ids": torch.tensor([prefix], device=self.device), "use_cache": True,
-                     _cache_kwarg(model): cache}, own)
-        return _Prefix(len(prefix), cache, own)
+        key = _cache_kwarg(model)
+        fam.forward({"input_ids": torch.tensor([prefix], device=self.device), "use_cache": True, key: cache}, own)
+        return _Prefix(len(prefix), cache, own, key)
 
     def _forward_suffixes(self, batch: list[list[int]], prefix: _Prefix) -> Embeddings:
         """Right-padded suffixes against the prefix's KV caches, expanded to the batch (the
@@ -213,7 +214,7 @@ class TorchTrunk(Trunk):
         mask = torch.cat([torch.ones(n, p, dtype=torch.long), suffix_mask], dim=1)
         hiddens = self.family.forward({
             "input_ids": ids.to(dev), "attention_mask": mask.to(dev),
-            _cache_kwarg(self.family.backbone.model): broadcast_cache(prefix.cache, n),
+            prefix.key: broadcast_cache(prefix.cache, n),
             "position_ids": (p + torch.arange(t, device=dev))[None, :].expand(n, t), "use_cache": True,
         }, None if prefix.own is None else [broadcast_cache(c, n) for c in prefix.own])
         return Embeddings(hiddens, LastTokenIndex(lengths=lengths.to(dev)))
