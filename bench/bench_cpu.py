@@ -353,7 +353,7 @@ def arrival_batches(n: int) -> list[list[int]]:
 
 def hf_best(model, heads, w: Workload, pad: int) -> np.ndarray:
     """The best plain-HF variant: prefix cache for groups, length-sorted budgeted batches otherwise."""
-    from rmserve.service.engine.scoring import plan_batches
+    from rmserve.service.engine.contract import plan_batches
 
     if w.groups:
         return hf_prefix_cache(model, heads, w, pad)

@@ -196,7 +196,8 @@ def matmul_rate(device: torch.device, dtype: torch.dtype, n: int) -> float:
 # --------------------------------------------------------------------------- #
 
 def run_model(size: str, args, device: torch.device, dtype: torch.dtype) -> list[Row]:
-    from rmserve.service.engine.scoring import ScoringEngine, plan_batches
+    from rmserve.service.engine.contract import plan_batches
+    from rmserve.service.engine.scoring import ScoringEngine
 
     tiny = size == "tiny"
     model = build_model(size, device, dtype)

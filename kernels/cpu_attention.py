@@ -30,6 +30,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -41,6 +42,28 @@ SOURCE = Path(__file__).with_name("cpu_attention.cpp")
 KEY_BLOCK = 32                           # the kernel's KB: kt is padded to whole key blocks
 HEAD_DIMS = (16, 32, 48, 64, 80, 96, 128, 256)   # the kernel's instantiations; others are zero-padded up
 MIN_LANES = 8   # float lanes per vector: AVX (8) and AVX-512 (16) builds beat sdpa; 128-bit (SSE, NEON) ones did not
+
+
+@dataclass(frozen=True)
+class KernelSettings:
+    """The kernel's environment knobs, read in one place (the kernels may not import the engine's
+    settings; docs/configuration.md lists both). Read when the kernel builds or loads."""
+
+    enabled: bool = True
+    """RMSERVE_CPU_ATTENTION (default 1; 0: never build or load the kernel, the sdpa paths serve)."""
+    march: str = "native"
+    """RMSERVE_KERNEL_MARCH (default native): the -march of the build (x86-64-v3: an AVX2-only build)."""
+    cache: Path | None = None
+    """RMSERVE_KERNEL_CACHE (default ~/.cache/rmserve/kernels): where builds are kept."""
+
+    @classmethod
+    def from_env(cls) -> KernelSettings:
+        env = os.environ
+        return cls(
+            enabled=env.get("RMSERVE_CPU_ATTENTION", "1") != "0",
+            march=env.get("RMSERVE_KERNEL_MARCH") or "native",
+            cache=Path(env.get("RMSERVE_KERNEL_CACHE") or Path.home() / ".cache" / "rmserve" / "kernels"),
+        )
 
 
 def _cpu_flags() -> str:
@@ -62,7 +85,7 @@ def _command(cxx: str, out: Path) -> list[str]:
 
     lib = os.path.join(os.path.dirname(torch.__file__), "lib")
     return [
-        cxx, "-O3", f"-march={os.environ.get('RMSERVE_KERNEL_MARCH') or 'native'}", "-std=c++20", "-shared", "-fPIC", "-ffp-contract=fast", "-fopenmp",
+        cxx, "-O3", f"-march={KernelSettings.from_env().march}", "-std=c++20", "-shared", "-fPIC", "-ffp-contract=fast", "-fopenmp",
         f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
         *(f"-I{p}" for p in cpp_extension.include_paths()),
         str(SOURCE), "-o", str(out), f"-L{lib}", f"-Wl,-rpath,{lib}", "-lc10", "-ltorch_cpu",
@@ -70,7 +93,7 @@ def _command(cxx: str, out: Path) -> list[str]:
 
 
 def _cache_dir() -> Path:
-    return Path(os.environ.get("RMSERVE_KERNEL_CACHE") or Path.home() / ".cache" / "rmserve" / "kernels")
+    return KernelSettings.from_env().cache
 
 
 def build() -> Path:
@@ -124,7 +147,7 @@ def _prune(keep: Path) -> None:
 @functools.cache
 def _load() -> str | None:
     """Build and load the op once per process; None if it loaded, else why not."""
-    if os.environ.get("RMSERVE_CPU_ATTENTION", "1") == "0":
+    if not KernelSettings.from_env().enabled:
         return "disabled by RMSERVE_CPU_ATTENTION=0"
     try:
         torch.ops.load_library(str(build()))

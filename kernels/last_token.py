@@ -45,7 +45,7 @@ _BLOCK_N = 64    # output columns of e @ L per program
 @dataclass
 class LastTokenScores:
     """Per sequence, over the K heads of this launch (one ensemble member: the engine
-    combines members' statistics exactly, service/engine/scoring.py combine_member_stats)."""
+    combines members' statistics exactly, service/engine/heads.py combine_member_stats)."""
 
     rewards: torch.Tensor              # [B, K] float32
     mean: torch.Tensor                 # [B]
@@ -82,7 +82,6 @@ def _last_token_kernel(
     B, K, H, n_col_tiles,
     stride_hb, stride_ht, stride_hh, stride_end,
     stride_wk, stride_wh, stride_bias, stride_ur, stride_uc,
-    shift, scale,
     HAS_UNC: tl.constexpr, UNC_NATIVE_DOT: tl.constexpr, FP32_PRECISION: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HU: tl.constexpr,
     BLOCK_N: tl.constexpr, K_PAD: tl.constexpr,
@@ -122,7 +121,7 @@ def _last_token_kernel(
             # near-fp32 "tf32x3" mode cost nothing and fp32 weights keep their precision.
             acc = tl.dot(e.to(tl.float32), w.to(tl.float32), acc, input_precision=FP32_PRECISION)
         bias = tl.load(bias_ptr + heads * stride_bias, mask=head_ok, other=0.0).to(tl.float32)
-        rewards = (acc + bias[None, :] - shift) / scale
+        rewards = acc + bias[None, :]
         mean = tl.reduce(tl.where(head_ok[None, :], rewards, 0.0), 1, _add) / K
         dev = tl.where(head_ok[None, :], rewards - mean[:, None], 0.0)
         var = tl.reduce(dev * dev, 1, _add) / K
@@ -208,8 +207,6 @@ def last_token_scores_triton(
     *,
     lengths: torch.Tensor | None = None,
     cu_seqlens: torch.Tensor | None = None,
-    shift: float = 0.0,
-    scale: float = 1.0,
     unc_factor: torch.Tensor | None = None,
     out: LastTokenScores | None = None,
 ) -> LastTokenScores:
@@ -263,7 +260,6 @@ def last_token_scores_triton(
             batch, heads, hidden_size, n_col_tiles,
             stride_hb, stride_ht, stride_hh, ends.stride(0),
             weight.stride(0), weight.stride(1), bias.stride(0), ur, uc,
-            float(shift), float(scale),
             HAS_UNC=has_unc, UNC_NATIVE_DOT=unc_native,
             FP32_PRECISION="ieee" if torch.version.hip else "tf32x3",  # ROCm lacks tf32x3
             BLOCK_B=block_b, BLOCK_H=_BLOCK_H, BLOCK_HU=_BLOCK_HU, BLOCK_N=_BLOCK_N, K_PAD=_K_PAD,
@@ -292,8 +288,6 @@ def last_token_scores_reference(
     *,
     lengths: torch.Tensor | None = None,
     cu_seqlens: torch.Tensor | None = None,
-    shift: float = 0.0,
-    scale: float = 1.0,
     unc_factor: torch.Tensor | None = None,
     compute_dtype: torch.dtype = torch.float32,
 ) -> LastTokenScores:
@@ -304,7 +298,7 @@ def last_token_scores_reference(
     else:
         last = hidden[torch.arange(hidden.shape[0], device=hidden.device), idx]
     e = last.to(compute_dtype)
-    rewards = (e @ weight.to(compute_dtype).T + bias.to(compute_dtype) - shift) / scale
+    rewards = e @ weight.to(compute_dtype).T + bias.to(compute_dtype)
     epistemic = None
     if unc_factor is not None:
         epistemic = (e @ unc_factor.to(compute_dtype)).norm(dim=1)
@@ -325,7 +319,6 @@ def _validate(
     lengths: torch.Tensor | None,
     cu_seqlens: torch.Tensor | None,
     unc_factor: torch.Tensor | None,
-    scale: float,
 ) -> None:
     """Raise ValueError on anything the kernel would read out of bounds or misread.
 
@@ -365,8 +358,6 @@ def _validate(
     for name, t in floats.items():
         if t is not None and t.dtype not in _FLOAT_DTYPES:
             raise ValueError(f"{name} must be float32, bfloat16 or float16, got {t.dtype}")
-    if scale == 0:
-        raise ValueError("scale must be non-zero")
     if lengths is not None:
         bad = bool(((lengths < 1) | (lengths > tokens)).any())
         what = f"every length must be in [1, T = {tokens}]"
@@ -390,19 +381,18 @@ def last_token_scores(
     *,
     lengths: torch.Tensor | None = None,
     cu_seqlens: torch.Tensor | None = None,
-    shift: float = 0.0,
-    scale: float = 1.0,
     unc_factor: torch.Tensor | None = None,
 ) -> LastTokenScores:
     """Rewards and ensemble statistics at each sequence's last real token.
 
     hidden is [B, T, H] right-padded with `lengths` [B], or packed [T_total, H]
-    with `cu_seqlens` [B+1]; any strides. reward_k = (e . weight_k + bias_k - shift) / scale.
+    with `cu_seqlens` [B+1]; any strides. reward_k = e . weight_k + bias_k (a served model's
+    normalisation is folded into its heads at load, service/engine/heads.py).
     Runs the Triton kernel on CUDA (or on CPU under TRITON_INTERPRET=1), else the
     torch reference; both validate the arguments the same way.
     """
-    _validate(hidden, weight, bias, lengths, cu_seqlens, unc_factor, scale)
-    args = dict(lengths=lengths, cu_seqlens=cu_seqlens, shift=shift, scale=scale, unc_factor=unc_factor)
+    _validate(hidden, weight, bias, lengths, cu_seqlens, unc_factor)
+    args = dict(lengths=lengths, cu_seqlens=cu_seqlens, unc_factor=unc_factor)
     if _use_kernel(hidden.device):
         return last_token_scores_triton(hidden, weight, bias, **args)
     return last_token_scores_reference(hidden, weight, bias, **args)

@@ -252,7 +252,7 @@ def test_a_hot_swap_on_the_same_backbone_reuses_the_running_engine(tiny_ensemble
     first = load_vllm_model(tiny_ensemble, dtype="float32", llm_factory=factory)
     second = load_vllm_model(tiny_ensemble, dtype="float32", llm_factory=factory)
     assert len(made) == 1
-    assert first.members[0].backbone.model.llm is second.members[0].backbone.model.llm
+    assert first.members[0].backbone.llm is second.members[0].backbone.llm
     del first, second
     gc.collect()
     load_vllm_model(tiny_ensemble, dtype="float32", llm_factory=factory)  # nobody held it: a new one

@@ -23,13 +23,13 @@ pytestmark = pytest.mark.skipif(
 
 def auto_dtype() -> str:
     """The dtype `rmserve serve` / `rmserve eval --dtype auto` gives the default model on this CPU,
-    by the engine's own rule (service/engine/model.py: `_resolve_dtype`, `native_bf16_cpu`)."""
+    by the engine's own rule (service/engine/model.py: `resolve_dtype`, `native_bf16_cpu`)."""
     import torch
 
     from rmserve.service.engine.ensemble import read_manifest
-    from rmserve.service.engine.model import DTYPES, _resolve_dtype
+    from rmserve.service.engine.model import DTYPES, resolve_dtype
 
-    resolved = _resolve_dtype("auto", read_manifest(DEFAULT_MODEL_DIR).dtype, torch.device("cpu"))
+    resolved = resolve_dtype("auto", read_manifest(DEFAULT_MODEL_DIR).dtype, torch.device("cpu"))
     return next(name for name, dt in DTYPES.items() if dt == resolved)
 
 

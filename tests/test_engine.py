@@ -10,7 +10,8 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModel, AutoModelForSequenceClassification
 
-from rmserve.service.engine import scoring
+from rmserve.service.engine import heads
+from rmserve.service.engine.contract import plan_batches
 from rmserve.service.engine.ensemble import (
     EnsembleManifest,
     MemberSpec,
@@ -19,8 +20,9 @@ from rmserve.service.engine.ensemble import (
     save_member,
     write_manifest,
 )
+from rmserve.service.engine.heads import combine_member_stats
 from rmserve.service.engine.model import load_model
-from rmserve.service.engine.scoring import ScoringEngine, combine_member_stats, plan_batches
+from rmserve.service.engine.scoring import ScoringEngine
 
 
 def random_seqs(n: int, vocab: int, lo: int = 1, hi: int = 40, seed: int = 0) -> list[list[int]]:
@@ -167,14 +169,14 @@ def test_the_engine_reports_the_kernels_statistics(members_ensemble, monkeypatch
     model = load_model(members_ensemble)
     seqs = random_seqs(5, 300, seed=6)
     before = ScoringEngine(model).score(seqs)
-    real = scoring.last_token_scores
+    real = heads.last_token_scores
 
     def shifted(*args, **kwargs):
         out = real(*args, **kwargs)
         out.mean += 100.0
         return out
 
-    monkeypatch.setattr(scoring, "last_token_scores", shifted)
+    monkeypatch.setattr(heads, "last_token_scores", shifted)
     after = ScoringEngine(model).score(seqs)
     np.testing.assert_array_equal(after.rewards, before.rewards)
     np.testing.assert_allclose(after.mean, before.mean + 100.0, rtol=1e-6)

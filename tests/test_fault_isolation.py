@@ -2,14 +2,17 @@
 that names it, and every other request of its batch is answered correctly; an engine that
 crashes answers every caller with an error instead of leaving them waiting.
 
-The poison is the engine's test hook (`scoring.FAULT_TOKEN`): a forward over a sequence
-holding that token id raises, or yields NaN for it. No test depends on timing: the three
-requests share one batch because the batch closes exactly when its token budget is full.
+The poison is a test-only engine (`FaultyEngine` below, put in the backend registry for one
+test): a batch holding that token id raises, or yields NaN for that sequence. No test depends on
+timing: the three requests share one batch because the batch closes exactly when its token
+budget is full.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+from typing import Literal
 
 import grpc
 import numpy as np
@@ -17,7 +20,8 @@ import pytest
 
 from rmserve.client import AsyncRewardClient
 from rmserve.client.errors import InternalServerError
-from rmserve.service.engine import scoring
+from rmserve.service.engine import backends
+from rmserve.service.engine.heads import EngineOutput
 
 MARKER = 42
 A = [[5, 6, 7, 8], [9, 10, 11]]
@@ -25,6 +29,31 @@ B = [[12, 13, 14], [15, MARKER, 16, 17], [18, 19]]   # B's sample 1 is poisoned
 C = [[20, 21, 22, 23, 24]]
 B_CLEAN = [[43 if t == MARKER else t for t in s] for s in B]
 TOKENS = sum(len(s) for r in (A, B, C) for s in r)
+
+
+class FaultyEngine:
+    """Wraps a backend's engine: a `score` call whose sequences hold `token` raises (mode "raise":
+    the whole batch fails, as a forward would) or gives NaN scores for those sequences ("nan")."""
+
+    def __init__(self, engine, token: int, mode: Literal["raise", "nan"]):
+        self.engine, self.token, self.mode = engine, token, mode
+        self.model = engine.model
+
+    def score(self, seqs: list[list[int]]) -> EngineOutput:
+        hit = [i for i, s in enumerate(seqs) if self.token in s]
+        if hit and self.mode == "raise":
+            raise RuntimeError(f"injected fault: token {self.token} in {len(hit)} of {len(seqs)} sequences")
+        out = self.engine.score(seqs)
+        for name in ("rewards", "mean", "var", "min"):
+            getattr(out, name)[hit] = np.nan
+        return out
+
+
+def inject_faults(monkeypatch, token: int, mode: Literal["raise", "nan"]) -> None:
+    """Servers started from now on (in this process) score through a FaultyEngine."""
+    torch_backend = backends.BACKENDS["torch"]
+    monkeypatch.setitem(backends.BACKENDS, "torch", dataclasses.replace(
+        torch_backend, engine=lambda model, **kw: FaultyEngine(torch_backend.engine(model, **kw), token, mode)))
 
 
 def samples(seqs: list[list[int]], prefix: str) -> list[dict]:
@@ -53,8 +82,7 @@ def batches(server) -> tuple[int, int]:
 
 @pytest.mark.parametrize("mode, says", [("raise", "injected fault"), ("nan", "not finite")])
 def test_a_poisoned_sample_fails_only_its_request(tiny_ensemble, server_factory, monkeypatch, mode, says):
-    monkeypatch.setattr(scoring, "FAULT_TOKEN", MARKER)
-    monkeypatch.setattr(scoring, "FAULT_MODE", mode)
+    inject_faults(monkeypatch, MARKER, mode)
     # the batch closes when it holds exactly the three requests' tokens (the wait is an hour)
     srv = server_factory(tiny_ensemble, batch_tokens=TOKENS, max_wait_ms=3_600_000, runs_file="")
     a, b, c = three_requests(srv.address)

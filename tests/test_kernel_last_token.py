@@ -67,7 +67,7 @@ def make_inputs(case: Case, seed: int, device: str = "cpu") -> tuple[tuple, dict
     bias = torch.randn(k, generator=g)
     unc = torch.randn(h, h, generator=g) / math.sqrt(h) if case.unc else None
     p = dict(device=device, dtype=case.param_dtype)
-    kwargs: dict = dict(shift=0.3, scale=2.0, unc_factor=None if unc is None else unc.to(**p))
+    kwargs: dict = dict(unc_factor=None if unc is None else unc.to(**p))
     if case.packed:
         kwargs["cu_seqlens"] = torch.cat([torch.zeros(1, dtype=torch.int64), lengths.cumsum(0)]).to(
             device=device, dtype=torch.int32)
@@ -216,7 +216,7 @@ def test_compiled_kernel_lowers_to_sm90(hidden_dtype: str, param_dtype: str, has
     names = [p.name for p in kernel.params]
     signature = {
         n: "constexpr" if n in constexprs else f"*{pointers[n]}" if n in pointers
-        else "fp32" if n in ("shift", "scale") else "i32"
+        else "i32"
         for n in names
     }
     source = ASTSource(kernel, signature, {(names.index(n),): v for n, v in constexprs.items()})
@@ -247,7 +247,6 @@ def _bad_arguments() -> dict[str, tuple[str, dict]]:
         "hidden-int": ("hidden must be float32", dict(hidden=torch.ones(b, t, h, dtype=torch.int32))),
         "weight-float64": ("weight must be float32", dict(weight=torch.randn(k, h, dtype=torch.float64))),
         "device-mismatch": ("is on meta", dict(weight=torch.randn(k, h, device="meta"))),
-        "scale-0": ("scale", dict(scale=0.0)),
     }
 
 
@@ -264,7 +263,7 @@ def _bad_packed() -> dict[str, tuple[str, dict]]:
 def test_argument_errors(name: str, interpret: None) -> None:
     fragment, overrides = _bad_arguments()[name]
     call = dict(hidden=torch.randn(3, 4, 8), weight=torch.randn(2, 8), bias=torch.randn(2),
-                lengths=torch.tensor([1, 4, 2]), unc_factor=torch.randn(8, 8), scale=1.0)
+                lengths=torch.tensor([1, 4, 2]), unc_factor=torch.randn(8, 8))
     call.update(overrides)
     with pytest.raises(ValueError, match=fragment):
         last_token_scores(**call)

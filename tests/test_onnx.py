@@ -116,7 +116,7 @@ def test_members_sharing_a_trunk_are_one_graph_with_an_output_each(tiny_llama4_b
     record = export_onnx(tmp_path / "src", tmp_path / "out", samples=10, progress=quiet)
     assert [m["name"] for m in record["members"]] == ["top", "cut3", "frozen"]
     exported = load_onnx_model(tmp_path / "out")
-    assert len(exported.members) == 3 and len(exported.members[0].backbone.model.outputs) == 3
+    assert len(exported.members) == 3 and len(exported.members[0].backbone.graph.outputs) == 3
     seqs = fresh_seqs(seed=3, n=9, vocab=exported.encoder.vocab_size, top=96)
     want = ScoringEngine(load_model(tmp_path / "src")).score(seqs)
     got = OnnxEngine(exported).score(seqs)

@@ -17,14 +17,10 @@ import torch
 
 from rmserve.service.engine import varlen
 from rmserve.service.engine.backbone import wrap_backbone
+from rmserve.service.engine.contract import is_oom, plan_batches
+from rmserve.service.engine.errors import EngineOutOfMemory
 from rmserve.service.engine.model import Member, RewardModel, load_model
-from rmserve.service.engine.scoring import (
-    EngineOutOfMemory,
-    ScoringEngine,
-    budget_from_memory,
-    is_oom,
-    plan_packed,
-)
+from rmserve.service.engine.scoring import ScoringEngine, budget_from_memory
 
 VOCAB = 300
 COMMON = dict(
@@ -161,14 +157,14 @@ def test_packed_features_and_prefix_groups_equal_the_padded_path():
 
 def test_plan_packed_fills_the_real_token_budget():
     lengths = [5, 100, 7, 30, 31, 2, 64, 64, 300]
-    batches = plan_packed(lengths, token_budget=128, max_batch=3)
+    batches = plan_batches(lengths, token_budget=128, max_batch=3, packed=True)
     assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
     for b in batches:
         assert len(b) <= 3
         if len(b) > 1:
             assert sum(lengths[i] for i in b) <= 128
     assert [8] in batches  # longer than the budget: a batch of its own
-    assert len(plan_packed([10] * 12, token_budget=40, max_batch=100)) == 3  # no padding counted
+    assert len(plan_batches([10] * 12, token_budget=40, max_batch=100, packed=True)) == 3  # no padding counted
 
 
 def _fail_above(monkeypatch, model: RewardModel, max_tokens: int, err: Exception) -> list[int]:

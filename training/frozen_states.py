@@ -30,9 +30,9 @@ from safetensors.torch import load_file
 from torch import nn
 
 from rmserve.service.engine.backbone import find_layers
+from rmserve.service.engine.contract import plan_batches
 from rmserve.service.engine.ensemble import atomic_save_tensors
 from rmserve.service.engine.padding import right_pad
-from rmserve.service.engine.scoring import plan_batches
 from rmserve.training.events import TrainingStopped
 from rmserve.training.features import backbone_fingerprint, sequences_fingerprint
 from rmserve.training.tuning import embed

@@ -20,8 +20,8 @@ import torch
 from torch import nn
 
 from rmserve.service.engine.backbone import find_layers
+from rmserve.service.engine.contract import plan_batches
 from rmserve.service.engine.padding import right_pad
-from rmserve.service.engine.scoring import plan_batches
 
 
 def _final_norm_params(model: nn.Module, layers_prefix: str) -> list[str]:

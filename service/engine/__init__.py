@@ -9,11 +9,16 @@
     prefix.py               finding shared prefixes (a GRPO group's prompt), encoded once
     padding.py              right-padding token-id batches
     model.py                RewardModel: members, heads, normalisation, `load_model`
-    scoring.py              ScoringEngine: batches -> forward -> last-token kernel -> results
+    heads.py                backend-neutral heads: normalisation, kernel launch, OOD, member statistics
+    contract.py             the backend contract: Trunk (what a backend implements) and the one
+                            engine loop (planner, OOM split, shared prefixes, heads, statistics)
+    scoring.py              the torch trunk (packed/padded, shared prefixes) and ScoringEngine
+    settings.py             the RMSERVE_* knobs of the model layer, read in one place
     errors.py               plain exceptions; the server maps them to gRPC codes
     backends.py             the --backend seam: torch, onnx, accelerate, vllm
-    sharded.py              --backend accelerate: one model split over a node's GPUs (device_map)
-    vllm_backend.py         --backend vllm: vLLM's pooling runner, rmserve's heads on its vectors
+    onnx_runtime.py         --backend onnx: an exported graph as a trunk (experimental on CUDA)
+    sharded.py              --backend accelerate: one model split over a node's GPUs (experimental over GPUs)
+    vllm_backend.py         --backend vllm (experimental): vLLM's pooling runner as a trunk
 
 Both the server (`rmserve.service`) and the trainer (`rmserve.training`) build on
 this package; it imports neither of them, nor grpc (import-linter checks it in CI).

@@ -26,6 +26,8 @@ from pathlib import Path
 import torch
 from transformers import AutoModel, AutoTokenizer
 
+from rmserve.service.engine.settings import settings
+
 log = logging.getLogger(__name__)
 
 
@@ -46,7 +48,8 @@ BUILTINS: dict[str, Builtin] = {
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("RMSERVE_CACHE", Path.home() / ".cache" / "rmserve"))
+    """$RMSERVE_CACHE (engine/settings.py)."""
+    return settings().cache
 
 
 def resolve_builtin(name: str) -> Path:
@@ -106,18 +109,28 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
     tok.save_pretrained(out)
 
 
-@dataclass
-class Backbone:
-    model: torch.nn.Module
+@dataclass(kw_only=True)
+class BackboneInfo:
+    """What every backend knows of the transformer under the heads, whatever runs it (model
+    info, the prompt encoder and the heads read these; only a backend's trunk runs it)."""
+
     tokenizer: object
-    pooling: str          # last | cls
+    pooling: str              # last | cls
     hidden_size: int
     max_positions: int
     name: str                 # the source: a directory or builtin:<name>
+    layers: int               # transformer blocks it runs (after a layer cut)
     num_layers: int | None = None  # the layer cut it was loaded with (None: every layer)
 
 
-def _is_encoder(config) -> bool:
+@dataclass(kw_only=True)
+class Backbone(BackboneInfo):
+    """A Hugging Face backbone loaded in torch (the torch and accelerate backends)."""
+
+    model: torch.nn.Module
+
+
+def is_encoder(config) -> bool:
     return not getattr(config, "is_decoder", False) and config.model_type in {
         "bert", "roberta", "deberta", "deberta-v2", "distilbert", "electra", "xlm-roberta", "modernbert",
     }
@@ -251,9 +264,10 @@ def wrap_backbone(model: torch.nn.Module, tokenizer, name: str, num_layers: int 
     return Backbone(
         model=model,
         tokenizer=tokenizer,
-        pooling="cls" if _is_encoder(config) else "last",
+        pooling="cls" if is_encoder(config) else "last",
         hidden_size=config.hidden_size,
         max_positions=int(getattr(config, "max_position_embeddings", 2048) or 2048),
         name=name,
+        layers=int(getattr(config, "num_hidden_layers", 0) or 0),
         num_layers=num_layers,
     )

@@ -1,20 +1,22 @@
-"""Backends: what runs the forward behind the one scheduler, API and head kernel.
+"""Backends: what runs the forward behind the one scheduler, API, engine loop and heads.
 
 Every backend turns a served model directory into a `RewardModel` (the facts model
-info reports, the heads, the uncertainty and OOD statistics) and an engine whose
-`score(seqs) -> EngineOutput` the server's worker thread calls. Only the forward
-differs:
+info reports, the heads, the uncertainty and OOD statistics) and an `Engine` whose
+`score(seqs) -> EngineOutput` the server's worker thread calls. The engine is the same loop
+for all (engine/contract.py: planning, out-of-memory splits, heads, statistics); a backend
+only implements its `Trunk`, the last-token embeddings of a planned batch per member:
 
-- `torch` (default): the ScoringEngine (service/engine/scoring.py), packed or padded
+- `torch` (default): `TorchTrunk` (service/engine/scoring.py), packed or padded
   batches, shared GRPO prefixes, members sharing a trunk.
 - `onnx`: a directory written by `rmserve export-onnx`, run by onnxruntime
-  (service/engine/onnx_runtime.py); CUDA execution provider when a GPU is there.
+  (service/engine/onnx_runtime.py). Experimental on CUDA (never run on a GPU).
 - `accelerate`: a model too big for one GPU split layer-wise over the node's GPUs by
-  accelerate's `device_map` (service/engine/sharded.py); the engine is the torch backend's.
-- `vllm`: vLLM's pooling runner (tensor parallel) computes last-token hidden states, rmserve's
-  heads score them (service/engine/vllm_backend.py).
+  accelerate's `device_map` (service/engine/sharded.py); the trunk is the torch backend's.
+  Experimental over several GPUs (run between the CPU and disk only).
+- `vllm` (experimental, never run on a GPU): vLLM's pooling runner (tensor parallel) computes
+  last-token hidden states, rmserve's heads score them (service/engine/vllm_backend.py).
 
-`rmserve serve --backend NAME` picks one.
+`rmserve serve --backend NAME` picks one; `EXPERIMENTAL` names those never run on their target device.
 """
 
 from __future__ import annotations
@@ -22,16 +24,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
 
+from rmserve.service.engine.contract import Engine
 from rmserve.service.engine.model import RewardModel, load_model
-from rmserve.service.engine.scoring import EngineOutput, ScoringEngine
-
-
-class Engine(Protocol):
-    model: RewardModel
-
-    def score(self, seqs: list[list[int]]) -> EngineOutput: ...
+from rmserve.service.engine.scoring import ScoringEngine
 
 
 @dataclass(frozen=True)
@@ -40,6 +36,7 @@ class Backend:
     load: Callable[..., RewardModel]        # (path, *, dtype, max_tokens, device) -> RewardModel
     engine: Callable[..., Engine]           # (model, *, token_budget) -> Engine
     description: str
+    experimental: str = ""                  # why, where it has never run on its target device
 
 
 def _onnx_load(path: str | Path, **kw) -> RewardModel:
@@ -80,11 +77,17 @@ def _vllm_engine(model: RewardModel, **kw) -> Engine:
 
 BACKENDS: dict[str, Backend] = {
     "torch": Backend("torch", load_model, ScoringEngine, "PyTorch (packed batches, shared prefixes)"),
-    "onnx": Backend("onnx", _onnx_load, _onnx_engine, "onnxruntime over a directory from `rmserve export-onnx`"),
+    "onnx": Backend("onnx", _onnx_load, _onnx_engine, "onnxruntime over a directory from `rmserve export-onnx`",
+                    experimental="the CUDA execution provider has never run on a GPU"),
     "accelerate": Backend("accelerate", _accelerate_load, _accelerate_engine,
-                          "one model split over the node's GPUs by accelerate's device_map (pipeline)"),
-    "vllm": Backend("vllm", _vllm_load, _vllm_engine, "vLLM's pooling runner (tensor parallel), rmserve's heads"),
+                          "one model split over the node's GPUs by accelerate's device_map (pipeline)",
+                          experimental="a split over several GPUs has never run (only CPU and disk)"),
+    "vllm": Backend("vllm", _vllm_load, _vllm_engine, "vLLM's pooling runner (tensor parallel), rmserve's heads",
+                    experimental="never run on a GPU (tested against a fake of vLLM)"),
 }
+
+# backends (or parts of them) never run on their target device: docs/backends.md, until a run is in bench/results/
+EXPERIMENTAL = {name: b.experimental for name, b in BACKENDS.items() if b.experimental}
 
 
 def backend(name: str) -> Backend:
@@ -92,3 +95,6 @@ def backend(name: str) -> Backend:
         return BACKENDS[name]
     except KeyError:
         raise ValueError(f"unknown backend {name!r}; known: {sorted(BACKENDS)}") from None
+
+
+__all__ = ["BACKENDS", "EXPERIMENTAL", "Backend", "Engine", "backend"]

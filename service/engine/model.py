@@ -20,6 +20,7 @@ from rmserve.kernels import cpu_attention
 from rmserve.service.engine import invariant_attention, trunk
 from rmserve.service.engine.backbone import (
     Backbone,
+    BackboneInfo,
     Placement,
     load_backbone,
     quiet_transformers,
@@ -34,6 +35,7 @@ from rmserve.service.engine.ensemble import (
     read_manifest,
     resolve_backbone_path,
 )
+from rmserve.service.engine.heads import fold_normalisation
 from rmserve.service.engine.ood import OodCalibration, OodStats
 from rmserve.service.engine.precision import fuse_float32, fuse_gated_mlps, mixed_bf16
 from rmserve.service.engine.tokenization import PromptEncoder
@@ -46,8 +48,11 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 @dataclass
 class Member:
+    """One member: its backbone (a torch `Backbone` on the torch and accelerate backends; what
+    another backend loaded, engine/onnx_runtime.py, vllm_backend.py) and its heads (engine/heads.py)."""
+
     name: str
-    backbone: Backbone
+    backbone: BackboneInfo
     weight: torch.Tensor             # [K, H] float32, normalisation folded in
     bias: torch.Tensor               # [K]
     unc_factor: torch.Tensor | None  # [H, H]
@@ -95,17 +100,14 @@ class RewardModel:
 
     @property
     def backbone_layers(self) -> int:
-        """Transformer blocks the (first) backbone runs (a layer cut sets the config too)."""
-        return int(self.members[0].backbone.model.config.num_hidden_layers)
-
-    @property
-    def device(self) -> torch.device:
-        return input_device(self.members[0].backbone.model)
+        """Transformer blocks the (first) backbone runs (after its layer cut)."""
+        return self.members[0].backbone.layers
 
     def to(self, device: str | torch.device) -> RewardModel:
-        """Move every backbone and head to `device`, in place (heads stay float32)."""
+        """Move every torch backbone and head to `device`, in place (heads stay float32)."""
         for m in self.members:
-            m.backbone.model.to(device)
+            if isinstance(m.backbone, Backbone):
+                m.backbone.model.to(device)
             if m.top is not None:
                 m.top.module.to(device)
         return self.heads_to(device)
@@ -132,13 +134,6 @@ def input_device(module: torch.nn.Module) -> torch.device:
     return next(module.parameters()).device
 
 
-def _fold(weight: torch.Tensor, bias: torch.Tensor, shift: list[float], scale: list[float]):
-    s = torch.tensor(scale, dtype=torch.float32)
-    if (s <= 0).any():
-        raise EnsembleFormatError("normalisation scale must be positive for every head")
-    return weight / s[:, None], (bias - torch.tensor(shift, dtype=torch.float32)) / s
-
-
 # oneDNN ISA caps (ONEDNN_MAX_CPU_ISA / DNNL_MAX_CPU_ISA) under which it still has bf16 dot products.
 _BF16_ISAS = frozenset({"ALL", "DEFAULT", "AVX512_CORE_BF16", "AVX512_CORE_FP16", "AVX512_CORE_AMX",
                         "AVX512_CORE_AMX_FP16", "AVX10_1_512", "AVX10_1_512_AMX", "AVX10_1_512_AMX_FP16",
@@ -155,7 +150,7 @@ def native_bf16_cpu() -> bool:
     return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
 
 
-def _resolve_dtype(dtype: str, default: str, device: torch.device) -> torch.dtype:
+def resolve_dtype(dtype: str, default: str, device: torch.device) -> torch.dtype:
     """`auto` serves the model's own dtype, except a bf16 model on a CPU without native bf16:
     float32 there (same scores within bf16's error, and faster)."""
     name = default if dtype == "auto" else dtype
@@ -189,9 +184,9 @@ def load_model(
     path = Path(path)
     dev = resolve_device(device)
     if (path / MANIFEST).is_file():
-        model = _load_ensemble(path, dtype, max_tokens, dev).to(dev)
+        model = load_ensemble(path, dtype, max_tokens, dev).to(dev)
     elif (path / "config.json").is_file():
-        model = _load_seqcls(path, dtype, max_tokens, dev).to(dev)
+        model = load_seqcls(path, dtype, max_tokens, dev).to(dev)
     else:
         raise EnsembleFormatError(f"{path} is neither an rmserve ensemble (no {MANIFEST}) nor a Hugging Face checkpoint (no config.json)")
     if fused and model.dtype == torch.float32 and dev.type == "cpu":
@@ -224,12 +219,12 @@ def _finish_backbone(bb: Backbone, torch_dtype: torch.dtype, device: torch.devic
     return bb
 
 
-def _load_ensemble(path: Path, dtype: str, max_tokens: int | None, device: torch.device,
+def load_ensemble(path: Path, dtype: str, max_tokens: int | None, device: torch.device,
                    placement: Placement | None = None) -> RewardModel:
     """`placement`: shard every backbone over devices with accelerate (engine/sharded.py); the
     caller then places the heads (RewardModel.heads_to) instead of moving the model."""
     man: EnsembleManifest = read_manifest(path)
-    torch_dtype = _resolve_dtype(dtype, man.dtype, device)
+    torch_dtype = resolve_dtype(dtype, man.dtype, device)
     tensors = [load_member(path, spec) for spec in man.members]
     by_source: dict[str, list[int]] = {}
     for i, spec in enumerate(man.members):
@@ -268,7 +263,7 @@ def assemble_ensemble(path: Path, man: EnsembleManifest, members: list[Member], 
     start = 0
     for m in members:
         n = m.weight.shape[0]
-        m.weight, m.bias = _fold(m.weight, m.bias, shift[start : start + n], scale[start : start + n])
+        m.weight, m.bias = fold_normalisation(m.weight, m.bias, shift[start : start + n], scale[start : start + n])
         start += n
     limit = min(max_tokens or man.max_tokens, members[0].backbone.max_positions)
     tok = members[0].backbone.tokenizer
@@ -318,7 +313,7 @@ def _load_family(source: str, specs: list[MemberSpec], tensors: list, torch_dtyp
             for spec, t, top in zip(specs, tensors, tops, strict=True)]
 
 
-def _load_seqcls(path: Path, dtype: str, max_tokens: int | None, device: torch.device,
+def load_seqcls(path: Path, dtype: str, max_tokens: int | None, device: torch.device,
                  placement: Placement | None = None) -> RewardModel:
     """A `*ForSequenceClassification` checkpoint with one label is a one-head ensemble.
     `placement`: shard it over devices with accelerate (engine/sharded.py)."""
@@ -333,7 +328,7 @@ def _load_seqcls(path: Path, dtype: str, max_tokens: int | None, device: torch.d
             f"(got architectures={archs}, num_labels={config.num_labels})"
         )
     default = str(getattr(config, "dtype", None) or "float32").removeprefix("torch.")
-    torch_dtype = _resolve_dtype(dtype, default if default in DTYPES else "float32", device)
+    torch_dtype = resolve_dtype(dtype, default if default in DTYPES else "float32", device)
     full = AutoModelForSequenceClassification.from_pretrained(path, dtype=_load_dtype(torch_dtype, device),
                                                               **(placement.kwargs() if placement else {}))
     head = next(

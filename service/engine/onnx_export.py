@@ -38,6 +38,7 @@ from rmserve.service.engine.ensemble import (
     save_member,
 )
 from rmserve.service.engine.errors import InvalidInput
+from rmserve.service.engine.heads import EngineOutput
 from rmserve.service.engine.model import RewardModel, load_model
 from rmserve.service.engine.onnx_runtime import (
     FORMAT,
@@ -47,7 +48,7 @@ from rmserve.service.engine.onnx_runtime import (
     OnnxEngine,
     load_onnx_model,
 )
-from rmserve.service.engine.scoring import EngineOutput, ScoringEngine, families
+from rmserve.service.engine.scoring import ScoringEngine, families
 
 log = logging.getLogger(__name__)
 

@@ -8,38 +8,34 @@ exported/
   member0/heads.safetensors    # heads with normalisation folded in; uncertainty, ood as in an ensemble
 ```
 
-The graph stops at the embeddings the heads read: heads, statistics, the epistemic
-term and the OOD score run through the same `last_token_scores` launch and
-`engine_output` as the torch backend, so the two differ only in the forward.
-Batches are right-padded and length-sorted under the token budget (the graph reads
-each sequence's last real token from its attention mask); there is no KV cache in
-the graph, so GRPO prefixes are not shared on this backend.
+The graph stops at the embeddings the heads read, so this backend is a trunk of the one
+engine loop (engine/contract.py): `OnnxTrunk.forward` runs a right-padded batch (the graph
+reads each sequence's last real token from its attention mask) and returns the members'
+last-token rows; planning under the token budget, the heads, statistics, the epistemic term
+and the OOD score are the engine's, as on every backend. There is no KV cache in the graph,
+so GRPO prefixes are not shared on this backend.
+
+Experimental on CUDA: the CUDA execution provider (onnxruntime-gpu) has never run here on a
+GPU; the CPU provider is tested and benchmarked (docs/backends.md).
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import time
 from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import torch
 
-from rmserve.service.engine.backbone import Backbone
+from rmserve.service.engine.backbone import BackboneInfo
+from rmserve.service.engine.contract import Embeddings, Engine, Trunk
 from rmserve.service.engine.ensemble import EnsembleFormatError, EnsembleManifest, load_member
+from rmserve.service.engine.heads import LastTokenIndex
 from rmserve.service.engine.model import Member, RewardModel, resolve_device
 from rmserve.service.engine.ood import OodCalibration
 from rmserve.service.engine.padding import pad_token_id, right_pad
-from rmserve.service.engine.scoring import (
-    BatchStats,
-    EngineOutput,
-    engine_output,
-    member_scores,
-    plan_batches,
-)
 from rmserve.service.engine.tokenization import PromptEncoder
 
 log = logging.getLogger(__name__)
@@ -52,21 +48,22 @@ TOKENIZER = "tokenizer"
 
 @dataclass
 class OnnxGraph:
-    """An onnxruntime session and what it is: stands where a torch backbone stands."""
+    """An onnxruntime session over an exported graph."""
 
     session: object            # onnxruntime.InferenceSession
     outputs: list[str]         # one embedding output per member, in member order
     provider: str
-    num_layers: int
     path: Path
-
-    @property
-    def config(self) -> SimpleNamespace:
-        """What model info reads from a torch backbone's config."""
-        return SimpleNamespace(num_hidden_layers=self.num_layers)
 
     def __call__(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> list[np.ndarray]:
         return self.session.run(self.outputs, {"input_ids": input_ids, "attention_mask": attention_mask})
+
+
+@dataclass(kw_only=True)
+class OnnxBackbone(BackboneInfo):
+    """A member's backbone on this backend: the graph that computes its embeddings."""
+
+    graph: OnnxGraph
 
 
 def providers_for(device: torch.device) -> list[str]:
@@ -130,7 +127,7 @@ def load_onnx_model(path: str | Path, *, dtype: str = "auto", max_tokens: int | 
         session = open_session(graph_file, dev)
     except Exception as e:  # onnxruntime raises its own types (InvalidProtobuf, Fail, ...)
         raise EnsembleFormatError(f"cannot load the graph {graph_file}: {type(e).__name__}: {e}") from e
-    graph = OnnxGraph(session, outputs, session.get_providers()[0], int(record["num_layers"]), path)
+    graph = OnnxGraph(session, outputs, session.get_providers()[0], path)
     tok = AutoTokenizer.from_pretrained(path / TOKENIZER)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token or tok.unk_token
@@ -140,8 +137,9 @@ def load_onnx_model(path: str | Path, *, dtype: str = "auto", max_tokens: int | 
         if t.weight.shape[1] != int(info["hidden_size"]):
             raise EnsembleFormatError(f"member {spec.name}: heads expect hidden size {t.weight.shape[1]}, "
                                       f"the graph gives {info['hidden_size']}")
-        bb = Backbone(model=graph, tokenizer=tok, pooling="last", hidden_size=int(info["hidden_size"]),
-                      max_positions=int(record["max_positions"]), name=f"onnx:{record['backbone']}")
+        bb = OnnxBackbone(graph=graph, tokenizer=tok, pooling="last", hidden_size=int(info["hidden_size"]),
+                          max_positions=int(record["max_positions"]), name=f"onnx:{record['backbone']}",
+                          layers=int(record["num_layers"]))
         members.append(Member(spec.name, bb, t.weight, t.bias, t.unc_factor, t.ood))
     limit = min(max_tokens or manifest.max_tokens, int(record["max_positions"]))
     return RewardModel(
@@ -153,40 +151,30 @@ def load_onnx_model(path: str | Path, *, dtype: str = "auto", max_tokens: int | 
     )
 
 
-class OnnxEngine:
-    """Scores token-id sequences through an exported graph: the torch engine's contract
-    (`score(seqs) -> EngineOutput`) on right-padded, length-sorted batches."""
+class OnnxTrunk(Trunk):
+    """The exported graph as the engine's trunk: right-padded batches in, each member's
+    last-token rows out (on the host: the heads run on the CPU)."""
 
-    def __init__(self, model: RewardModel, *, token_budget: int = 4096, max_batch: int = 256):
-        graph = model.members[0].backbone.model
-        if not isinstance(graph, OnnxGraph):
+    def __init__(self, model: RewardModel):
+        bb = model.members[0].backbone
+        if not isinstance(bb, OnnxBackbone):
             raise ValueError("OnnxEngine serves a model loaded by load_onnx_model (--backend onnx)")
-        self.model = model
-        self.graph = graph
-        self.token_budget = token_budget
-        self.max_batch = max_batch
+        self.graph = bb.graph
+        self.members = model.members
+        self.device = torch.device("cpu")
         self.pad = pad_token_id(model.encoder.tokenizer)
 
-    @torch.inference_mode()
-    def score(self, seqs: list[list[int]]) -> EngineOutput:
-        if not seqs:
-            raise ValueError("score() needs at least one sequence")
-        n, members = len(seqs), self.model.members
-        embeddings = [np.empty((n, m.backbone.hidden_size), dtype=np.float32) for m in members]
-        stats = BatchStats()
-        t0 = time.perf_counter()
-        for idx in plan_batches([len(s) for s in seqs], self.token_budget, self.max_batch):
-            batch = [seqs[i] for i in idx]
-            ids, mask, _ = right_pad(batch, self.pad)
-            for buf, out in zip(embeddings, self.graph(ids.numpy(), mask.numpy()), strict=True):
-                buf[idx] = out
-            stats.batches += 1
-            stats.real_tokens += sum(map(len, batch))
-            stats.padded_tokens += ids.numel()
-        stats.forward_s = time.perf_counter() - t0
-        ones = {"lengths": torch.ones(n, dtype=torch.long)}
-        return engine_output([member_scores(m, torch.from_numpy(e)[:, None, :], ones)
-                              for m, e in zip(members, embeddings, strict=True)], stats)
+    def forward(self, batch: list[list[int]], prefix: None = None) -> Embeddings:
+        ids, mask, _ = right_pad(batch, self.pad)
+        rows = [torch.from_numpy(out) for out in self.graph(ids.numpy(), mask.numpy())]
+        return Embeddings(rows, LastTokenIndex.rows(len(batch)))
 
 
-__all__ = ["FORMAT", "OnnxEngine", "OnnxGraph", "load_onnx_model", "read_record"]
+class OnnxEngine(Engine):
+    """Scores token-id sequences through an exported graph: the one engine loop over an OnnxTrunk."""
+
+    def __init__(self, model: RewardModel, *, token_budget: int = 4096, max_batch: int = 256):
+        super().__init__(model, [OnnxTrunk(model)], token_budget=token_budget, max_batch=max_batch)
+
+
+__all__ = ["FORMAT", "OnnxBackbone", "OnnxEngine", "OnnxGraph", "OnnxTrunk", "load_onnx_model", "read_record"]

@@ -46,18 +46,19 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from rmserve.service.engine.settings import settings
 
 log = logging.getLogger(__name__)
 
 
 def _prepack_ok() -> bool:
     """RMSERVE_PREPACK=1 asks for prepacked bf16 weights; granted where the probe passes."""
-    return os.environ.get("RMSERVE_PREPACK", "0") == "1" and _prepack_probe()
+    return settings().prepack and _prepack_probe()
 
 
 @functools.cache
@@ -134,7 +135,7 @@ def _compiled(fn):
     compiled loop must reproduce `fn` on a probe: bit for bit for the bf16 MLP step (its
     roundings are the contract), to float32 rounding for the float32 one (inductor's
     vectorised exp differs from eager's in the last bit)."""
-    if os.environ.get("RMSERVE_COMPILE", "1") == "0":
+    if not settings().compile:
         return fn
     try:
         compiled = torch.compile(fn, dynamic=True)

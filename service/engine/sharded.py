@@ -1,12 +1,15 @@
 """`--backend accelerate`: a model too big for one GPU, split layer-wise over the GPUs of one node.
 
+Experimental over several GPUs: the split has run between the CPU and disk only (tests, through
+the gRPC server); a GPU split awaits a run recorded in bench/results/ (docs/backends.md).
+
 Hugging Face's big-model inference does the splitting: `from_pretrained(device_map=...)`
 places each module (embeddings, each transformer block, the final norm) on a device, and
 accelerate's dispatch hooks move the activations from one device to the next, so one forward
 runs the blocks in turn on their GPUs (pipeline parallelism without micro-batches: one GPU
 computes at a time). rmserve adds nothing to that: this module only threads a `Placement`
 through the ordinary loader (service/engine/model.py, backbone.py) and hands the result to
-the ordinary ScoringEngine, so scheduling, batching, packing, GRPO prefix sharing, the
+the torch backend's ScoringEngine (its TorchTrunk over a dispatched model), so scheduling, batching, packing, GRPO prefix sharing, the
 last-token kernel, the heads, epistemic and OOD terms are the torch backend's.
 
 - The engine builds its inputs on the model's input device (the dispatch hook's execution
@@ -40,7 +43,7 @@ import torch
 
 from rmserve.service.engine.backbone import Placement, find_layers
 from rmserve.service.engine.ensemble import MANIFEST, EnsembleFormatError
-from rmserve.service.engine.model import RewardModel, _load_ensemble, _load_seqcls, input_device
+from rmserve.service.engine.model import RewardModel, input_device, load_ensemble, load_seqcls
 from rmserve.service.engine.scoring import ScoringEngine
 from rmserve.service.engine.trunk import Top, build_top
 
@@ -146,9 +149,9 @@ def _load_placed(path: Path, dtype: str, max_tokens: int | None, dm, placement: 
                              "bf16 on the CPU is --backend torch's")
         dtype = "float32"
     if (path / MANIFEST).is_file():
-        model = _load_ensemble(path, dtype, max_tokens, target, placement)
+        model = load_ensemble(path, dtype, max_tokens, target, placement)
     elif (path / "config.json").is_file():
-        model = _load_seqcls(path, dtype, max_tokens, target, placement)
+        model = load_seqcls(path, dtype, max_tokens, target, placement)
     else:
         raise EnsembleFormatError(f"{path} is neither an rmserve ensemble (no {MANIFEST}) nor a Hugging Face "
                                   "checkpoint (no config.json)")

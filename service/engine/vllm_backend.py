@@ -1,4 +1,8 @@
-"""`--backend vllm`: the forward on vLLM's pooling runner (tensor parallel), rmserve's heads on top.
+"""`--backend vllm` (experimental): the forward on vLLM's pooling runner (tensor parallel), rmserve's heads on top.
+
+Experimental: this backend has never run on a GPU (the only place vLLM runs); it is tested
+against a fake of vLLM's `LLM.encode` (tests/test_backend_vllm.py) until a GPU run is recorded
+in bench/results/ (docs/backends.md).
 
 vLLM runs the backbone: `LLM(model, runner="pooling", convert=..., tensor_parallel_size=N)`,
 fed token ids (`{"prompt_token_ids": ids}`, vLLM's TokensPrompt), batched and scheduled by
@@ -7,9 +11,9 @@ vLLM itself. What comes back per sequence:
 - an rmserve ensemble: `convert="embed"` with the pooler set to the last token and no
   activation (`PoolerConfig(seq_pooling_type="LAST", use_activation=False)`: vLLM's embed
   pooler otherwise L2-normalises), i.e. the final-norm hidden state of the last token, the
-  vector rmserve's heads read. rmserve then applies every member's heads, the epistemic
-  factor and the OOD statistics with the same code as the torch engine (`member_scores` on a
-  [B, 1, H] tensor with lengths of 1, `engine_output`), so `reward`, `std`, `min`,
+  vector rmserve's heads read. `VllmTrunk` is the one engine loop's trunk (engine/contract.py):
+  the engine applies every member's heads, the epistemic factor and the OOD statistics to
+  those rows as on every backend (engine/heads.py), so `reward`, `std`, `min`,
   `conservative`, `epistemic` and `ood` mean what they mean on every backend;
 - a one-label `*ForSequenceClassification` checkpoint: `convert="classify"`, same pooler
   settings, so the raw logit (no sigmoid) comes back and is the reward (a one-head ensemble
@@ -41,7 +45,6 @@ import re
 import shutil
 import tempfile
 import threading
-import time
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -51,12 +54,13 @@ from typing import Any
 import torch
 
 from rmserve.service.engine.backbone import (
-    Backbone,
-    _is_encoder,
+    BackboneInfo,
     cache_dir,
+    is_encoder,
     quiet_transformers,
     resolve_builtin,
 )
+from rmserve.service.engine.contract import Embeddings, Engine, Trunk
 from rmserve.service.engine.ensemble import (
     MANIFEST,
     EnsembleFormatError,
@@ -65,15 +69,15 @@ from rmserve.service.engine.ensemble import (
     resolve_backbone_path,
 )
 from rmserve.service.engine.errors import EngineUnavailable, InvalidInput, RMServeError
+from rmserve.service.engine.heads import LastTokenIndex
 from rmserve.service.engine.model import (
     DTYPES,
     Member,
     RewardModel,
-    _resolve_dtype,
     assemble_ensemble,
     resolve_device,
+    resolve_dtype,
 )
-from rmserve.service.engine.scoring import BatchStats, EngineOutput, engine_output, member_scores
 from rmserve.service.engine.tokenization import PromptEncoder
 
 log = logging.getLogger(__name__)
@@ -97,18 +101,14 @@ class VllmRetryable(VllmRequestFailed, EngineUnavailable):
     """A failure vLLM marks retryable: UNAVAILABLE to the caller, whose retry may succeed."""
 
 
-@dataclass
-class VllmBackbone:
-    """Stands in for the torch module of a Backbone: the configuration model info reports
-    (layers, hidden size) and the vLLM engine that runs the forward."""
+@dataclass(kw_only=True)
+class VllmBackbone(BackboneInfo):
+    """A member's backbone on this backend: the checkpoint vLLM serves and the engine running it."""
 
     config: Any            # the Hugging Face config of the checkpoint vLLM serves
-    llm: Any               # vllm.LLM (or an object with its `encode`)
+    llm: Any               # vllm.LLM (or an object with its `encode`); set once the engine starts
     task: str              # "embed" (hidden states for rmserve's heads) | "classify" (a seq-cls logit)
     source: str            # the directory vLLM loaded
-
-    def parameters(self):  # no torch weights in this process
-        return iter(())
 
 
 # ------------------------------------------------------------------------ the vLLM engine
@@ -170,40 +170,31 @@ def encode_lock(llm: Any) -> threading.Lock:
             return threading.Lock()
 
 
-class VllmEngine:
-    """`score(seqs) -> EngineOutput` over a model loaded by `load_vllm_model`: one `encode`
-    call per scheduler batch (vLLM batches and schedules it), rmserve's heads on the results.
-    `llm`: the vLLM engine to use instead of the model's (tests pass a fake)."""
+class VllmTrunk(Trunk):
+    """vLLM as the engine's trunk: one `encode` call per batch (the engine plans one batch per
+    scheduler batch; vLLM batches and schedules it), the pooled rows back for every member."""
 
-    def __init__(self, model: RewardModel, *, token_budget: int | None = None, llm: Any = None):
-        del token_budget  # vLLM sizes its own batches (max_num_batched_tokens)
-        runner = model.members[0].backbone.model
-        if not isinstance(runner, VllmBackbone):
+    def __init__(self, model: RewardModel, llm: Any = None):
+        bb = model.members[0].backbone
+        if not isinstance(bb, VllmBackbone):
             raise ValueError("VllmEngine serves a model loaded by load_vllm_model (--backend vllm)")
-        self.model = model
-        self.llm = llm if llm is not None else runner.llm
+        self.members = model.members
+        self.llm = llm if llm is not None else bb.llm
         self.lock = encode_lock(self.llm)
-        self.task = runner.task
+        self.task = bb.task
         self.device = model.members[0].weight.device
         self.width = model.members[0].weight.shape[1]
+        self.packed = True  # vLLM pads nothing: the batch statistics count real tokens
 
-    @torch.inference_mode()
-    def score(self, seqs: list[list[int]]) -> EngineOutput:
-        if not seqs:
-            raise ValueError("score() needs at least one sequence")
-        t0 = time.perf_counter()
-        prompts = [{"prompt_token_ids": list(s)} for s in seqs]  # vllm.TokensPrompt is this TypedDict
+    def forward(self, batch: list[list[int]], prefix: None = None) -> Embeddings:
+        prompts = [{"prompt_token_ids": list(s)} for s in batch]  # vllm.TokensPrompt is this TypedDict
         try:
             with self.lock:
                 outs = self.llm.encode(prompts, pooling_task=self.task, use_tqdm=False)
         except Exception as e:
-            raise VllmRequestFailed(f"vLLM failed a batch of {len(seqs)} sequences: {type(e).__name__}: {e}") from e
-        forward_s = time.perf_counter() - t0
-        hidden = self._rows(seqs, outs)
-        where = {"lengths": torch.ones(len(seqs), dtype=torch.long, device=self.device)}
-        scored = [member_scores(m, hidden[:, None, :], where) for m in self.model.members]
-        tokens = sum(len(s) for s in seqs)
-        return engine_output(scored, BatchStats(batches=1, real_tokens=tokens, padded_tokens=tokens, forward_s=forward_s))
+            raise VllmRequestFailed(f"vLLM failed a batch of {len(batch)} sequences: {type(e).__name__}: {e}") from e
+        hidden = self._rows(batch, outs)
+        return Embeddings([hidden] * len(self.members), LastTokenIndex.rows(len(batch), self.device))
 
     def _rows(self, seqs: list[list[int]], outs: list[Any]) -> torch.Tensor:
         """The pooled vector of each sequence [N, H] float32 on the heads' device, in input order,
@@ -264,8 +255,9 @@ def load_vllm_model(
                                   "checkpoint (no config.json)")
     kw = llm_kwargs(source, task=task, dtype=model.dtype, max_model_len=model.max_tokens, tensor_parallel_size=tp,
                     gpu_memory_utilization=gpu_memory_utilization)
-    runner: VllmBackbone = model.members[0].backbone.model
-    runner.llm = shared_llm(kw, llm_factory)
+    llm = shared_llm(kw, llm_factory)
+    for m in model.members:  # one backbone object: every member's
+        m.backbone.llm = llm
     log.info("vLLM serves %s (%s, tensor parallel %d, %s)", source, task, tp, kw["dtype"])
     return model.heads_to(resolve_device(device))
 
@@ -287,19 +279,19 @@ def _ensemble(path: Path, dtype: str, max_tokens: int | None) -> tuple[RewardMod
         raise EnsembleFormatError(f"{path}: backbone {source!r}: no checkpoint there")
     served = cut_checkpoint(directory, num_layers) if num_layers is not None else directory
     config, tok = _config_and_tokenizer(served)
-    if _is_encoder(config):
+    if is_encoder(config):
         raise EnsembleFormatError(f"{path}: --backend vllm serves decoders (last-token pooling); {config.model_type} "
                                   "is an encoder")
-    bb = Backbone(model=VllmBackbone(config, None, "embed", str(served)), tokenizer=tok, pooling="last",
-                  hidden_size=int(config.hidden_size), max_positions=_max_positions(config), name=source,
-                  num_layers=num_layers)
+    bb = VllmBackbone(config=config, llm=None, task="embed", source=str(served), tokenizer=tok, pooling="last",
+                      hidden_size=int(config.hidden_size), max_positions=_max_positions(config), name=source,
+                      layers=int(config.num_hidden_layers), num_layers=num_layers)
     members = [Member(spec.name, bb, t.weight, t.bias, t.unc_factor, t.ood)
                for spec, t in zip(man.members, tensors, strict=True)]
     for m in members:
         if m.weight.shape[1] != bb.hidden_size:
             raise EnsembleFormatError(f"member {m.name}: heads expect hidden size {m.weight.shape[1]}, "
                                       f"backbone has {bb.hidden_size}")
-    torch_dtype = _resolve_dtype(dtype, man.dtype, torch.device("cuda"))  # vLLM runs on GPUs
+    torch_dtype = resolve_dtype(dtype, man.dtype, torch.device("cuda"))  # vLLM runs on GPUs
     return assemble_ensemble(path, man, members, torch_dtype, max_tokens), str(served), "embed"
 
 
@@ -310,13 +302,14 @@ def _seqcls(path: Path, dtype: str, max_tokens: int | None) -> tuple[RewardModel
     if not any(a.endswith("ForSequenceClassification") for a in archs) or config.num_labels != 1:
         raise EnsembleFormatError(f"{path}: a plain checkpoint must be a *ForSequenceClassification with one label "
                                   f"(got architectures={archs}, num_labels={config.num_labels})")
-    if _is_encoder(config):
+    if is_encoder(config):
         raise EnsembleFormatError(f"{path}: --backend vllm serves decoders; {config.model_type} is an encoder")
     default = str(getattr(config, "dtype", None) or "float32").removeprefix("torch.")
-    torch_dtype = _resolve_dtype(dtype, default if default in DTYPES else "float32", torch.device("cuda"))
+    torch_dtype = resolve_dtype(dtype, default if default in DTYPES else "float32", torch.device("cuda"))
     limit = min(max_tokens or 2048, _max_positions(config))
-    bb = Backbone(model=VllmBackbone(config, None, "classify", str(path)), tokenizer=tok, pooling="last",
-                  hidden_size=1, max_positions=_max_positions(config), name=str(path))
+    bb = VllmBackbone(config=config, llm=None, task="classify", source=str(path), tokenizer=tok, pooling="last",
+                      hidden_size=1, max_positions=_max_positions(config), name=str(path),
+                      layers=int(config.num_hidden_layers))
     digest = hashlib.sha256(json.dumps(config.to_dict(), sort_keys=True, default=str).encode()).hexdigest()[:8]
     model = RewardModel(  # the logit is a 1-vector; the identity head makes it the reward
         name=path.name, version=f"hf-{digest}", kind="heads",
@@ -410,5 +403,26 @@ def cut_checkpoint(source: str | Path, num_layers: int, root: str | Path | None 
     return out
 
 
-__all__ = ["POOLER", "VllmEngine", "VllmRequestFailed", "VllmUnavailable", "cut_checkpoint", "llm_kwargs",
-           "load_vllm_model", "make_llm", "shared_llm"]
+class VllmEngine(Engine):
+    """`score(seqs) -> EngineOutput` over a model loaded by `load_vllm_model`: the one engine loop
+    over a VllmTrunk, one batch per call (vLLM sizes its own: max_num_batched_tokens).
+    `llm`: the vLLM engine to use instead of the model's (tests pass a fake)."""
+
+    def __init__(self, model: RewardModel, *, token_budget: int | None = None, llm: Any = None):
+        del token_budget  # vLLM sizes its own batches
+        super().__init__(model, [VllmTrunk(model, llm)], token_budget=None, max_batch=None)
+
+
+__all__ = [
+    "POOLER",
+    "VllmBackbone",
+    "VllmEngine",
+    "VllmRequestFailed",
+    "VllmTrunk",
+    "VllmUnavailable",
+    "cut_checkpoint",
+    "llm_kwargs",
+    "load_vllm_model",
+    "make_llm",
+    "shared_llm",
+]
