@@ -20,8 +20,9 @@ from pathlib import Path
 import numpy as np
 
 from rmserve.service.engine.backbone import cache_dir
-from rmserve.service.engine.backends import Engine, EngineOutput, backend
+from rmserve.service.engine.backends import Engine, backend
 from rmserve.service.engine.ensemble import MANIFEST
+from rmserve.service.engine.heads import EngineOutput
 from rmserve.service.engine.model import RewardModel
 from rmserve.service.server.config import DEFAULT_MODEL_DIR, ServerConfig
 from rmserve.service.server.errors import NonFiniteScore, NotReady, Unavailable
