@@ -64,7 +64,7 @@ except ImportError:  # Python 3.10
     import tomli as tomllib
 
 ROOT = Path(__file__).resolve().parents[1]
-INFO_TAG = "RMSERVE_BEFORE_AFTER"
+INFO_TAG = "rmserve-before-after"  # a line tag on the child's stdout, not a variable
 # Runs in the server's process before the CLI: says which rmserve and torch it imported and with
 # how many threads, then serves exactly as `python -m rmserve.service.cli serve ...` would.
 PRELUDE = (
