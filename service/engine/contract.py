@@ -172,7 +172,7 @@ class Engine:
             emb = trunk.forward([seqs[i] for i in idx])
             out[idx] = emb.index.gather(emb.hidden[which].to(trunk.device)).float()
 
-        for idx in self._plan(trunk, [len(s) for s in seqs], trunk.packed):
+        for idx in plan_batches([len(s) for s in seqs], self.token_budget, self.max_batch, packed=trunk.packed):
             self._split_on_oom(trunk, idx, run, BatchStats())
         return out.cpu()
 
@@ -230,11 +230,8 @@ class Engine:
             stats.real_tokens += sum(map(len, batch))
             stats.padded_tokens += computed_tokens(batch, packed)
 
-        for sub in self._plan(trunk, [len(s) for s in batch_seqs], packed):
+        for sub in plan_batches([len(s) for s in batch_seqs], self.token_budget, self.max_batch, packed=packed):
             self._split_on_oom(trunk, sub, run, stats)
-
-    def _plan(self, trunk: Trunk, lengths: list[int], packed: bool) -> list[list[int]]:
-        return plan_batches(lengths, self.token_budget, self.max_batch, packed=packed)
 
     def _split_on_oom(self, trunk: Trunk, idx: list[int], run: Callable[[list[int]], None], stats: BatchStats) -> None:
         """run(idx); on out-of-memory, run each half (recursively) instead of failing the batch."""

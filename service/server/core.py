@@ -205,8 +205,8 @@ class ScoringCore:
         slot = self.state.live_slot()
         lam = _penalty(options, slot.model)
         cap = self.state.config.max_samples_per_request if max_samples is None else max_samples
-        encoded = await self._off_loop(encode_samples, slot.model.encoder, samples, cap, name)
         name = name or (lambda i: sample_name(i, samples[i].id))
+        encoded = await self._off_loop(encode_samples, slot.model.encoder, samples, cap, name)
         rows = await self._submit(slot, encoded, deadline, caller, name)
         threshold = _ood_threshold(slot.model)
         results = [_result(r, e, lam=lam, members=options.return_members, sample_id=s.id, ood_threshold=threshold)

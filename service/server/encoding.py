@@ -128,8 +128,8 @@ def encode_completion(encoder: PromptEncoder, prompt: Prompt, completion: str, w
 
 
 def encode_samples(encoder: PromptEncoder, samples: Sequence[Sample], max_samples: int,
-                   name: Callable[[int], str] | None = None) -> list[Encoded]:
-    """Every sample's ids; `name(i)` names sample i in errors (default: `sample_name`)."""
+                   name: Callable[[int], str]) -> list[Encoded]:
+    """Every sample's ids; `name(i)` names sample i in errors."""
     if len(samples) == 0:
         raise InvalidInput("the request has no samples")
     if len(samples) > max_samples:
@@ -137,8 +137,6 @@ def encode_samples(encoder: PromptEncoder, samples: Sequence[Sample], max_sample
             f"the request has {len(samples)} samples; this server accepts at most {max_samples} per request "
             "(the Python SDK splits large inputs for you)"
         )
-    if name is None:
-        return [encode_input(encoder, s.input, sample_name(i, s.id)) for i, s in enumerate(samples)]
     return [encode_input(encoder, s.input, name(i)) for i, s in enumerate(samples)]
 
 
