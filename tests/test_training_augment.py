@@ -1,0 +1,110 @@
+"""Robust-training augmentation (training/augment.py): the pairs it says it builds, nothing leaked."""
+
+from __future__ import annotations
+
+import pytest
+
+from rmserve.training.augment import (
+    AUGMENT_KINDS,
+    AugmentSpec,
+    augment_pairs,
+    parse_augment,
+    prompt_key,
+)
+from rmserve.training.data import Pair
+
+
+def _pair(q: str, c: str, r: str, origin: str, line: int) -> Pair:
+    p = Pair(prompt=[{"role": "user", "content": q}], chosen=[{"role": "assistant", "content": c}],
+             rejected=[{"role": "assistant", "content": r}], source=f"{origin}.jsonl:{line}")
+    p.origin = origin
+    return p
+
+
+def _data() -> list[Pair]:
+    pairs = []
+    for i in range(12):
+        origin = "helpful" if i < 8 else "harmless"
+        q = f"Question number {i}: how do I do task {i}?"
+        pairs.append(_pair(q, f"Answer {i}. First do step one. Then do step two.", f"Bad {i}.", origin, 2 * i))
+        if i % 2 == 0:  # a second pair for the prompt: its own chosen answer wins once more
+            pairs.append(_pair(q, f"Answer {i}. First do step one. Then do step two.", f"Worse {i}.", origin, 2 * i + 1))
+    return pairs
+
+
+def test_parse_augment_kinds_shares_and_errors():
+    assert parse_augment("off_topic,echo:0.5", default_share=0.25) == [
+        AugmentSpec("off_topic", 0.25), AugmentSpec("echo", 0.5)]
+    assert parse_augment(None) == [] and parse_augment("") == []
+    with pytest.raises(ValueError, match=r"unknown augmentation kind .nope.*off_topic"):
+        parse_augment("nope")
+    with pytest.raises(ValueError, match=r"share must be in \(0, 1\]"):
+        parse_augment("echo:1.5")
+    with pytest.raises(ValueError, match="must be a number"):
+        parse_augment("echo:x")
+
+
+def test_every_kind_gives_one_pair_per_prompt_at_share_one():
+    pairs = _data()
+    aug, report = augment_pairs(pairs, parse_augment(",".join(AUGMENT_KINDS)), seed=0)
+    assert report["prompts"] == 12
+    for kind in AUGMENT_KINDS:
+        built = [a for a in aug if a.origin == f"augment:{kind}"]
+        assert report["kinds"][kind]["pairs"] == len(built) == 12
+        assert len({prompt_key(a.prompt) for a in built}) == 12
+    assert report["pairs"] == len(aug) == 12 * len(AUGMENT_KINDS)
+    best = {prompt_key(p.prompt): p.chosen for p in pairs}
+    for a in aug:
+        assert a.chosen == best[prompt_key(a.prompt)]  # the prompt's own chosen answer
+        assert a.rejected[0]["role"] == "assistant" and a.rejected[0]["content"] != a.chosen[0]["content"]
+
+
+def test_each_kind_builds_what_it_says():
+    pairs = _data()
+    aug, _ = augment_pairs(pairs, parse_augment(",".join(AUGMENT_KINDS)), seed=3)
+    answers = {p.chosen[0]["content"]: p for p in pairs}
+    for a in aug:
+        q, c, r = a.prompt[-1]["content"], a.chosen[0]["content"], a.rejected[0]["content"]
+        kind = a.origin.removeprefix("augment:")
+        if kind == "off_topic":  # another prompt's chosen answer, from the same data set
+            other = answers[r]
+            assert prompt_key(other.prompt) != prompt_key(a.prompt) and other.origin == pairs_origin(pairs, a)
+        elif kind == "echo":
+            assert r.endswith(q)
+        elif kind == "padded":
+            assert r.startswith(c) and len(r) > len(c)
+        elif kind == "scaffold":
+            assert r.startswith("# ") and "## " in r
+        else:
+            assert q not in r and c not in r
+
+
+def pairs_origin(pairs: list[Pair], a: Pair) -> str:
+    return next(p.origin for p in pairs if prompt_key(p.prompt) == prompt_key(a.prompt))
+
+
+def test_shares_deterministic_per_prompt_and_seed():
+    pairs = _data() * 1
+    specs = parse_augment("echo:0.5,flattery:0.5")
+    a1, r1 = augment_pairs(pairs, specs, seed=1)
+    a2, _ = augment_pairs(pairs, specs, seed=1)
+    assert [(x.prompt, x.rejected) for x in a1] == [(x.prompt, x.rejected) for x in a2]
+    assert 0 < r1["kinds"]["echo"]["pairs"] < 12
+    a3, _ = augment_pairs(pairs, specs, seed=2)
+    assert [(x.prompt, x.rejected) for x in a1] != [(x.prompt, x.rejected) for x in a3]
+    # a prompt's augmentation does not depend on the other prompts in the data
+    sub = [p for p in pairs if p.origin == "helpful"]
+    a4, _ = augment_pairs(sub, specs, seed=1)
+    keys = {prompt_key(p.prompt) for p in sub}
+    want = [(x.prompt, x.rejected, x.origin) for x in a1 if prompt_key(x.prompt) in keys]
+    assert [(x.prompt, x.rejected, x.origin) for x in a4] == want
+
+
+def test_held_out_prompts_are_never_augmented_nor_reused():
+    pairs = _data()
+    held = {prompt_key(p.prompt) for p in pairs[:6]}
+    held_answers = {p.chosen[0]["content"] for p in pairs[:6]}
+    aug, report = augment_pairs(pairs, parse_augment(",".join(AUGMENT_KINDS)), seed=0, exclude=held)
+    assert report["prompts"] == 12 - len(held)
+    assert aug and not any(prompt_key(a.prompt) in held for a in aug)
+    assert not any(a.rejected[0]["content"] in held_answers or a.chosen[0]["content"] in held_answers for a in aug)
