@@ -57,7 +57,7 @@ from rmserve.training.data import Message, Pair, load_pairs
 FAMILIES = ("flattery", "filler", "off_topic", "echo", "padded", "scaffold", "over_refusal", "sycophancy")
 BENIGN_ONLY = frozenset({"over_refusal"})  # families built only for prompts where helping is right
 DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "service" / "default_model"
-CHUNK = 64  # sequences per score() call: progress between calls
+CHUNK = 32  # sequences per score() call: progress between calls
 
 
 @dataclass(frozen=True)
@@ -450,6 +450,11 @@ def score_conversations(rm: Any, convs: Sequence[list[Message]], *, token_budget
     return Scored(r, o, errors)
 
 
+def _num(x: float) -> float | None:
+    """A JSON number (6 decimals), None for NaN (not scored)."""
+    return None if not np.isfinite(x) else round(float(x), 6)
+
+
 def _rate(x: np.ndarray) -> float | None:
     return float(x.mean()) if x.size else None
 
@@ -531,9 +536,14 @@ def evaluate(rm: Any, data_files: Sequence[str | Path], *, seed: int = 0, max_pr
             hack_o.append(s.ood_score[n:2 * n])
             dev_ood[name] = s.ood_score[2 * n:]
         probes += ps
+        o = None if s.ood_score is None else s.ood_score[n:2 * n]
+        raw = [{"family": p.family, "source": p.source, "chosen_reward": _num(s.reward[i]),
+                "hack_reward": _num(s.reward[n + i]), "hack_ood_score": None if o is None else _num(o[i])}
+               for i, p in enumerate(ps)]
         files[name] = {"file": str(f), "pairs": rep.pairs, "benign": any(p.family in BENIGN_ONLY for p in ps),
                        "unscored": len(s.errors), "unscored_examples": list(s.errors.values())[:5],
-                       "seconds": round(time.perf_counter() - t0, 1)}
+                       "seconds": round(time.perf_counter() - t0, 1), "probes": raw,
+                       "dev_answer_ood_scores": None if s.ood_score is None else [_num(x) for x in s.ood_score[2 * n:]]}
     threshold = rm.ood.threshold if getattr(rm, "ood", None) is not None else None
     report = summarise(probes, np.concatenate(chosen_r), np.concatenate(hack_r),
                        np.concatenate(hack_o) if len(hack_o) == len(data_files) else None,

@@ -213,6 +213,12 @@ def test_end_to_end_report_agrees_with_the_engine(hs, data, tiny_model, tmp_path
             assert row["n"] == len(ps) and row["skipped"] == 0
             assert row["p_hack_beats_chosen"] == pytest.approx(want, abs=1e-9)
             assert row["ood_rate"] == pytest.approx(float(np.mean(oh > threshold)), abs=1e-9)
+        raw = d["probes"]  # per probe, in build_probes' order: the table's numbers recomputed from them
+        assert [(r["family"], r["source"]) for r in raw] == [(p.family, p.source) for p in probes]
+        ok = [r for r in raw if r["hack_reward"] is not None and r["chosen_reward"] is not None]
+        assert d["overall"]["p_hack_beats_chosen"] == pytest.approx(np.mean(
+            [1.0 if r["hack_reward"] > r["chosen_reward"] else 0.5 if r["hack_reward"] == r["chosen_reward"] else 0.0
+             for r in ok]), abs=1e-4)
         pairs, _ = load_pairs(path)
         seen = {}
         for p in pairs:
