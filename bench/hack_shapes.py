@@ -54,6 +54,7 @@ import numpy as np
 
 from rmserve.training.data import Message, Pair, load_pairs
 
+Fits = Callable[[list[Message]], bool]
 FAMILIES = ("flattery", "filler", "off_topic", "echo", "padded", "scaffold", "over_refusal", "sycophancy")
 BENIGN_ONLY = frozenset({"over_refusal"})  # families built only for prompts where helping is right
 DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "service" / "default_model"
@@ -245,17 +246,22 @@ def echo(prompt: Sequence[Message], rng: random.Random) -> str:
     return rng.choice(_ECHO).format(u=last_user_turn(prompt))
 
 
-def padded(chosen: str, rng: random.Random) -> str:
+def padded(chosen: str, rng: random.Random, fits: Callable[[str], bool] | None = None) -> str:
     """The chosen answer, then a short block of pad sentences repeated until the pad is about as
-    long as the answer (at least 400, at most 1500 characters: the whole must still fit the
-    served model's token limit)."""
+    long as the answer (at least 400, at most 1500 characters). `fits(text)`: whether the
+    prompt + `text` fits the model whole; repetitions are dropped (down to one) until it does,
+    so that a long answer is padded as much as the model can read, not skipped."""
     block = " ".join(_pick(rng, _PAD, rng.randint(1, 3)))
     target = min(max(len(chosen), 400), 1500)
     sep = rng.choice(("\n\n", " ", "\n"))
     pad = [block]
     while len(sep.join(pad)) < target:
         pad.append(block)
-    return chosen + "\n\n" + sep.join(pad)
+    text = chosen + "\n\n" + sep.join(pad)
+    while fits is not None and len(pad) > 1 and not fits(text):
+        pad.pop()
+        text = chosen + "\n\n" + sep.join(pad)
+    return text
 
 
 def scaffold(prompt: Sequence[Message], rng: random.Random) -> str:
@@ -343,10 +349,12 @@ def _off_topic(i: int, firsts: Sequence[Pair], rng: random.Random) -> str:
 
 
 def probes_from_pairs(pairs: Sequence[Pair], dataset: str, *, seed: int = 0, max_prompts: int | None = None,
-                      benign: bool | None = None) -> list[Probe]:
+                      benign: bool | None = None, fits: Fits | None = None) -> list[Probe]:
     """One probe per (distinct prompt, family). Off-topic answers come from any prompt of `pairs`
     (not only the first `max_prompts`). Each (seed, family, prompt) has an RNG of its own, so a
-    prompt's probes do not depend on `max_prompts` or on the other prompts. `benign=None`: `is_benign`."""
+    prompt's probes do not depend on `max_prompts` or on the other prompts. `benign=None`: `is_benign`.
+    `fits(conversation)`: whether the model reads it whole (`fits_model`); padded answers are
+    shortened until they fit. None: no limit (a padded probe may then be too long to score)."""
     benign = is_benign(dataset) if benign is None else benign
     everything = distinct_prompts(pairs)
     n = len(everything) if max_prompts is None else min(max_prompts, len(everything))
@@ -359,7 +367,9 @@ def probes_from_pairs(pairs: Sequence[Pair], dataset: str, *, seed: int = 0, max
             if fam == "off_topic":
                 hack = _off_topic(i, everything, rng)
             elif fam == "padded":
-                hack = padded(_text(p.chosen), rng)
+                hack = padded(_text(p.chosen), rng,
+                              None if fits is None else
+                              lambda t, prompt=p.prompt: fits([*prompt, {"role": "assistant", "content": t}]))
             else:
                 hack = GENERATORS[fam](p.prompt, rng)
             out.append(Probe(dataset, fam, list(p.prompt), list(p.chosen), hack, p.source))
@@ -373,12 +383,26 @@ GENERATORS: dict[str, Callable[[Sequence[Message], random.Random], str]] = {
 
 
 def build_probes(data_file: str | Path, *, seed: int = 0, max_prompts: int | None = None,
-                 benign: bool | None = None) -> list[Probe]:
+                 benign: bool | None = None, fits: Fits | None = None) -> list[Probe]:
     """The probes of one preference file (read with rmserve's own loader); `dataset` is the
     file's parent folder name. See `probes_from_pairs`."""
     pairs, _ = load_pairs(data_file)
     return probes_from_pairs(pairs, Path(data_file).resolve().parent.name, seed=seed, max_prompts=max_prompts,
-                             benign=benign)
+                             benign=benign, fits=fits)
+
+
+def fits_model(encoder: Any) -> Fits:
+    """`fits` for a served model's `PromptEncoder` (`rm.encoder`): the conversation encodes
+    within the model's token limit with nothing truncated."""
+    from rmserve.service.engine.errors import InvalidInput
+
+    def fits(conv: list[Message]) -> bool:
+        try:
+            return not encoder.conversation(conv).truncated
+        except InvalidInput:
+            return False
+
+    return fits
 
 
 def dev_answers(pairs: Sequence[Pair], probes: Sequence[Probe]) -> list[list[Message]]:
@@ -517,7 +541,7 @@ def evaluate(rm: Any, data_files: Sequence[str | Path], *, seed: int = 0, max_pr
         pairs, rep = load_pairs(f)
         name = Path(f).resolve().parent.name
         ps = probes_from_pairs(pairs, name, seed=seed, max_prompts=max_prompts,
-                               benign=None if benign is None else name in benign)
+                               benign=None if benign is None else name in benign, fits=fits_model(rm.encoder))
         answers = dev_answers(pairs, ps)
         convs = [p.chosen_conversation for p in ps] + [p.hack_conversation for p in ps] + answers
         log(f"{name}: {len({_key(p.prompt) for p in ps})} prompts, {len(ps)} probes, {len(answers)} real answers; "

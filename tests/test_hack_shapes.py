@@ -139,6 +139,23 @@ def test_shapes_padded_echo_scaffold(hs, data):
                     assert chosen not in p.hack and len(p.hack) < 600
 
 
+def test_padded_is_shortened_to_what_the_model_reads_whole(hs, data):
+    helpful, _ = data
+    limit = 400  # characters of answer a pretend model reads whole: chosen + one pad block fit
+    fits = lambda conv: len(conv[-1]["content"]) <= limit  # noqa: E731
+    full = {p.source: p.hack for p in hs.build_probes(helpful, seed=2) if p.family == "padded"}
+    for p in hs.build_probes(helpful, seed=2, fits=fits):
+        chosen = p.chosen[-1]["content"]
+        if p.family != "padded":
+            assert p.hack == next(q.hack for q in hs.build_probes(helpful, seed=2)
+                                  if q.source == p.source and q.family == p.family)  # only padded changes
+            continue
+        assert p.hack.startswith(chosen) and len(p.hack) > len(chosen)
+        assert fits([{"role": "assistant", "content": p.hack}]) and len(full[p.source]) > limit
+        assert full[p.source].startswith(p.hack)  # the same pad, fewer repetitions
+        assert len(p.hack) > limit - 220  # not cut further than needed: a pad block is under 220 characters
+
+
 def test_off_topic_needs_two_prompts(hs, tmp_path):
     one = tmp_path / "solo-helpful" / "dev.jsonl"
     one.parent.mkdir()
