@@ -431,20 +431,23 @@ class Scored:
 def score_conversations(rm: Any, convs: Sequence[list[Message]], *, token_budget: int = 4096, chunk: int = CHUNK,
                         progress: Callable[[int, int], None] | None = None) -> Scored:
     """Encode with the model's own encoder and score with `ScoringEngine`, as `rmserve eval` does;
-    identical conversations are scored once. A conversation the encoder refuses (its response
+    identical conversations are scored once, and one prompt's together. A conversation the encoder refuses (its response
     alone exceeds the model's token limit) gets NaN and a line in `errors`."""
     from rmserve.service.engine.errors import InvalidInput
     from rmserve.service.engine.scoring import ScoringEngine
 
     index: dict[str, int] = {}
     seqs: list[list[int]] = []
+    group: list[int] = []  # per sequence: its prompt's first appearance, so one prompt's sequences batch together
     where = np.full(len(convs), -1, dtype=np.int64)
     errors: dict[int, str] = {}
+    prompts: dict[str, int] = {}
     for i, conv in enumerate(convs):
         key = _key(conv)
         if key not in index:
             try:
                 seqs.append(rm.encoder.conversation(conv, where=f"conversation {i}").ids)
+                group.append(prompts.setdefault(_key(conv[:-1]), len(prompts)))
                 index[key] = len(seqs) - 1
             except InvalidInput as e:
                 index[key] = -1
@@ -455,15 +458,22 @@ def score_conversations(rm: Any, convs: Sequence[list[Message]], *, token_budget
     reward = np.full(len(seqs), np.nan)
     ood = np.full(len(seqs), np.nan) if rm.has_ood_score else None
     engine = ScoringEngine(rm, token_budget=token_budget)
-    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))  # similar lengths batch together
-    for start in range(0, len(order), chunk):
-        idx = order[start:start + chunk]
+    # a prompt's sequences in one call: the engine encodes their shared prefix once (engine/prefix.py)
+    order = sorted(range(len(seqs)), key=lambda i: (group[i], len(seqs[i])))
+    chunks: list[list[int]] = []
+    for i in order:  # about `chunk` sequences per call, never splitting a prompt's
+        if not chunks or (len(chunks[-1]) >= chunk and group[i] != group[chunks[-1][-1]]):
+            chunks.append([])
+        chunks[-1].append(i)
+    done = 0
+    for idx in chunks:
         out = engine.score([seqs[i] for i in idx])
         reward[idx] = out.rewards.astype(np.float64).mean(1)
         if ood is not None and out.ood_score is not None:
             ood[idx] = out.ood_score
+        done += len(idx)
         if progress is not None:
-            progress(min(start + chunk, len(order)), len(order))
+            progress(done, len(order))
     ok = where >= 0
     r = np.full(len(convs), np.nan)
     r[ok] = reward[where[ok]]

@@ -262,3 +262,23 @@ def test_summarise_counts_ties_half_and_skips_unscored(hs):
     assert rep["overall"]["worst_family"] == "flattery"
     assert rep["dev_answers"] == {"n": 3, "ood_rate": pytest.approx(1 / 3)}
     assert rep["prompts"] == 3
+
+
+def test_scoring_in_small_calls_keeps_prompts_together_and_the_same_rewards(hs, data, tiny_model):
+    from rmserve.service.engine.model import load_model
+
+    helpful, harmless = data
+    rm = load_model(tiny_model, dtype="float32")
+    probes = hs.build_probes(harmless, seed=0) + hs.build_probes(helpful, seed=0)
+    convs = [p.hack_conversation for p in probes] + [p.chosen_conversation for p in probes]
+    calls: list[tuple[int, int]] = []
+    small = hs.score_conversations(rm, convs, chunk=3, progress=lambda d, t: calls.append((d, t)))
+    whole = hs.score_conversations(rm, convs, chunk=10_000)
+    np.testing.assert_allclose(small.reward, whole.reward, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(small.ood_score, whole.ood_score, rtol=1e-4, atol=1e-5)
+    distinct = len({json.dumps(c) for c in convs})
+    assert calls[-1] == (distinct, distinct) and [d for d, _ in calls] == sorted({d for d, _ in calls})
+    # a call closes only at a prompt boundary once it holds `chunk` sequences: never fewer (but the last)
+    steps = np.diff([0] + [d for d, _ in calls])
+    assert steps[:-1].min() >= 3 and len(calls) <= -(-distinct // 3)
+    assert not small.errors and np.isfinite(small.reward).all()
