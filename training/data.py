@@ -66,6 +66,7 @@ class Pair:
     weight: float = 1.0
     margin: float = 0.0
     source: str = ""           # "file:line"; pairs of one ranked list share it
+    origin: str = ""           # the dataset (file) it came from: `dataset_names`; "" when unnamed
 
     @property
     def chosen_conversation(self) -> list[Message]:

@@ -49,6 +49,8 @@ class PairRewards:
     epistemic_chosen: np.ndarray | None
     epistemic_rejected: np.ndarray | None
     data_report: dict[str, Any]
+    chosen_tokens: np.ndarray | None = None     # [P] response tokens (prompt excluded), as encoded
+    rejected_tokens: np.ndarray | None = None
 
     @property
     def margins(self) -> np.ndarray:
@@ -83,7 +85,9 @@ def score_pairs(
         if progress is not None:
             progress(min(start + chunk, len(order)), len(order))
 
+    chosen_tokens, rejected_tokens = enc.response_lengths()
     return PairRewards(
+        chosen_tokens=chosen_tokens, rejected_tokens=rejected_tokens,
         chosen=rewards[enc.chosen], rejected=rewards[enc.rejected], weight=enc.weight,
         head_names=[f"{m.name}/head{j}" for m in rm.members for j in range(m.weight.shape[0])],
         epistemic_chosen=None if epistemic is None else epistemic[enc.chosen],
@@ -116,6 +120,7 @@ def evaluate(
         pr.chosen, pr.rejected, pr.weight, head_names=pr.head_names,
         epistemic_chosen=pr.epistemic_chosen, epistemic_rejected=pr.epistemic_rejected,
         tie_tolerance=MARGIN_NOISE.get(rm.dtype_name, 1e-3),
+        chosen_tokens=pr.chosen_tokens, rejected_tokens=pr.rejected_tokens,
     )
     report.update({
         "model": {"name": rm.name, "version": rm.version, "source": rm.source, "kind": rm.kind, "dtype": rm.dtype_name},

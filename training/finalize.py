@@ -98,7 +98,15 @@ def scores_report(data: TrainingData, idx: np.ndarray, scores: Scores) -> dict[s
     c, r, w = data.pairs.chosen, data.pairs.rejected, data.pairs.weight
     return pair_report(scores.norm[c[idx]], scores.norm[r[idx]], w[idx], head_names=scores.names,
                        epistemic_chosen=scores.epistemic[c[idx]].numpy(),
-                       epistemic_rejected=scores.epistemic[r[idx]].numpy())
+                       epistemic_rejected=scores.epistemic[r[idx]].numpy(), **split_by(data, idx))
+
+
+def split_by(data: TrainingData, idx: np.ndarray) -> dict[str, Any]:
+    """pair_report's length and dataset arguments for the pairs at `idx` (per dataset when several)."""
+    lc, lr = data.pairs.response_lengths()
+    origin = data.pairs.origin
+    return {"chosen_tokens": lc[idx], "rejected_tokens": lr[idx],
+            "groups": [origin[i] for i in idx] if origin else None}
 
 
 def temperature(data: TrainingData, scores: Scores,
@@ -113,7 +121,8 @@ def temperature(data: TrainingData, scores: Scores,
         return Calibration()
     rc_oof, rr_oof = (t.numpy() for t in cross_fitted)
     t = fit_temperature(rc_oof.mean(1) - rr_oof.mean(1), w[data.fit])
-    return Calibration(t, cross_fitted=pair_report(rc_oof / t, rr_oof / t, w[data.fit], head_names=scores.names))
+    return Calibration(t, cross_fitted=pair_report(rc_oof / t, rr_oof / t, w[data.fit], head_names=scores.names,
+                                                   **split_by(data, data.fit)))
 
 
 def ood(cfg: TrainConfig, data: TrainingData, members: list[Member],
