@@ -208,8 +208,11 @@ def run_train(args: argparse.Namespace) -> int:
 
 def add_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="ensemble directory (or a one-label HF seq-cls checkpoint)")
-    p.add_argument("--data", required=True, help="preference JSONL to evaluate on")
-    p.add_argument("--report", help="where to write the JSON report (default <model>/eval_<data stem>.json)")
+    p.add_argument("--data", required=True, nargs="+", action="extend", metavar="FILE",
+                   help="preference JSONL to evaluate on; several files (--data A B, or --data repeated) "
+                        "are each evaluated and reported on their own")
+    p.add_argument("--report", help="where to write the JSON report, with one --data file only "
+                                    "(default <model>/eval_<data stem>.json, one per file)")
     p.add_argument("--token-budget", type=int, default=4096)
     p.add_argument("--strict", action="store_true")
     p.add_argument("--json", action="store_true", help="print the report as JSON instead of a table")
@@ -219,23 +222,29 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    from rmserve.training.evaluate import evaluate
+    from rmserve.training.evaluate import evaluate, evaluate_many
 
     if args.threads:
         import torch
 
         torch.set_num_threads(args.threads)
+    datas = args.data
     try:
-        report = evaluate(args.model, args.data, strict=args.strict, token_budget=args.token_budget,
-                          report_path=args.report, dtype=args.dtype)
+        if len(datas) == 1:
+            reports = [evaluate(args.model, datas[0], strict=args.strict, token_budget=args.token_budget,
+                                report_path=args.report, dtype=args.dtype)]
+        else:
+            reports = evaluate_many(args.model, datas, strict=args.strict, token_budget=args.token_budget,
+                                    report_path=args.report, dtype=args.dtype)
     except _USER_ERRORS as e:
         print(f"rmserve eval: {e}", file=sys.stderr)
         return 2
-    if args.json:
-        print(json.dumps(report, indent=2))
-    else:
+    if args.json:  # one file: its report; several: a list of them, in --data order
+        print(json.dumps(reports[0] if len(reports) == 1 else reports, indent=2))
+        return 0
+    for i, (data, report) in enumerate(zip(datas, reports, strict=True)):
         m = report["model"]
-        print(format_report(report, f"{m['name']} {m['version']} on {args.data}"))
+        print(("\n" if i else "") + format_report(report, f"{m['name']} {m['version']} on {data}"))
         skipped = report["data_report"]
         if skipped["errors"] or skipped["ties"]:
             print(f"skipped: errors {skipped['errors']}, ties {skipped['ties']}")

@@ -317,6 +317,25 @@ def pairs_from_rows(
     return pairs, report
 
 
+def dataset_names(paths: Iterable[str | Path]) -> list[str]:
+    """A short name per data file, for reports and `Pair.origin`: its parent folder's name when no
+    other file shares that folder name (shared/data/hh-rlhf-harmless/train.jsonl -> hh-rlhf-harmless),
+    else its stem; "-2", "-3"... where two would still be equal. The same file twice is refused."""
+    paths = [Path(p) for p in paths]
+    resolved = [p.resolve() for p in paths]
+    if len(set(resolved)) < len(resolved):
+        twice = next(p for p, r in zip(paths, resolved, strict=True) if resolved.count(r) > 1)
+        raise ValueError(f"{twice} is given twice")
+    parents = Counter(r.parent.name for r in resolved)
+    names = [r.parent.name if r.parent.name and parents[r.parent.name] == 1 else r.stem for r in resolved]
+    seen: Counter = Counter()
+    out = []
+    for name in names:
+        seen[name] += 1
+        out.append(name if seen[name] == 1 else f"{name}-{seen[name]}")
+    return out
+
+
 def load_pairs(path: str | Path, *, strict: bool = False) -> tuple[list[Pair], DataReport]:
     """Read a JSONL preference file. Raises DataError if nothing usable is left."""
     if not Path(path).is_file():
