@@ -104,6 +104,17 @@ class DataReport:
         if len(ex) < MAX_EXAMPLES:
             ex.append(f"{where}: {detail}" if detail else where)
 
+    def add(self, other: DataReport) -> None:
+        """Count `other` (another file's report) in this one: several files read as one data set."""
+        self.rows += other.rows
+        self.pairs += other.pairs
+        self.errors.update(other.errors)
+        self.ties.update(other.ties)
+        self.notes.update(other.notes)
+        for reason, ex in other.examples.items():
+            mine = self.examples.setdefault(reason, [])
+            mine.extend(ex[: MAX_EXAMPLES - len(mine)])
+
     @property
     def skipped(self) -> int:
         return sum(self.errors.values()) + sum(self.ties.values())
