@@ -55,10 +55,13 @@ def test_eval_of_several_files_reports_each_and_refuses_one_report_path(tmp_path
     out = tmp_path / "rm"
     assert run_train(parser().parse_args([
         "train", "--data", str(data), "--out", str(out), "--backbone", str(tiny_llama_backbone), "-k", "1",
-        "--epochs", "1", "--max-tokens", "96", "--feature-cache", str(tmp_path / "cache"), "--log-json",
-        "--ood-quantile", "none",
+        "--epochs", "1", "--max-tokens", "96", "--feature-cache", str(tmp_path / "cache"),
+        "--ood-quantile", "none", "--dev", str(dev_a), str(dev_b),
     ])) == 0
-    capsys.readouterr()
+    printed = capsys.readouterr().out  # a table per dev file, by its name
+    assert f"dev a: {dev_a}" in printed and f"dev b: {dev_b}" in printed
+    report = json.loads((out / "train_report.json").read_text())
+    assert {n: d["pairs"] for n, d in report["dev_sets"].items()} == {"a": 10, "b": 15}
 
     # --data A B and --data A --data B are the same; each file gets its table and its report
     for argv in (["--data", str(data), str(dev_a), str(dev_b)], ["--data", str(data), "--data", str(dev_a), "--data", str(dev_b)]):
