@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 from transformers import AutoTokenizer
 
@@ -139,6 +140,27 @@ def test_encoding_uses_the_serving_encoder_dedups_and_reports_unencodable_pairs(
     assert report.pairs == 3
     with pytest.raises(DataError, match=rf"{path}:2 \(rejected\).*response alone needs"):
         encode_pairs(pairs, enc_, report, strict=True)
+
+
+def test_encoded_pairs_keep_the_response_length_without_the_prompt(tmp_path, tiny_llama_backbone):
+    tok = AutoTokenizer.from_pretrained(tiny_llama_backbone)
+    long_prompt = "how do I bake bread " * 12
+    path = write(tmp_path, [
+        {"prompt": "q", "chosen": "the quick brown fox", "rejected": "no"},
+        {"prompt": long_prompt, "chosen": "hello there", "rejected": "mix flour and water, then knead"},
+    ])
+    pairs, report = load_pairs(path)
+    enc = encode_pairs(pairs, PromptEncoder(tok, 40), report)
+    assert enc.truncated >= 1  # the long prompt was cut from the left; responses never are
+
+    def expected(text: str) -> int:  # the response part as the template renders it: content, end marker, newline
+        return len(tok(text + "<|end|>\n", add_special_tokens=False)["input_ids"])
+
+    chosen, rejected = enc.response_lengths()
+    assert chosen.tolist() == [expected("the quick brown fox"), expected("hello there")]
+    assert rejected.tolist() == [expected("no"), expected("mix flour and water, then knead")]
+    sub = enc.subset(np.array([1]))
+    assert [x.tolist() for x in sub.response_lengths()] == [chosen[1:].tolist(), rejected[1:].tolist()]
 
 
 @pytest.mark.skipif(not HH.is_file(), reason="shared HH data not present")

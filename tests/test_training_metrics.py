@@ -10,7 +10,7 @@ import torch
 
 from rmserve.kernels.last_token import last_token_scores_reference
 from rmserve.training.loss import bt_loss
-from rmserve.training.metrics import accuracy, auroc, brier, ece, nll, pair_report
+from rmserve.training.metrics import accuracy, auroc, brier, ece, format_report, nll, pair_report
 from rmserve.training.schedule import calibration_split, length_sorted_batches, lr_scale
 from rmserve.training.stats import epistemic_factor, fit_normalisation, fit_temperature
 
@@ -119,6 +119,46 @@ def test_near_ties_bound_the_accuracy_any_flip_within_the_tolerance_can_reach():
     assert accuracy(np.where(near, -1e-9, d), w) == pytest.approx(lo)
     assert accuracy(np.where(near, 1e-9, d), w) == pytest.approx(hi)
     assert lo <= accuracy(d, w) <= hi
+
+
+def test_length_split_counts_and_accuracies_by_hand():
+    # margins and lengths made up: chosen shorter in pairs 0-2, longer in 3-6, equal in 7
+    d = np.array([1.0, -0.5, 2.0, 0.3, 0.4, -1.0, 0.0, 0.2])
+    lc = np.array([5, 3, 10, 20, 9, 40, 8, 7])
+    lr = np.array([9, 4, 11, 2, 8, 30, 1, 7])
+    rep = pair_report(d[:, None], np.zeros((8, 1)), chosen_tokens=lc, rejected_tokens=lr)
+    split = rep["length_split"]
+    assert split["chosen_shorter"] == {"n": 3, "accuracy": pytest.approx(2 / 3)}
+    assert split["chosen_longer"] == {"n": 4, "accuracy": pytest.approx(2 / 4)}  # the tie 0.0 is a miss
+    assert split["equal_length"] == {"n": 1, "accuracy": 1.0}
+    assert rep["length_balanced_accuracy"] == pytest.approx((2 / 3 + 1 / 2) / 2)
+    # weighted: pair 1 (the miss among the shorter) weighs 3
+    w = np.array([1, 3, 1, 1, 1, 1, 1, 1.0])
+    rep_w = pair_report(d[:, None], np.zeros((8, 1)), w, chosen_tokens=lc, rejected_tokens=lr)
+    assert rep_w["length_split"]["chosen_shorter"]["accuracy"] == pytest.approx(2 / 5)
+    text = format_report(rep)
+    assert "length-balanced accuracy" in text and "chosen shorter (n=3)" in text and "0.6667" in text
+    assert "length_split" not in pair_report(d[:, None], np.zeros((8, 1)))
+
+
+def test_length_balanced_accuracy_is_none_when_one_side_is_empty():
+    d = np.array([1.0, -1.0, 2.0])
+    rep = pair_report(d[:, None], np.zeros((3, 1)), chosen_tokens=np.array([9, 9, 4]),
+                      rejected_tokens=np.array([1, 2, 4]))
+    assert rep["length_split"]["chosen_shorter"] == {"n": 0, "accuracy": None}
+    assert rep["length_split"]["chosen_longer"] == {"n": 2, "accuracy": 0.5}
+    assert rep["length_balanced_accuracy"] is None
+    assert "n/a" in format_report(rep)
+
+
+def test_per_origin_reports_only_with_several_datasets():
+    d = np.array([1.0, -1.0, 2.0, 3.0, -0.5])
+    rc, rr = d[:, None], np.zeros((5, 1))
+    rep = pair_report(rc, rr, groups=["a", "b", "a", "b", "b"])
+    assert list(rep["per_origin"]) == ["a", "b"]
+    assert rep["per_origin"]["a"]["pairs"] == 2 and rep["per_origin"]["a"]["accuracy"] == 1.0
+    assert rep["per_origin"]["b"]["pairs"] == 3 and rep["per_origin"]["b"]["accuracy"] == pytest.approx(1 / 3)
+    assert "per_origin" not in pair_report(rc, rr, groups=["a"] * 5)
 
 
 # -- loss ------------------------------------------------------------------------------------

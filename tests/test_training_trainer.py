@@ -79,6 +79,8 @@ def test_frozen_heads_learn_the_rule_and_the_served_directory_reproduces_the_rep
     rep = result.report
     assert rep["train"]["accuracy"] >= 0.97 and rep["dev"]["accuracy"] >= 0.95
     assert rep["features"]["cache_hit"] is False and rep["features"]["sequences"] == 192
+    for split, n in ((rep["train"], 96), (rep["dev"], 48)):  # every pair falls in one length group
+        assert sum(g["n"] for g in split["length_split"].values()) == n and "length_balanced_accuracy" in split
 
     # the directory loads like any served model, and the engine reproduces the trainer's numbers
     served = evaluate(result.out, synth["train"], write=False)

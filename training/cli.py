@@ -33,7 +33,10 @@ _USER_ERRORS = (DataError, FileExistsError, FileNotFoundError, ValueError)
 def add_train_args(p: argparse.ArgumentParser) -> None:
     d = TrainConfig(data="-", out="")  # defaults, shown in --help
     source = p.add_mutually_exclusive_group(required=True)
-    source.add_argument("--data", help="training preferences (JSONL: {chosen, rejected}, {prompt, chosen, rejected} or ranked lists)")
+    source.add_argument("--data", nargs="+", action="extend", metavar="FILE",
+                        help="training preferences (JSONL: {chosen, rejected}, {prompt, chosen, rejected} or ranked "
+                             "lists); several files (--data A B, or --data repeated) are concatenated, each pair "
+                             "remembering its file (named by its folder, else its stem) for per-dataset reports")
     source.add_argument("--from-store", nargs="?", const=str(default_store()), metavar="STORE",
                         help="train on the labels in a preference store (the server's SQLite file; "
                              f"default {default_store()}), filtered by --store-*")
@@ -41,7 +44,9 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--store-since", type=float, metavar="UNIX_S", help="with --from-store: labelled at or after")
     p.add_argument("--store-tag", help="with --from-store: only this dataset tag")
     p.add_argument("--store-labeler", help="with --from-store: only this labeler")
-    p.add_argument("--dev", help="held-out preferences, evaluated once at the end for the report (never used to train or select)")
+    p.add_argument("--dev", nargs="+", action="extend", metavar="FILE",
+                   help="held-out preferences, evaluated once at the end for the report (never used to train or "
+                        "select); several files are each evaluated and reported by name")
     p.add_argument("--out", required=True, help="ensemble directory to write")
     p.add_argument("--backbone", default=d.backbone, help="HF checkpoint directory or builtin:<name> (default %(default)s)")
     p.add_argument("--kind", choices=get_args(Kind), default=d.kind,
@@ -116,7 +121,9 @@ def default_store() -> Path:
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     values = vars(args).copy()
-    values["data"] = values.get("data") or ""
+    for key, none in (("data", ""), ("dev", None)):  # one file stays a path, as the Train RPC sends it
+        files = values.get(key) or []
+        values[key] = files if len(files) > 1 else (files[0] if files else none)
     filters = {k: values.pop(f"store_{k}", None) for k in ("kind", "since", "tag", "labeler")}
     if values.get("from_store"):
         if not Path(values["from_store"]).is_file():
@@ -198,18 +205,23 @@ def run_train(args: argparse.Namespace) -> int:
     if not args.log_json:
         r = result.report
         print(f"wrote {result.out} (version {result.manifest.version}); temperature {r['temperature']:.3f}")
-        for key, title in (("train", "train (pairs trained on)"), ("calibration_split", "held-out slice of train"),
-                           ("cross_fitted", "train, out-of-fold (5-fold cross-fitted heads)"),
-                           ("dev", f"dev: {cfg.dev}")):
-            if r.get(key):
-                print("\n" + format_report(r[key], title))
+        tables = [(r.get(key), title) for key, title in (
+            ("train", "train (pairs trained on)"), ("calibration_split", "held-out slice of train"),
+            ("cross_fitted", "train, out-of-fold (5-fold cross-fitted heads)"))]
+        tables += [(d, f"dev {name}: {d['data']}") for name, d in (r.get("dev_sets") or {}).items()]
+        for table, title in tables:
+            if table:
+                print("\n" + format_report(table, title))
     return 0
 
 
 def add_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="ensemble directory (or a one-label HF seq-cls checkpoint)")
-    p.add_argument("--data", required=True, help="preference JSONL to evaluate on")
-    p.add_argument("--report", help="where to write the JSON report (default <model>/eval_<data stem>.json)")
+    p.add_argument("--data", required=True, nargs="+", action="extend", metavar="FILE",
+                   help="preference JSONL to evaluate on; several files (--data A B, or --data repeated) "
+                        "are each evaluated and reported on their own")
+    p.add_argument("--report", help="where to write the JSON report, with one --data file only "
+                                    "(default <model>/eval_<data stem>.json, one per file)")
     p.add_argument("--token-budget", type=int, default=4096)
     p.add_argument("--strict", action="store_true")
     p.add_argument("--json", action="store_true", help="print the report as JSON instead of a table")
@@ -219,23 +231,29 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    from rmserve.training.evaluate import evaluate
+    from rmserve.training.evaluate import evaluate, evaluate_many
 
     if args.threads:
         import torch
 
         torch.set_num_threads(args.threads)
+    datas = args.data
     try:
-        report = evaluate(args.model, args.data, strict=args.strict, token_budget=args.token_budget,
-                          report_path=args.report, dtype=args.dtype)
+        if len(datas) == 1:
+            reports = [evaluate(args.model, datas[0], strict=args.strict, token_budget=args.token_budget,
+                                report_path=args.report, dtype=args.dtype)]
+        else:
+            reports = evaluate_many(args.model, datas, strict=args.strict, token_budget=args.token_budget,
+                                    report_path=args.report, dtype=args.dtype)
     except _USER_ERRORS as e:
         print(f"rmserve eval: {e}", file=sys.stderr)
         return 2
-    if args.json:
-        print(json.dumps(report, indent=2))
-    else:
+    if args.json:  # one file: its report; several: a list of them, in --data order
+        print(json.dumps(reports[0] if len(reports) == 1 else reports, indent=2))
+        return 0
+    for i, (data, report) in enumerate(zip(datas, reports, strict=True)):
         m = report["model"]
-        print(format_report(report, f"{m['name']} {m['version']} on {args.data}"))
+        print(("\n" if i else "") + format_report(report, f"{m['name']} {m['version']} on {data}"))
         skipped = report["data_report"]
         if skipped["errors"] or skipped["ties"]:
             print(f"skipped: errors {skipped['errors']}, ties {skipped['ties']}")

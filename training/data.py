@@ -66,6 +66,7 @@ class Pair:
     weight: float = 1.0
     margin: float = 0.0
     source: str = ""           # "file:line"; pairs of one ranked list share it
+    origin: str = ""           # the dataset (file) it came from: `dataset_names`; "" when unnamed
 
     @property
     def chosen_conversation(self) -> list[Message]:
@@ -102,6 +103,17 @@ class DataReport:
         ex = self.examples.setdefault(reason, [])
         if len(ex) < MAX_EXAMPLES:
             ex.append(f"{where}: {detail}" if detail else where)
+
+    def add(self, other: DataReport) -> None:
+        """Count `other` (another file's report) in this one: several files read as one data set."""
+        self.rows += other.rows
+        self.pairs += other.pairs
+        self.errors.update(other.errors)
+        self.ties.update(other.ties)
+        self.notes.update(other.notes)
+        for reason, ex in other.examples.items():
+            mine = self.examples.setdefault(reason, [])
+            mine.extend(ex[: MAX_EXAMPLES - len(mine)])
 
     @property
     def skipped(self) -> int:
@@ -314,6 +326,25 @@ def pairs_from_rows(
         pairs.extend(got)
     report.pairs = len(pairs)
     return pairs, report
+
+
+def dataset_names(paths: Iterable[str | Path]) -> list[str]:
+    """A short name per data file, for reports and `Pair.origin`: its parent folder's name when no
+    other file shares that folder name (shared/data/hh-rlhf-harmless/train.jsonl -> hh-rlhf-harmless),
+    else its stem; "-2", "-3"... where two would still be equal. The same file twice is refused."""
+    paths = [Path(p) for p in paths]
+    resolved = [p.resolve() for p in paths]
+    if len(set(resolved)) < len(resolved):
+        twice = next(p for p, r in zip(paths, resolved, strict=True) if resolved.count(r) > 1)
+        raise ValueError(f"{twice} is given twice")
+    parents = Counter(r.parent.name for r in resolved)
+    names = [r.parent.name if r.parent.name and parents[r.parent.name] == 1 else r.stem for r in resolved]
+    seen: Counter = Counter()
+    out = []
+    for name in names:
+        seen[name] += 1
+        out.append(name if seen[name] == 1 else f"{name}-{seen[name]}")
+    return out
 
 
 def load_pairs(path: str | Path, *, strict: bool = False) -> tuple[list[Pair], DataReport]:

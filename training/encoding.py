@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -28,9 +28,22 @@ class EncodedPairs:
     margin: np.ndarray        # [P] float64
     source: list[str]         # [P] file:line
     truncated: int            # unique sequences whose prompt was cut
+    # [N] tokens of each sequence's response part (prompt excluded), as encoded for the model
+    response_tokens: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    origin: list[str] = field(default_factory=list)  # [P] the dataset each pair came from (Pair.origin)
 
     def __len__(self) -> int:
         return len(self.chosen)
+
+    def response_lengths(self) -> tuple[np.ndarray, np.ndarray]:
+        """Response tokens of each pair's chosen and of its rejected side: [P] each."""
+        if len(self.response_tokens) != len(self.seqs):
+            raise ValueError("these pairs were encoded without response lengths")
+        return self.response_tokens[self.chosen], self.response_tokens[self.rejected]
+
+    def origins(self) -> list[str]:
+        """The datasets these pairs come from, in order of first appearance."""
+        return list(dict.fromkeys(self.origin))
 
     def pair_lengths(self) -> np.ndarray:
         """Tokens of the longer side of each pair: what a batch of pairs pads to."""
@@ -41,11 +54,14 @@ class EncodedPairs:
         """The pairs at `idx`; keeps the full sequence table (indices stay valid)."""
         return EncodedPairs(
             self.seqs, self.chosen[idx], self.rejected[idx], self.weight[idx], self.margin[idx],
-            [self.source[i] for i in idx], self.truncated,
+            [self.source[i] for i in idx], self.truncated, self.response_tokens,
+            [self.origin[i] for i in idx] if self.origin else [],
         )
 
     def fingerprint(self) -> str:
-        """Hash of everything training reads: sequences, pairing, weights, margins."""
+        """Hash of everything training reads: sequences, pairing, weights, margins, and which
+        dataset each pair came from when there are several (a resume must see the same file list;
+        one file may move, as its pairs' origin is then the only one)."""
         h = hashlib.sha256()
         for s in self.seqs:
             h.update(np.asarray(s, dtype=np.int64).tobytes())
@@ -54,6 +70,8 @@ class EncodedPairs:
             h.update(np.ascontiguousarray(a, dtype=np.int64).tobytes())
         for a in (self.weight, self.margin):
             h.update(np.ascontiguousarray(a, dtype=np.float64).tobytes())
+        if len(set(self.origin)) > 1:
+            h.update(json.dumps(self.origin).encode())
         return h.hexdigest()
 
 
@@ -64,6 +82,7 @@ def encode_pairs(
     index: dict[str, int] = {}
     seqs: list[list[int]] = []
     cut: list[bool] = []
+    response: list[int] = []
     keep, chosen, rejected = [], [], []
 
     def seq_id(msgs: list[Message], where: str) -> int:
@@ -73,6 +92,7 @@ def encode_pairs(
             index[key] = len(seqs)
             seqs.append(enc.ids)
             cut.append(enc.truncated)
+            response.append(encoder.response_tokens(msgs, where=where))
         return index[key]
 
     for i, p in enumerate(pairs):
@@ -102,4 +122,6 @@ def encode_pairs(
         margin=np.array([pairs[i].margin for i in keep], dtype=np.float64),
         source=[pairs[i].source for i in keep],
         truncated=sum(cut[i] for i in used),
+        response_tokens=np.array([response[i] for i in used], dtype=np.int64),
+        origin=[pairs[i].origin for i in keep],
     )

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +21,7 @@ import numpy as np
 from rmserve.service.engine.ensemble import atomic_write_bytes
 from rmserve.service.engine.model import RewardModel, load_model
 from rmserve.service.engine.scoring import ScoringEngine
-from rmserve.training.data import load_pairs
+from rmserve.training.data import dataset_names, load_pairs
 from rmserve.training.encoding import encode_pairs
 from rmserve.training.metrics import format_report, pair_report
 
@@ -38,6 +39,15 @@ def default_report_path(model_dir: str | Path, data: str | Path) -> Path:
     return Path(model_dir) / f"eval_{Path(data).stem}.json"
 
 
+def default_report_paths(model_dir: str | Path, datas: list[str | Path]) -> list[Path]:
+    """`default_report_path` of each file; files whose stems are equal (a/dev.jsonl, b/dev.jsonl)
+    get `eval_<dataset name>_<stem>.json` instead, so that no report overwrites another."""
+    stems = Counter(Path(d).stem for d in datas)
+    return [default_report_path(model_dir, d) if stems[Path(d).stem] == 1
+            else Path(model_dir) / f"eval_{name}_{Path(d).stem}.json"
+            for d, name in zip(datas, dataset_names(datas), strict=True)]
+
+
 @dataclass
 class PairRewards:
     """Every pair's normalised rewards as served: chosen/rejected are [P, K] (K heads)."""
@@ -49,6 +59,8 @@ class PairRewards:
     epistemic_chosen: np.ndarray | None
     epistemic_rejected: np.ndarray | None
     data_report: dict[str, Any]
+    chosen_tokens: np.ndarray | None = None     # [P] response tokens (prompt excluded), as encoded
+    rejected_tokens: np.ndarray | None = None
 
     @property
     def margins(self) -> np.ndarray:
@@ -83,7 +95,9 @@ def score_pairs(
         if progress is not None:
             progress(min(start + chunk, len(order)), len(order))
 
+    chosen_tokens, rejected_tokens = enc.response_lengths()
     return PairRewards(
+        chosen_tokens=chosen_tokens, rejected_tokens=rejected_tokens,
         chosen=rewards[enc.chosen], rejected=rewards[enc.rejected], weight=enc.weight,
         head_names=[f"{m.name}/head{j}" for m in rm.members for j in range(m.weight.shape[0])],
         epistemic_chosen=None if epistemic is None else epistemic[enc.chosen],
@@ -116,6 +130,7 @@ def evaluate(
         pr.chosen, pr.rejected, pr.weight, head_names=pr.head_names,
         epistemic_chosen=pr.epistemic_chosen, epistemic_rejected=pr.epistemic_rejected,
         tie_tolerance=MARGIN_NOISE.get(rm.dtype_name, 1e-3),
+        chosen_tokens=pr.chosen_tokens, rejected_tokens=pr.rejected_tokens,
     )
     report.update({
         "model": {"name": rm.name, "version": rm.version, "source": rm.source, "kind": rm.kind, "dtype": rm.dtype_name},
@@ -130,4 +145,44 @@ def evaluate(
     return report
 
 
-__all__ = ["MARGIN_NOISE", "PairRewards", "default_report_path", "evaluate", "format_report", "score_pairs"]
+def evaluate_many(
+    model: str | Path,
+    datas: list[str | Path],
+    *,
+    strict: bool = False,
+    token_budget: int = 4096,
+    report_path: str | Path | None = None,
+    write: bool = True,
+    progress: Callable[[str, int, int], None] | None = None,
+    dtype: str = "auto",
+) -> list[dict[str, Any]]:
+    """`evaluate` on each file with the model loaded once: one report per file, each written to its
+    default path (`default_report_paths`); `report_path` only with a single file. Each report's
+    `dataset` is the file's short name (`dataset_names`)."""
+    datas = list(datas)
+    if not datas:
+        raise ValueError("no data file to evaluate on")
+    if report_path is not None and len(datas) > 1:
+        raise ValueError(f"--report names one file, but {len(datas)} data files were given: "
+                         "leave it out to write each report next to the model (eval_<stem>.json)")
+    names = dataset_names(datas)  # refuses a file given twice
+    missing = [str(d) for d in datas if not Path(d).is_file()]
+    if missing:
+        raise FileNotFoundError(f"preference data {', '.join(missing)}: no such file")
+    targets = [Path(report_path)] if report_path is not None else default_report_paths(model, datas)
+    rm = load_model(model, dtype=dtype)
+    reports = []
+    for data, name, target in zip(datas, names, targets, strict=True):
+        step = None if progress is None else (lambda done, total, name=name: progress(name, done, total))
+        rep = evaluate(rm, data, strict=strict, token_budget=token_budget, report_path=target, write=False,
+                       progress=step)
+        rep["dataset"] = name
+        if write:
+            atomic_write_bytes(target, (json.dumps(rep, indent=2) + "\n").encode())
+            rep["report_path"] = str(target)
+        reports.append(rep)
+    return reports
+
+
+__all__ = ["MARGIN_NOISE", "PairRewards", "default_report_path", "default_report_paths", "evaluate",
+           "evaluate_many", "format_report", "score_pairs"]

@@ -98,7 +98,15 @@ def scores_report(data: TrainingData, idx: np.ndarray, scores: Scores) -> dict[s
     c, r, w = data.pairs.chosen, data.pairs.rejected, data.pairs.weight
     return pair_report(scores.norm[c[idx]], scores.norm[r[idx]], w[idx], head_names=scores.names,
                        epistemic_chosen=scores.epistemic[c[idx]].numpy(),
-                       epistemic_rejected=scores.epistemic[r[idx]].numpy())
+                       epistemic_rejected=scores.epistemic[r[idx]].numpy(), **split_by(data, idx))
+
+
+def split_by(data: TrainingData, idx: np.ndarray) -> dict[str, Any]:
+    """pair_report's length and dataset arguments for the pairs at `idx` (per dataset when several)."""
+    lc, lr = data.pairs.response_lengths()
+    origin = data.pairs.origin
+    return {"chosen_tokens": lc[idx], "rejected_tokens": lr[idx],
+            "groups": [origin[i] for i in idx] if origin else None}
 
 
 def temperature(data: TrainingData, scores: Scores,
@@ -113,7 +121,8 @@ def temperature(data: TrainingData, scores: Scores,
         return Calibration()
     rc_oof, rr_oof = (t.numpy() for t in cross_fitted)
     t = fit_temperature(rc_oof.mean(1) - rr_oof.mean(1), w[data.fit])
-    return Calibration(t, cross_fitted=pair_report(rc_oof / t, rr_oof / t, w[data.fit], head_names=scores.names))
+    return Calibration(t, cross_fitted=pair_report(rc_oof / t, rr_oof / t, w[data.fit], head_names=scores.names,
+                                                   **split_by(data, data.fit)))
 
 
 def ood(cfg: TrainConfig, data: TrainingData, members: list[Member],
@@ -125,7 +134,7 @@ def ood(cfg: TrainConfig, data: TrainingData, members: list[Member],
     if len(held_idx) < 20 or len(fit_idx) < 2:
         rep.phase("finalize", f"too few held-out responses ({len(held_idx)}) for an OOD threshold: none")
         return [None] * len(members), None
-    where = (f"{cfg.data or 'the preference store'}: {len(held_idx)} responses of a held-out "
+    where = (f"{', '.join(cfg.data_files) or 'the preference store'}: {len(held_idx)} responses of a held-out "
              f"{cfg.ood_holdout:.0%} of the training pairs (seed {cfg.seed})")
     stats, cal, info = fit_ood([m.embeddings for m in members], fit_idx, held_idx,
                                quantile=cfg.ood_quantile, calibrated_on=where, seed=cfg.seed)
@@ -195,29 +204,35 @@ def metadata(cfg: TrainConfig, data: TrainingData, temperature: float, fit: dict
 
 
 def evaluate_dev(cfg: TrainConfig, out: Path, rep: Reporter, timing: dict[str, float]) -> dict[str, Any] | None:
-    """The dev set scored through the serving engine from the directory just written."""
-    if not cfg.dev:
+    """Each dev file scored through the serving engine from the directory just written, by dataset name."""
+    if not cfg.dev_files:
         return None
-    from rmserve.training.evaluate import evaluate
+    from rmserve.training.evaluate import evaluate_many
 
-    rep.phase("eval", f"evaluating {out} on {cfg.dev} through the serving engine")
+    rep.phase("eval", f"evaluating {out} on {', '.join(cfg.dev_files)} through the serving engine")
     t0 = time.monotonic()
-    dev = evaluate(out, cfg.dev, token_budget=cfg.token_budget)
+    devs = evaluate_many(out, cfg.dev_files, token_budget=cfg.token_budget)
     timing["dev_eval_s"] = time.monotonic() - t0
-    return dev
+    return {d["dataset"]: d for d in devs}
 
 
 def report(cfg: TrainConfig, out: Path, data: TrainingData, manifest: EnsembleManifest,
            features: dict[str, Any] | None, heads: dict[str, Any] | None, calibration: Calibration,
            train_metrics: dict[str, Any], calib_metrics: dict[str, Any] | None,
            dev: dict[str, Any] | None) -> dict[str, Any]:
-    """train_report.json (the loop adds `timing`)."""
+    """train_report.json (the loop adds `timing`).
+
+    `dev` is the dev report of a single dev file (None with several); `dev_sets` has every dev
+    file's report by dataset name. `data.files` counts rows and pairs per training file; with
+    several files, each metrics block has the same report per dataset in `per_origin`.
+    """
     pairs = data.pairs
     return {
         "ensemble": str(out), "name": manifest.name, "version": manifest.version,
         "config": cfg.to_dict(),
         "data": {**data.report.to_dict(), "sequences": len(pairs.seqs), "truncated_sequences": pairs.truncated,
-                 "fit_pairs": len(data.fit), "calibration_pairs": len(data.calib)},
+                 "fit_pairs": len(data.fit), "calibration_pairs": len(data.calib),
+                 "files": data.source.get("files")},
         "features": features,
         "heads": heads,
         "temperature": calibration.temperature,
@@ -225,5 +240,6 @@ def report(cfg: TrainConfig, out: Path, data: TrainingData, manifest: EnsembleMa
         "calibration_split_before_temperature": calibration.before,
         "calibration_split": calib_metrics,
         "cross_fitted": calibration.cross_fitted,
-        "dev": dev,
+        "dev": next(iter(dev.values())) if dev and len(dev) == 1 else None,
+        "dev_sets": dev,
     }

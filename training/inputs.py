@@ -24,7 +24,14 @@ from rmserve.service.engine.backbone import Backbone, cache_dir, find_layers, lo
 from rmserve.service.engine.padding import pad_token_id
 from rmserve.service.engine.tokenization import PromptEncoder
 from rmserve.training import frozen_states
-from rmserve.training.data import DataError, DataReport, Pair, load_pairs, pairs_from_rows
+from rmserve.training.data import (
+    DataError,
+    DataReport,
+    Pair,
+    dataset_names,
+    load_pairs,
+    pairs_from_rows,
+)
 from rmserve.training.encoding import EncodedPairs, encode_pairs
 from rmserve.training.events import ProgressEvent, Reporter
 from rmserve.training.features import cached_features
@@ -77,17 +84,38 @@ def load_data(cfg: TrainConfig) -> TrainingData:
     backbone = load_backbone(cfg.backbone, num_layers=cfg.num_layers)
     encoder = PromptEncoder(backbone.tokenizer, min(cfg.max_tokens, backbone.max_positions))
     encoded = encode_pairs(pairs, encoder, report, strict=cfg.strict)
+    for f in source.get("files", []):  # pairs left per file after encoding
+        f["pairs"] = sum(1 for o in encoded.origin if o == f["origin"])
     fingerprint = encoded.fingerprint()
     fit, calib, note = calibration_split(encoded.source, cfg.calib_frac, cfg.min_calib_pairs, cfg.seed)
     return TrainingData(report, source, backbone, encoder, encoded, fingerprint, fit, calib, note)
 
 
 def _read_pairs(cfg: TrainConfig) -> tuple[list[Pair], DataReport, dict[str, Any]]:
-    """The pairs, their report, and what identifies the source (path or store, and a sha256)."""
+    """The pairs, their report, and what identifies the source (the files or the store, with sha256s).
+
+    Several files are read one after the other and their pairs concatenated, each pair's `origin`
+    the file's dataset name (`dataset_names`: its folder's name, else its stem); `files` lists
+    every file with its sha256 and counts (one file: also `path` and `sha256`, as before). The
+    store's pairs have origin "store".
+    """
     if not cfg.from_store:
-        path = Path(cfg.data)
-        pairs, report = load_pairs(path, strict=cfg.strict)
-        return pairs, report, {"path": str(path.resolve()), "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
+        paths = [Path(p) for p in cfg.data_files]
+        names = dataset_names(paths)
+        pairs, report, files = [], DataReport(), []
+        for path, name in zip(paths, names, strict=True):
+            got, rep = load_pairs(path, strict=cfg.strict)
+            for p in got:
+                p.origin = name
+            pairs += got
+            report.add(rep)
+            files.append({"path": str(path.resolve()), "origin": name,
+                          "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
+                          "rows": rep.rows, "pairs_read": rep.pairs, "skipped": rep.skipped})
+        source: dict[str, Any] = {"files": files}
+        if len(files) == 1:
+            source = {"path": files[0]["path"], "sha256": files[0]["sha256"], **source}
+        return pairs, report, source
     store = SqliteStore(cfg.from_store)
     try:
         filters = Filters(**(cfg.store_filters or {}))
@@ -95,6 +123,8 @@ def _read_pairs(cfg: TrainConfig) -> tuple[list[Pair], DataReport, dict[str, Any
     finally:
         store.close()
     pairs, report = pairs_from_rows(rows, strict=cfg.strict)
+    for p in pairs:
+        p.origin = "store"
     if not pairs:
         raise DataError(f"the preference store {cfg.from_store} has no usable pairs for {filters}\n{report.summary()}")
     digest = hashlib.sha256("\n".join(json.dumps(r, sort_keys=True) for _, r in rows).encode()).hexdigest()

@@ -14,6 +14,11 @@ the model's probability that the chosen response is preferred):
 - AUROC(score, misranked): probability that a misranked pair (d <= 0) scores
   higher than a correct one, ties counting one half (Mann-Whitney); None when
   one class is empty.
+- length split: the pairs whose chosen response is shorter than the rejected one
+  (in response tokens, prompt excluded), longer, or equal, each with its count n
+  and weighted accuracy (None when empty); `length_balanced_accuracy` is the mean
+  of the shorter and longer accuracies (None if either is empty), so that a model
+  that learnt "longer wins" scores 0.5 on it however the data's lengths lean.
 - near ties: pairs with |d| below the serving dtype's rounding noise. Their
   side can change with the CPU's or GPU's kernels, so accuracy is only
   reproducible to within `accuracy_range` (every near tie counted wrong, then right).
@@ -104,6 +109,27 @@ def auroc(score: np.ndarray, positive: np.ndarray, weights: np.ndarray | None = 
     return float((pos_w * (neg_below + 0.5 * neg_w)).sum() / (wp * wn))
 
 
+LENGTH_GROUPS = ("chosen_shorter", "chosen_longer", "equal_length")
+
+
+def length_split(
+    d: np.ndarray, chosen_tokens: np.ndarray, rejected_tokens: np.ndarray, weights: np.ndarray | None = None
+) -> dict[str, Any]:
+    """Accuracy where the chosen response is the shorter, the longer, of equal length; their balance."""
+    d = np.asarray(d, dtype=np.float64)
+    w = _w(d, weights)
+    lc, lr = np.asarray(chosen_tokens), np.asarray(rejected_tokens)
+    if lc.shape != d.shape or lr.shape != d.shape:
+        raise ValueError("one chosen and one rejected length per pair")
+    split: dict[str, dict[str, Any]] = {}
+    for name, m in zip(LENGTH_GROUPS, (lc < lr, lc > lr, lc == lr), strict=True):
+        wm = w[m].sum()
+        split[name] = {"n": int(m.sum()), "accuracy": float(w[m] @ (d[m] > 0) / wm) if wm > 0 else None}
+    short, long = split["chosen_shorter"]["accuracy"], split["chosen_longer"]["accuracy"]
+    return {"length_split": split,
+            "length_balanced_accuracy": None if short is None or long is None else (short + long) / 2}
+
+
 def pair_report(
     r_chosen: np.ndarray,
     r_rejected: np.ndarray,
@@ -113,6 +139,9 @@ def pair_report(
     epistemic_chosen: np.ndarray | None = None,
     epistemic_rejected: np.ndarray | None = None,
     tie_tolerance: float | None = None,
+    chosen_tokens: np.ndarray | None = None,
+    rejected_tokens: np.ndarray | None = None,
+    groups: list[str] | None = None,
 ) -> dict[str, Any]:
     """All metrics for pairs scored by K heads: r_* are [P, K] normalised rewards.
 
@@ -122,7 +151,10 @@ def pair_report(
     mean of the two samples' served std (`auroc_sample_std`), and the mean
     epistemic term; `auroc_margin` (score -|d|) is the baseline any uncertainty
     should beat, since small margins are the obvious predictor of mistakes.
-    With `tie_tolerance`, the report says how many pairs are near ties (`near_ties`).
+    With `tie_tolerance`, the report says how many pairs are near ties (`near_ties`);
+    with the response lengths `chosen_tokens`/`rejected_tokens` ([P] each), the
+    `length_split` and `length_balanced_accuracy`; with `groups` (a dataset name per
+    pair) naming several datasets, the same report for each in `per_origin`.
     """
     rc = np.asarray(r_chosen, dtype=np.float64)
     rr = np.asarray(r_rejected, dtype=np.float64)
@@ -156,6 +188,24 @@ def pair_report(
         report["auroc_epistemic"] = auroc(epi, wrong, w)
     if tie_tolerance is not None:
         report["near_ties"] = near_ties(d, w, tie_tolerance)
+    if chosen_tokens is not None and rejected_tokens is not None:
+        report.update(length_split(d, chosen_tokens, rejected_tokens, w))
+    if groups is not None and len(set(groups)) > 1:
+        g = np.asarray(groups)
+        report["per_origin"] = {}
+        for name in dict.fromkeys(groups):
+            m = g == name
+            if w[m].sum() <= 0:  # only zero-weight pairs: nothing to measure
+                report["per_origin"][name] = {"pairs": int(m.sum())}
+                continue
+            report["per_origin"][name] = pair_report(
+                rc[m], rr[m], w[m], head_names=names,
+                epistemic_chosen=None if epistemic_chosen is None else np.asarray(epistemic_chosen)[m],
+                epistemic_rejected=None if epistemic_rejected is None else np.asarray(epistemic_rejected)[m],
+                tie_tolerance=tie_tolerance,
+                chosen_tokens=None if chosen_tokens is None else np.asarray(chosen_tokens)[m],
+                rejected_tokens=None if rejected_tokens is None else np.asarray(rejected_tokens)[m],
+            )
     return report
 
 
@@ -177,6 +227,10 @@ def format_report(report: dict[str, Any], title: str = "") -> str:
     if ties := report.get("near_ties"):
         lo, hi = ties["accuracy_range"]
         rows.insert(2, (f"  near ties (|d| < {ties['margin_below']:g})", f"{ties['pairs']}: accuracy {lo:.4f}-{hi:.4f}"))
+    if split := report.get("length_split"):
+        at = next(i for i, r in enumerate(rows) if r[0] == "ECE (20 bins)")
+        rows[at:at] = [("length-balanced accuracy", report.get("length_balanced_accuracy"))] + [
+            (f"  {name.replace('_', ' ')} (n={g['n']})", g["accuracy"]) for name, g in split.items()]
     rows += [(f"  accuracy {n}", v) for n, v in (report.get("accuracy_per_head") or {}).items()]
     width = max(len(r[0]) for r in rows)
     lines = [title] if title else []

@@ -26,7 +26,8 @@ class StoreFilters(TypedDict, total=False):
 
 
 # Fields that may change between a run and its resumption: they do not change what is trained
-# (the data itself is checked by its fingerprint, not its path).
+# (the data itself is checked by its fingerprint, not its path; with several files the fingerprint
+# includes each pair's file, so another list of files is refused).
 RESUMABLE_CHANGES = frozenset({
     "data", "out", "dev", "resume", "overwrite", "keep_checkpoint", "checkpoint_every_s", "log_every",
     "feature_cache", "strict", "device", "token_budget", "prefix_cache",
@@ -35,10 +36,10 @@ RESUMABLE_CHANGES = frozenset({
 
 @dataclass
 class TrainConfig:
-    data: str                                   # JSONL preference file ("" with from_store)
+    data: str | list[str]                       # JSONL preference file(s), concatenated ("" with from_store)
     out: str                                    # ensemble directory to write
     backbone: str = "builtin:smollm2-135m-instruct"
-    dev: str | None = None                      # evaluated once at the end, for the report only
+    dev: str | list[str] | None = None          # file(s) evaluated once at the end, for the report only
     kind: Kind = "heads"                        # heads | members
     num_heads: int = 5                          # K: heads (kind=heads) or members (kind=members)
     num_layers: int | None = None               # layer cut: use (and serve) only the first N blocks
@@ -83,6 +84,12 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         problems = []
+        for name in ("data", "dev"):
+            files = _files(getattr(self, name))
+            if files is None:
+                problems.append(f"{name} must be a path or a list of paths, got {getattr(self, name)!r}")
+            elif len(set(files)) < len(files):
+                problems.append(f"{name} names a file twice: {sorted(f for f in files if files.count(f) > 1)[0]}")
         if self.ood_quantile is not None and not 0 < self.ood_quantile < 1:
             problems.append(f"ood_quantile must be in (0, 1) or None, got {self.ood_quantile}")
         if not 0 < self.ood_holdout < 1:
@@ -134,6 +141,16 @@ class TrainConfig:
             raise ValueError("bad training config: " + "; ".join(problems))
 
     @property
+    def data_files(self) -> list[str]:
+        """The training files, in order (one or several; none with from_store): read `data` through this."""
+        return _files(self.data) or []
+
+    @property
+    def dev_files(self) -> list[str]:
+        """The dev files, in order (none, one or several): read `dev` through this."""
+        return _files(self.dev) or []
+
+    @property
     def use_bootstrap(self) -> bool:
         return self.kind == "heads" if self.bootstrap is None else self.bootstrap
 
@@ -149,6 +166,18 @@ class TrainConfig:
         """Fields (outside RESUMABLE_CHANGES) where `other` differs: what forbids a resume."""
         mine = self.to_dict()
         return sorted(k for k in mine if k not in RESUMABLE_CHANGES and other.get(k) != mine[k])
+
+
+def _files(value: Any) -> list[str] | None:
+    """`data`/`dev` as a list: a path is one file, a list (or tuple) several, ""/None/[] none;
+    None for anything else. The one place a single path and a list are made alike."""
+    if value is None or value == "":
+        return []
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, (list, tuple)) and all(isinstance(v, str) and v for v in value):
+        return list(value)
+    return None
 
 
 def _alternatives(allowed: Any) -> str:

@@ -63,6 +63,23 @@ def _boundary(full: str, prefix: str) -> int:
     return n
 
 
+def _lead(offsets: Sequence[tuple[int, int]]) -> int:
+    """Leading special tokens (BOS/CLS): empty spans at the start."""
+    lead = 0
+    while lead < len(offsets) and tuple(offsets[lead]) == (0, 0):
+        lead += 1
+    return lead
+
+
+def _prompt_end(offsets: Sequence[tuple[int, int]], boundary: int) -> int:
+    """Index of the first response token: past the leading specials and the tokens that end
+    at or before the prompt's character `boundary`."""
+    end = _lead(offsets)
+    while end < len(offsets) and offsets[end][1] <= boundary and tuple(offsets[end]) != (0, 0):
+        end += 1
+    return end
+
+
 class PromptEncoder:
     """Turns validated samples into token ids for one tokenizer and token limit."""
 
@@ -84,6 +101,18 @@ class PromptEncoder:
         self._check_messages(messages, where)
         text, boundary = self._render(messages)
         return self._encode(text, boundary, where)
+
+    def response_tokens(self, messages: Sequence[dict[str, str]], where: str = "sample") -> int:
+        """How many of `conversation(messages)`'s ids belong to the response (after the rendered
+        prompt). The response is never cut, so the count holds for truncated samples too. Only
+        evaluation reads it (pairs split by response length), so serving never pays for it."""
+        self._check_messages(messages, where)
+        text, boundary = self._render(messages)
+        enc = self.tokenizer(
+            text, add_special_tokens=not self.templated, return_offsets_mapping=True, return_attention_mask=False
+        )
+        offsets: list[tuple[int, int]] = enc["offset_mapping"]
+        return len(offsets) - _prompt_end(offsets, boundary)
 
     def prompt_response(self, prompt: str, response: str, where: str = "sample") -> Encoded:
         messages = ([{"role": "user", "content": prompt}] if prompt.strip() else []) + [
@@ -298,12 +327,8 @@ class PromptEncoder:
             raise InvalidInput(f"{where}: renders to no tokens: there is nothing to score")
         if len(ids) <= self.max_tokens:
             return Encoded(ids, False)
-        lead = 0  # leading special tokens (BOS/CLS) have empty spans and are kept
-        while lead < len(ids) and offsets[lead] == (0, 0):
-            lead += 1
-        prompt_end = lead
-        while prompt_end < len(ids) and offsets[prompt_end][1] <= boundary and offsets[prompt_end] != (0, 0):
-            prompt_end += 1
+        lead = _lead(offsets)  # leading special tokens (BOS/CLS) have empty spans and are kept
+        prompt_end = _prompt_end(offsets, boundary)
         n_cut = len(ids) - self.max_tokens
         if n_cut > prompt_end - lead:
             need = len(ids) - (prompt_end - lead)
