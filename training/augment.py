@@ -42,39 +42,10 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass
 from typing import Any
 
+from rmserve.service.data.train_config import AUGMENT_KINDS, AugmentSpec, parse_augment
 from rmserve.training.data import Message, Pair
 
-AUGMENT_KINDS = ("off_topic", "echo", "padded", "flattery", "filler", "scaffold")
 ORIGIN_PREFIX = "augment:"
-
-
-@dataclass(frozen=True)
-class AugmentSpec:
-    kind: str
-    share: float  # fraction of the training prompts given one pair of this kind
-
-
-def parse_augment(text: str | list[str] | None, default_share: float = 1.0) -> list[AugmentSpec]:
-    """`off_topic,echo:0.5` -> specs; a kind without `:share` takes `default_share`."""
-    if not text:
-        return []
-    items = text if isinstance(text, list) else text.split(",")
-    specs: dict[str, AugmentSpec] = {}
-    for item in (i.strip() for i in items):
-        if not item:
-            continue
-        kind, _, share_text = item.partition(":")
-        kind = kind.strip()
-        if kind not in AUGMENT_KINDS:
-            raise ValueError(f"unknown augmentation kind {kind!r}; kinds: {', '.join(AUGMENT_KINDS)}")
-        try:
-            share = float(share_text) if share_text else float(default_share)
-        except ValueError:
-            raise ValueError(f"augmentation {item!r}: the share after ':' must be a number in (0, 1]") from None
-        if not 0 < share <= 1:
-            raise ValueError(f"augmentation {item!r}: the share must be in (0, 1], got {share}")
-        specs[kind] = AugmentSpec(kind, share)
-    return list(specs.values())
 
 
 def format_augment(specs: list[AugmentSpec]) -> str:
@@ -195,7 +166,7 @@ def _prompts(pairs: list[Pair], exclude: set[str]) -> list[_Prompt]:
     responses: dict[str, dict[str, list[Message]]] = defaultdict(dict)
     first: dict[str, Pair] = {}
     for p in pairs:
-        if is_augmented(getattr(p, "origin", "")):
+        if is_augmented(p.origin):
             continue
         k = prompt_key(p.prompt)
         if k in exclude:
@@ -207,7 +178,7 @@ def _prompts(pairs: list[Pair], exclude: set[str]) -> list[_Prompt]:
     out = []
     for k, p in first.items():
         best_key = min(wins[k].items(), key=lambda kv: (-kv[1], kv[0]))[0]
-        out.append(_Prompt(k, p.prompt, getattr(p, "origin", ""), p.source, responses[k][best_key]))
+        out.append(_Prompt(k, p.prompt, p.origin, p.source, responses[k][best_key]))
     return out
 
 
@@ -245,8 +216,7 @@ def augment_pairs(
                 continue
             out.append(Pair(prompt=pr.prompt, chosen=pr.best,
                             rejected=[{"role": "assistant", "content": rejected}],
-                            weight=weight, margin=0.0, source=pr.source))
-            out[-1].origin = ORIGIN_PREFIX + spec.kind
+                            weight=weight, margin=0.0, source=pr.source, origin=ORIGIN_PREFIX + spec.kind))
             built += 1
         report["kinds"][spec.kind] = {"share": spec.share, "pairs": built}
     report["pairs"] = len(out)

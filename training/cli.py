@@ -16,11 +16,13 @@ from pathlib import Path
 from typing import Any, get_args
 
 from rmserve.service.data.train_config import (
+    AUGMENT_KINDS,
     SERVE_DTYPES,
     Device,
     HeadSolver,
     Kind,
     LabelerKind,
+    LengthDebias,
     TrainConfig,
 )
 from rmserve.training.data import DataError
@@ -47,6 +49,18 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dev", nargs="+", action="extend", metavar="FILE",
                    help="held-out preferences, evaluated once at the end for the report (never used to train or "
                         "select); several files are each evaluated and reported by name")
+    p.add_argument("--augment", default=d.augment, metavar="KIND[:SHARE][,...]",
+                   help="robust-training pairs whose rejected side does not answer the prompt, one per chosen "
+                        f"training prompt with probability SHARE (default --augment-share); kinds: "
+                        f"{', '.join(AUGMENT_KINDS)} (docs/training.md)")
+    p.add_argument("--augment-share", type=float, default=d.augment_share,
+                   help="share of the training prompts per augmentation kind that names none (default %(default)s)")
+    p.add_argument("--augment-weight", type=float, default=d.augment_weight,
+                   help="weight of each augmented pair (default %(default)s)")
+    p.add_argument("--length-debias", choices=get_args(LengthDebias), default=d.length_debias,
+                   help="balance: chosen-longer and chosen-shorter pairs weigh the same per dataset; decorrelate: "
+                        "heads with zero covariance with response length on train (frozen features) "
+                        "(default %(default)s)")
     p.add_argument("--out", required=True, help="ensemble directory to write")
     p.add_argument("--backbone", default=d.backbone, help="HF checkpoint directory or builtin:<name> (default %(default)s)")
     p.add_argument("--kind", choices=get_args(Kind), default=d.kind,

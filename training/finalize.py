@@ -67,28 +67,38 @@ def finalize(cfg: TrainConfig, out: Path, data: TrainingData, members: list[Memb
              exact: ExactFit, rep: Reporter, timing: dict[str, float]) -> tuple[EnsembleManifest, dict[str, Any]]:
     """Normalise, fit the temperature, write the ensemble (manifest last), evaluate dev; the report."""
     rep.phase("finalize", "normalisation, temperature, epistemic statistics")
-    scores = normalised_scores(members, cfg.lambda0)
+    scores = normalised_scores(members, cfg.lambda0, data.real_seqs)
     calibration = temperature(data, scores, exact.cross_fitted)
     scores.fold_temperature(calibration.temperature)
     ood_stats, ood_cal = ood(cfg, data, members, rep)
     specs = save_members(cfg, out, data.backbone, members, scores.factors, ood_stats)
-    train_metrics = scores_report(data, data.fit, scores)
-    calib_metrics = scores_report(data, data.calib, scores) if len(data.calib) else None
+    train_metrics = scores_report(data, real_only(data, data.fit), scores)
+    calib = real_only(data, data.calib)
+    calib_metrics = scores_report(data, calib, scores) if len(calib) else None
+    aug_fit = data.fit[~data.real[data.fit]]
+    augmented = scores_report(data, aug_fit, scores) if len(aug_fit) else None
     manifest = manifest_of(cfg, out, data, specs, scores, calibration.temperature, train_metrics, calib_metrics,
                            ood_cal)
     write_manifest(out, manifest)  # last: the directory is complete from here on
     dev = evaluate_dev(cfg, out, rep, timing)
-    return manifest, report(cfg, out, data, manifest, features, exact.info, calibration, train_metrics,
-                            calib_metrics, dev)
+    rep_ = report(cfg, out, data, manifest, features, exact.info, calibration, train_metrics, calib_metrics, dev)
+    rep_["train_augmented"] = augmented
+    return manifest, rep_
 
 
-def normalised_scores(members: list[Member], lambda0: float) -> Scores:
-    """Rewards of every training sequence, per head to mean 0 / std 1, and the epistemic statistics."""
+def real_only(data: TrainingData, idx: np.ndarray) -> np.ndarray:
+    """The real pairs (not augmentations) among the pair indices `idx`."""
+    return idx[data.real[idx]]
+
+
+def normalised_scores(members: list[Member], lambda0: float, rows: np.ndarray) -> Scores:
+    """Rewards of every training sequence, per head to mean 0 / std 1 over the real answers (`rows`:
+    augmented non-answers would stretch the scale), and the epistemic statistics of those answers."""
     raw = torch.cat([mem.embeddings.double() @ mem.weight.double().T + mem.bias.double() for mem in members], 1)
-    shift, scale = fit_normalisation(raw.numpy())
+    shift, scale = fit_normalisation(raw.numpy()[rows])
     norm = (raw.numpy() - shift) / np.array(scale)
     names = [f"member{m}/head{j}" for m, mem in enumerate(members) for j in range(mem.weight.shape[0])]
-    factors = [epistemic_factor(mem.embeddings, lambda0) for mem in members]
+    factors = [epistemic_factor(mem.embeddings[torch.as_tensor(rows)], lambda0) for mem in members]
     epi = torch.stack([(mem.embeddings @ f).norm(dim=1) for mem, f in zip(members, factors, strict=True)]).mean(0)
     return Scores(norm, shift, scale, names, factors, epi)
 
@@ -113,16 +123,19 @@ def temperature(data: TrainingData, scores: Scores,
                 cross_fitted: tuple[torch.Tensor, torch.Tensor] | None) -> Calibration:
     """T on the held-out slice; without one, on the exact heads' out-of-fold rewards; else 1."""
     c, r, w = data.pairs.chosen, data.pairs.rejected, data.pairs.weight
-    if len(data.calib):
-        before = scores_report(data, data.calib, scores)
-        d = scores.norm[c[data.calib]].mean(1) - scores.norm[r[data.calib]].mean(1)
-        return Calibration(fit_temperature(d, w[data.calib]), before=before)
+    calib = real_only(data, data.calib)  # the temperature describes real pairs, never augmentations
+    if len(calib):
+        before = scores_report(data, calib, scores)
+        d = scores.norm[c[calib]].mean(1) - scores.norm[r[calib]].mean(1)
+        return Calibration(fit_temperature(d, w[calib]), before=before)
     if cross_fitted is None:
         return Calibration()
-    rc_oof, rr_oof = (t.numpy() for t in cross_fitted)
-    t = fit_temperature(rc_oof.mean(1) - rr_oof.mean(1), w[data.fit])
-    return Calibration(t, cross_fitted=pair_report(rc_oof / t, rr_oof / t, w[data.fit], head_names=scores.names,
-                                                   **split_by(data, data.fit)))
+    real = data.real[data.fit]
+    rc_oof, rr_oof = (t.numpy()[real] for t in cross_fitted)
+    fit = data.fit[real]
+    t = fit_temperature(rc_oof.mean(1) - rr_oof.mean(1), w[fit])
+    return Calibration(t, cross_fitted=pair_report(rc_oof / t, rr_oof / t, w[fit], head_names=scores.names,
+                                                   **split_by(data, fit)))
 
 
 def ood(cfg: TrainConfig, data: TrainingData, members: list[Member],
@@ -130,7 +143,9 @@ def ood(cfg: TrainConfig, data: TrainingData, members: list[Member],
     """OOD statistics of every member's training embeddings, the flag's threshold on held-out pairs."""
     if cfg.ood_quantile is None:
         return [None] * len(members), None
-    fit_idx, held_idx = split_pairs(data.pairs.chosen, data.pairs.rejected, cfg.ood_holdout, cfg.seed)
+    # real answers only: an augmentation's non-answer is what the flag should find unusual
+    fit_idx, held_idx = split_pairs(data.pairs.chosen[data.real], data.pairs.rejected[data.real],
+                                    cfg.ood_holdout, cfg.seed)
     if len(held_idx) < 20 or len(fit_idx) < 2:
         rep.phase("finalize", f"too few held-out responses ({len(held_idx)}) for an OOD threshold: none")
         return [None] * len(members), None
@@ -191,6 +206,8 @@ def metadata(cfg: TrainConfig, data: TrainingData, temperature: float, fit: dict
     return {
         "trainer": "rmserve.training/1",
         "config": cfg.to_dict(),
+        "augment": data.augment,
+        "length_debias": cfg.length_debias,
         "data": {**data.source, "fingerprint": data.fingerprint, "pairs": len(data.pairs),
                  "skipped": data.report.skipped},
         "temperature": temperature,
@@ -232,7 +249,8 @@ def report(cfg: TrainConfig, out: Path, data: TrainingData, manifest: EnsembleMa
         "config": cfg.to_dict(),
         "data": {**data.report.to_dict(), "sequences": len(pairs.seqs), "truncated_sequences": pairs.truncated,
                  "fit_pairs": len(data.fit), "calibration_pairs": len(data.calib),
-                 "files": data.source.get("files")},
+                 "files": data.source.get("files"), "augment": data.augment,
+                 "real_pairs": int(data.real.sum())},
         "features": features,
         "heads": heads,
         "temperature": calibration.temperature,

@@ -19,11 +19,12 @@ import numpy as np
 import torch
 
 from rmserve.service.data.preferences import Filters, SqliteStore, training_rows
-from rmserve.service.data.train_config import TrainConfig
+from rmserve.service.data.train_config import TrainConfig, parse_augment
 from rmserve.service.engine.backbone import Backbone, cache_dir, find_layers, load_backbone
 from rmserve.service.engine.padding import pad_token_id
 from rmserve.service.engine.tokenization import PromptEncoder
 from rmserve.training import frozen_states
+from rmserve.training.augment import ORIGIN_PREFIX, augment_pairs, is_augmented, prompt_key
 from rmserve.training.data import (
     DataError,
     DataReport,
@@ -36,6 +37,13 @@ from rmserve.training.encoding import EncodedPairs, encode_pairs
 from rmserve.training.events import ProgressEvent, Reporter
 from rmserve.training.features import cached_features
 from rmserve.training.frozen_states import FrozenStates
+from rmserve.training.length import (
+    balanced_weights,
+    length_direction,
+    project_out,
+    uses_balance,
+    uses_decorrelate,
+)
 from rmserve.training.schedule import bootstrap_counts, calibration_split, derive_seed
 from rmserve.training.tuning import Tuned, embed, make_trainable
 
@@ -55,6 +63,15 @@ class TrainingData:
     fit: np.ndarray             # pair indices the members train on
     calib: np.ndarray           # held-out pair indices for the temperature (may be empty)
     split_note: str
+    real: np.ndarray            # [P] bool: a real pair, not an augmentation (training/augment.py)
+    fit_weight: np.ndarray      # [P] the weights the loss uses (pair weights, length-balanced if asked)
+    augment: dict[str, Any] | None = None  # what augmentation built (report["data"]["augment"])
+
+    @property
+    def real_seqs(self) -> np.ndarray:
+        """Sequence ids of real pairs' answers: what normalisation and OOD statistics describe."""
+        r = self.real
+        return np.unique(np.concatenate([self.pairs.chosen[r], self.pairs.rejected[r]]))
 
 
 @dataclass
@@ -64,6 +81,7 @@ class Frozen:
     features: torch.Tensor | None = None    # [N, H] last-token features of the frozen backbone
     prefix: FrozenStates | None = None      # hidden states entering the first trained layer
     info: dict[str, Any] | None = None      # report["features"]
+    length_dir: torch.Tensor | None = None  # --length-debias decorrelate: the direction heads must not read
 
 
 @dataclass
@@ -79,16 +97,43 @@ class FitPairs:
 
 
 def load_data(cfg: TrainConfig) -> TrainingData:
-    """Read the pairs (file or store), load the backbone, encode, split off the temperature's slice."""
+    """Read the pairs (file or store), add the augmentation, load the backbone, encode, split off
+    the temperature's slice, and weigh the pairs (length-balanced if asked)."""
     pairs, report, source = _read_pairs(cfg)
+    augment = None
+    if cfg.augment:
+        extra, augment = augment_pairs(pairs, parse_augment(cfg.augment, cfg.augment_share), seed=cfg.seed,
+                                       exclude=_held_out_prompts(cfg), weight=cfg.augment_weight)
+        pairs = pairs + extra
     backbone = load_backbone(cfg.backbone, num_layers=cfg.num_layers)
     encoder = PromptEncoder(backbone.tokenizer, min(cfg.max_tokens, backbone.max_positions))
     encoded = encode_pairs(pairs, encoder, report, strict=cfg.strict)
     for f in source.get("files", []):  # pairs left per file after encoding
         f["pairs"] = sum(1 for o in encoded.origin if o == f["origin"])
+    if augment is not None:  # pairs left per kind after encoding
+        for kind, entry in augment["kinds"].items():
+            entry["pairs"] = sum(1 for o in encoded.origin if o == ORIGIN_PREFIX + kind)
+        augment["pairs"] = sum(e["pairs"] for e in augment["kinds"].values())
     fingerprint = encoded.fingerprint()
     fit, calib, note = calibration_split(encoded.source, cfg.calib_frac, cfg.min_calib_pairs, cfg.seed)
-    return TrainingData(report, source, backbone, encoder, encoded, fingerprint, fit, calib, note)
+    real = np.array([not is_augmented(o) for o in encoded.origin], dtype=bool) if encoded.origin \
+        else np.ones(len(encoded), dtype=bool)
+    weight = encoded.weight
+    if uses_balance(cfg.length_debias):
+        lc, lr = encoded.response_lengths()
+        groups = np.array(encoded.origin) if encoded.origin else np.zeros(len(encoded), dtype=object)
+        weight = balanced_weights(encoded.weight, lc - lr, groups, real)
+    return TrainingData(report, source, backbone, encoder, encoded, fingerprint, fit, calib, note,
+                        real=real, fit_weight=weight, augment=augment)
+
+
+def _held_out_prompts(cfg: TrainConfig) -> set[str]:
+    """Prompt keys of every dev file: augmentation never touches or reuses them."""
+    keys: set[str] = set()
+    for path in cfg.dev_files:
+        got, _ = load_pairs(Path(path))
+        keys.update(prompt_key(p.prompt) for p in got)
+    return keys
 
 
 def _read_pairs(cfg: TrainConfig) -> tuple[list[Pair], DataReport, dict[str, Any]]:
@@ -222,7 +267,7 @@ def fit_pairs(data: TrainingData, k: int, seed: int, bootstrap: bool, device: to
         fit=fit,
         chosen=torch.as_tensor(pairs.chosen),
         rejected=torch.as_tensor(pairs.rejected),
-        weight=torch.as_tensor(pairs.weight[data.fit], dtype=torch.float32, device=device),
+        weight=torch.as_tensor(data.fit_weight[data.fit], dtype=torch.float32, device=device),
         margin=torch.as_tensor(pairs.margin[data.fit], dtype=torch.float32, device=device),
         counts=bootstrap_counts(k, len(fit), seed, bootstrap).to(device),
     )
@@ -244,6 +289,10 @@ def member_inputs(cfg: TrainConfig, data: TrainingData, frozen: Frozen, seed: in
         # rather than an untrained weight / ~0 that would explode on a served sample
         sd = torch.where(sd > 1e-6 * float(sd.max()), sd, torch.full_like(sd, float("inf")))
         x = (features - mu) / sd  # conditioning for the heads; folded back into them at the end
+        if uses_decorrelate(cfg.length_debias):
+            real_fit = np.intersect1d(fit_seqs.numpy(), data.real_seqs)
+            frozen.length_dir = length_direction(x[real_fit], torch.as_tensor(pairs.response_tokens[real_fit]))
+            x = project_out(x, frozen.length_dir).float()
         return (lambda ids: x[ids]), None, (mu, sd)
     tuned = make_trainable(data.backbone.model, layers=cfg.finetune_layers, lora_rank=cfg.lora_rank,
                            lora_alpha=cfg.lora_alpha, seed=derive_seed(seed, "lora"))

@@ -21,12 +21,10 @@ won by the real answer, whatever its length.
 
 from __future__ import annotations
 
-from typing import Literal
-
 import numpy as np
 import torch
 
-LengthDebias = Literal["none", "balance", "decorrelate", "balance+decorrelate"]
+from rmserve.service.data.train_config import LengthDebias
 
 
 def uses_balance(method: str) -> bool:

@@ -16,6 +16,7 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -120,12 +121,13 @@ def cross_fitted_rewards(
     folds: int = 5,
     seed: int = 0,
     groups: list | None = None,
+    norm_rows: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Out-of-fold normalised rewards (r_chosen, r_rejected), each [P, K].
 
     For every fold of pairs, the K heads (head_weights [K, P]: pair weights times
     bootstrap multiplicities) are fitted on the other folds, normalised as
-    serving normalises them (mean 0, std 1 over every sequence in `x`), and score
+    serving normalises them (mean 0, std 1 over the rows `norm_rows` of `x`, default all), and score
     the fold's pairs. Every pair is then scored by an ensemble that never saw it:
     a temperature fitted on these margins uses all of train, and their metrics
     are the honest estimate of generalisation that train offers.
@@ -142,7 +144,8 @@ def cross_fitted_rewards(
             w = fit_bt_head(dx[train], head_weights[h, train], l2=l2,
                             margin=None if margin is None else margin[train])
             r = x @ w
-            r = (r - r.mean()) / r.std(correction=0).clamp_min(1e-12)
+            ref = r if norm_rows is None else r[norm_rows]
+            r = (r - ref.mean()) / ref.std(correction=0).clamp_min(1e-12)
             rc[test, h], rr[test, h] = r[chosen[test]], r[rejected[test]]
     return rc, rr
 
@@ -165,6 +168,7 @@ def fit_exact_heads(
     num_seqs: int,
     cross_fit: bool,
     rep: Reporter,
+    real_seqs: np.ndarray | None = None,
     member: int,
     step: int,
     total: int,
@@ -180,7 +184,7 @@ def fit_exact_heads(
     k = pairs.counts.shape[0]
     dx = (embed_fn(pairs.chosen[pairs.fit]) - embed_fn(pairs.rejected[pairs.fit])).double()
     l2, info = _head_l2(l2, seed, dx, pairs, sources, rep)
-    cross_fitted = _cross_fitted(seed, l2, pairs, embed_fn, sources, num_seqs, rep) if cross_fit else None
+    cross_fitted = _cross_fitted(seed, l2, pairs, embed_fn, sources, num_seqs, rep, real_seqs) if cross_fit else None
     weights = []
     t0 = time.monotonic()
     for j in range(k):
@@ -213,7 +217,7 @@ def _head_l2(l2: float | None, seed: int, dx: torch.Tensor, pairs: FitPairs, sou
 
 
 def _cross_fitted(seed: int, l2: float, pairs: FitPairs, embed_fn: EmbedFn, sources: list, num_seqs: int,
-                  rep: Reporter) -> tuple[torch.Tensor, torch.Tensor]:
+                  rep: Reporter, real_seqs: np.ndarray | None) -> tuple[torch.Tensor, torch.Tensor]:
     """No held-out slice: out-of-fold rewards of the train pairs, so the temperature sees unseen pairs."""
     rep.phase("train", "out-of-fold rewards on train (5 folds) for the temperature")
     chosen, rejected = pairs.chosen[pairs.fit], pairs.rejected[pairs.fit]
@@ -222,4 +226,5 @@ def _cross_fitted(seed: int, l2: float, pairs: FitPairs, embed_fn: EmbedFn, sour
     where[seqs] = torch.arange(len(seqs))
     return cross_fitted_rewards(
         embed_fn(seqs), where[chosen], where[rejected], pairs.counts.double() * pairs.weight.double(),
-        l2=l2, margin=pairs.margin, seed=derive_seed(seed, "cv"), groups=sources)
+        l2=l2, margin=pairs.margin, seed=derive_seed(seed, "cv"), groups=sources,
+        norm_rows=None if real_seqs is None else torch.as_tensor(np.isin(seqs.numpy(), real_seqs)))

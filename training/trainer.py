@@ -46,6 +46,7 @@ from rmserve.training.checkpoint import CHECKPOINT, LOG, REPORT
 from rmserve.training.events import ProgressCallback, ProgressEvent, Reporter, TrainingStopped
 from rmserve.training.finalize import finalize
 from rmserve.training.inputs import device_for, fit_pairs, frozen_inputs, load_data, member_inputs
+from rmserve.training.length import project_out
 from rmserve.training.linear_heads import ExactFit, fit_exact_heads
 from rmserve.training.loss import bt_loss
 from rmserve.training.members import Member, finish_member, new_trainable
@@ -79,7 +80,7 @@ def train(
         # -- setup: the data, encoded as serving encodes it, and the split ----------------------------
         t0 = time.monotonic()
         timing: dict[str, float] = {}
-        source = f"the preference store {cfg.from_store}" if cfg.from_store else cfg.data
+        source = f"the preference store {cfg.from_store}" if cfg.from_store else ", ".join(cfg.data_files)
         rep.emit(ProgressEvent("start", "data", message=f"{cfg.kind} x{cfg.num_heads} on {source}"))
         data = load_data(cfg)
         if resumed and resumed[0]["fingerprint"] != data.fingerprint:
@@ -123,6 +124,7 @@ def train(
                 weight, exact = fit_exact_heads(
                     pairs, embed_fn, seed=seed, l2=cfg.head_l2, sources=[data.pairs.source[i] for i in data.fit],
                     num_seqs=len(data.pairs.seqs), cross_fit=not len(data.calib), rep=rep, member=m,
+                    real_seqs=data.real_seqs,
                     step=step, total=total)
                 step += k
                 bias = torch.zeros(k)
@@ -199,6 +201,8 @@ def train(
                     rep.emit(ProgressEvent("epoch", "train", step=step, total=total, member=m, epoch=epoch))
                 weight, bias = trainable.weight, trainable.bias
 
+            if frozen.length_dir is not None:  # --length-debias decorrelate: heads blind to the length direction
+                weight = project_out(weight.detach().double(), frozen.length_dir).float()
             member = finish_member(m, weight, bias, tuned, whitening, cfg=cfg, data=data, frozen=frozen,
                                    device=device, rep=rep, timing=timing)
             members.append(member)

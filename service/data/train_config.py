@@ -11,9 +11,41 @@ HeadSolver = Literal["adamw", "lbfgs"]                 # gradient steps | exact 
 ServeDtype = Literal["float32", "bfloat16", "float16"]  # what a manifest may name (service/engine/model.py DTYPES)
 Device = Literal["auto", "cpu", "cuda"]
 LabelerKind = Literal["human", "ai"]                   # store_filters["kind"]
+AugmentKind = Literal["off_topic", "echo", "padded", "flattery", "filler", "scaffold"]  # training/augment.py
+LengthDebias = Literal["none", "balance", "decorrelate", "balance+decorrelate"]        # training/length.py
 
 SERVE_DTYPES: tuple[str, ...] = get_args(ServeDtype)
+AUGMENT_KINDS: tuple[str, ...] = get_args(AugmentKind)
 STORE_FILTERS: tuple[str, ...] = ("kind", "since", "tag", "labeler")
+
+
+@dataclass(frozen=True)
+class AugmentSpec:
+    kind: str
+    share: float  # fraction of the training prompts given one pair of this kind
+
+
+def parse_augment(text: str | list[str] | None, default_share: float = 1.0) -> list[AugmentSpec]:
+    """`off_topic,echo:0.5` -> specs; a kind without `:share` takes `default_share`."""
+    if not text:
+        return []
+    items = text if isinstance(text, list) else str(text).split(",")
+    specs: dict[str, AugmentSpec] = {}
+    for item in (str(i).strip() for i in items):
+        if not item:
+            continue
+        kind, _, share_text = item.partition(":")
+        kind = kind.strip()
+        if kind not in AUGMENT_KINDS:
+            raise ValueError(f"unknown augmentation kind {kind!r}; kinds: {', '.join(AUGMENT_KINDS)}")
+        try:
+            share = float(share_text) if share_text else float(default_share)
+        except ValueError:
+            raise ValueError(f"augmentation {item!r}: the share after ':' must be a number in (0, 1]") from None
+        if not 0 < share <= 1:
+            raise ValueError(f"augmentation {item!r}: the share must be in (0, 1], got {share}")
+        specs[kind] = AugmentSpec(kind, share)
+    return list(specs.values())
 
 
 class StoreFilters(TypedDict, total=False):
@@ -81,6 +113,10 @@ class TrainConfig:
     version: str | None = None                  # manifest version; default: UTC time + config hash
     from_store: str | None = None               # read the preferences from this store (SQLite) instead of `data`
     store_filters: StoreFilters | None = None   # kind (human|ai), since (unix s), tag, labeler
+    augment: str = ""                           # KIND[:SHARE],... robust-training pairs (training/augment.py)
+    augment_share: float = 1.0                  # share of the training prompts for a kind that names none
+    augment_weight: float = 1.0                 # weight of every augmented pair
+    length_debias: LengthDebias = "none"        # none | balance | decorrelate | balance+decorrelate (training/length.py)
 
     def __post_init__(self) -> None:
         problems = []
@@ -95,12 +131,23 @@ class TrainConfig:
         if not 0 < self.ood_holdout < 1:
             problems.append(f"ood_holdout must be in (0, 1), got {self.ood_holdout}")
         for name, allowed in (("kind", Kind), ("head_solver", HeadSolver), ("serve_dtype", ServeDtype),
-                              ("device", Device)):
+                              ("device", Device), ("length_debias", LengthDebias)):
             problem = _not_one_of(name, getattr(self, name), allowed)
             if problem:
                 problems.append(problem)
         if self.num_heads < 1:
             problems.append("num_heads must be >= 1")
+        if not 0 < self.augment_share <= 1:
+            problems.append(f"augment_share must be in (0, 1], got {self.augment_share}")
+        if self.augment_weight <= 0:
+            problems.append(f"augment_weight must be positive, got {self.augment_weight}")
+        try:
+            parse_augment(self.augment, 1.0)
+        except ValueError as e:
+            problems.append(f"augment: {e}")
+        if "decorrelate" in str(self.length_debias) and self.finetune_layers != 0:
+            problems.append("length_debias=decorrelate constrains heads on frozen features: it needs "
+                            "finetune_layers = 0 (use balance for trained layers)")
         if self.kind == "members" and self.finetune_layers == 0:
             problems.append("kind=members needs a trained backbone part (finetune_layers != 0): "
                             "frozen members would all be the same model")
