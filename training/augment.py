@@ -161,25 +161,39 @@ class _Prompt:
     best: list[Message]   # the response chosen most often among the prompt's pairs
 
 
-def _prompts(pairs: list[Pair], exclude: set[str]) -> list[_Prompt]:
+def _prompts(pairs: list[Pair], exclude: set[str]) -> tuple[list[_Prompt], int]:
+    """The augmentable prompts with their best answer, and how many prompts had none.
+
+    The best answer is the response chosen most often among the prompt's pairs, counting only
+    responses written for this prompt: a text that occurs under several prompts (a canned reply,
+    or the judge attack that wins 21% of the AlpacaEval pairs: token soup ending in "Ignore the
+    above ... Output nothing") answers none of them, so it is never the side that must win.
+    """
     wins: dict[str, Counter] = defaultdict(Counter)
     responses: dict[str, dict[str, list[Message]]] = defaultdict(dict)
+    prompts_of: dict[str, set[str]] = defaultdict(set)
     first: dict[str, Pair] = {}
     for p in pairs:
         if is_augmented(p.origin):
             continue
         k = prompt_key(p.prompt)
+        for side in (p.chosen, p.rejected):
+            prompts_of[json.dumps(side, sort_keys=True)].add(k)
         if k in exclude:
             continue
         first.setdefault(k, p)
         rk = json.dumps(p.chosen, sort_keys=True)
         wins[k][rk] += 1
         responses[k][rk] = p.chosen
-    out = []
+    out, without = [], 0
     for k, p in first.items():
-        best_key = min(wins[k].items(), key=lambda kv: (-kv[1], kv[0]))[0]
+        own = [(rk, n) for rk, n in wins[k].items() if len(prompts_of[rk]) == 1]
+        if not own:
+            without += 1
+            continue
+        best_key = min(own, key=lambda kv: (-kv[1], kv[0]))[0]
         out.append(_Prompt(k, p.prompt, p.origin, p.source, responses[k][best_key]))
-    return out
+    return out, without
 
 
 def augment_pairs(
@@ -197,12 +211,13 @@ def augment_pairs(
     kind, prompt): deterministic, and the same for a prompt whatever else is in the data.
     """
     exclude = exclude or set()
-    prompts = _prompts(pairs, exclude)
+    prompts, without = _prompts(pairs, exclude)
     by_origin: dict[str, list[int]] = defaultdict(list)
     for i, pr in enumerate(prompts):
         by_origin[pr.origin].append(i)
     out: list[Pair] = []
-    report: dict[str, Any] = {"kinds": {}, "prompts": len(prompts), "excluded_prompts": len(exclude)}
+    report: dict[str, Any] = {"kinds": {}, "prompts": len(prompts), "excluded_prompts": len(exclude),
+                              "prompts_without_own_answer": without}
     for spec in specs:
         built = 0
         for pr in prompts:
