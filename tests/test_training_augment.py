@@ -108,3 +108,46 @@ def test_held_out_prompts_are_never_augmented_nor_reused():
     assert report["prompts"] == 12 - len(held)
     assert aug and not any(prompt_key(a.prompt) in held for a in aug)
     assert not any(a.rejected[0]["content"] in held_answers or a.chosen[0]["content"] in held_answers for a in aug)
+
+
+def test_an_augmented_pair_too_long_to_encode_is_dropped_not_an_error_of_the_data(tiny_llama_backbone):
+    # a padded answer can outgrow max_tokens (2 of AlpacaEval's train prompts at 1024): under --strict
+    # that must not abort training on a row of the data that is fine, nor count as a skipped row
+    from transformers import AutoTokenizer
+
+    from rmserve.service.engine.tokenization import PromptEncoder
+    from rmserve.training.data import DataError, DataReport
+    from rmserve.training.encoding import encode_pairs
+
+    enc = PromptEncoder(AutoTokenizer.from_pretrained(str(tiny_llama_backbone)), 48)
+    real = [_pair(f"Question {i}?", f"Answer {i}.", f"Bad {i}.", "d", i) for i in range(3)]
+    long = " ".join(["padding words again"] * 40)
+    aug = Pair(prompt=real[0].prompt, chosen=real[0].chosen, rejected=[{"role": "assistant", "content": long}],
+               source=real[0].source, origin="augment:padded")
+    report = DataReport()
+    got = encode_pairs([*real, aug], enc, report, strict=True)
+    assert len(got) == 3 and got.origin == ["d"] * 3
+    assert report.skipped == 0 and not report.errors
+    too_long = Pair(prompt=aug.prompt, chosen=aug.chosen, rejected=aug.rejected, source="d.jsonl:9", origin="d")
+    with pytest.raises(DataError, match=r"d\.jsonl:9"):  # a real row that does not fit is still the data's error
+        encode_pairs([*real, too_long], enc, DataReport(), strict=True)
+
+
+def test_fingerprint_with_augmentation_lets_the_one_data_file_move_but_not_change_what_is_augmented():
+    import numpy as np
+
+    from rmserve.training.encoding import EncodedPairs
+
+    def fp(origin: list[str]) -> str:
+        n = len(origin)
+        return EncodedPairs([[1, 2], [3, 4], [5, 6]], np.zeros(n, dtype=np.int64), np.ones(n, dtype=np.int64),
+                            np.ones(n), np.zeros(n), ["s"] * n, 0, origin=origin).fingerprint()
+
+    # one file, named by its folder: moved to another folder, a resume must still see the same data
+    assert fp(["old", "old", "augment:echo"]) == fp(["new", "new", "augment:echo"])
+    assert fp(["old", "old"]) == fp(["new", "new"])
+    # which pairs are augmentations, and of which kind, is part of the data
+    assert fp(["old", "old", "augment:echo"]) != fp(["old", "old", "augment:flattery"])
+    assert fp(["old", "old", "augment:echo"]) != fp(["old", "old", "old"])
+    # several files: their names (the file list) still count
+    assert fp(["a", "b", "augment:echo"]) != fp(["b", "a", "augment:echo"])

@@ -110,9 +110,10 @@ def load_data(cfg: TrainConfig) -> TrainingData:
     encoded = encode_pairs(pairs, encoder, report, strict=cfg.strict)
     for f in source.get("files", []):  # pairs left per file after encoding
         f["pairs"] = sum(1 for o in encoded.origin if o == f["origin"])
-    if augment is not None:  # pairs left per kind after encoding
+    if augment is not None:  # pairs left per kind after encoding (one longer than max_tokens is dropped)
         for kind, entry in augment["kinds"].items():
-            entry["pairs"] = sum(1 for o in encoded.origin if o == ORIGIN_PREFIX + kind)
+            kept = sum(1 for o in encoded.origin if o == ORIGIN_PREFIX + kind)
+            entry["dropped"], entry["pairs"] = entry["pairs"] - kept, kept
         augment["pairs"] = sum(e["pairs"] for e in augment["kinds"].values())
     fingerprint = encoded.fingerprint()
     fit, calib, note = calibration_split(encoded.source, cfg.calib_frac, cfg.min_calib_pairs, cfg.seed)
