@@ -151,3 +151,26 @@ def test_fingerprint_with_augmentation_lets_the_one_data_file_move_but_not_chang
     assert fp(["old", "old", "augment:echo"]) != fp(["old", "old", "old"])
     # several files: their names (the file list) still count
     assert fp(["a", "b", "augment:echo"]) != fp(["b", "a", "augment:echo"])
+
+
+@pytest.mark.parametrize(("field", "value", "message"), [
+    ("augment_share", "0.5", r"augment_share must be a number in \(0, 1\], got '0.5'"),
+    ("augment_share", None, r"augment_share must be a number in \(0, 1\], got None"),
+    ("augment_share", 0, r"augment_share must be a number in \(0, 1\], got 0"),
+    ("augment_weight", float("nan"), r"augment_weight must be a positive finite number, got nan"),
+    ("augment_weight", float("inf"), r"augment_weight must be a positive finite number, got inf"),
+    ("augment_weight", "1", r"augment_weight must be a positive finite number, got '1'"),
+    ("augment", 5, r"augment must be KIND\[:SHARE\],\.\.\. \(text\), got 5"),
+    ("augment", "echo:nan", r"augment: augmentation 'echo:nan': the share must be in \(0, 1\]"),
+    ("augment", "nope", r"augment: unknown augmentation kind 'nope'"),
+    ("length_debias", "length", r"length_debias must be one of 'none', 'balance'"),
+])
+def test_train_config_refuses_bad_augmentation_options_by_name(field, value, message):
+    # what a Train RPC's options_json can send (any JSON value): a clear ValueError, never a TypeError
+    from rmserve.service.data.train_config import TrainConfig
+
+    with pytest.raises(ValueError, match=message):
+        TrainConfig(data="train.jsonl", out="-", **{field: value})
+    ok = TrainConfig(data="train.jsonl", out="-", augment=["off_topic", "echo:0.5"], augment_share=0.5,
+                     augment_weight=2, length_debias="balance")
+    assert parse_augment(ok.augment, ok.augment_share) == [AugmentSpec("off_topic", 0.5), AugmentSpec("echo", 0.5)]
