@@ -174,3 +174,15 @@ def test_train_config_refuses_bad_augmentation_options_by_name(field, value, mes
     ok = TrainConfig(data="train.jsonl", out="-", augment=["off_topic", "echo:0.5"], augment_share=0.5,
                      augment_weight=2, length_debias="balance")
     assert parse_augment(ok.augment, ok.augment_share) == [AugmentSpec("off_topic", 0.5), AugmentSpec("echo", 0.5)]
+
+
+def test_pairs_without_a_prompt_are_not_augmented():
+    # {chosen, rejected} rows with no prompt all share the empty prompt: one "prompt" for the whole
+    # data set, an echo of nothing ("" or a bare lead-in), no off-topic answer
+    bare = [Pair(prompt=[], chosen=[{"role": "assistant", "content": f"Good answer {i}. It helps."}],
+                 rejected=[{"role": "assistant", "content": f"Bad {i}."}], source=f"b.jsonl:{i}", origin="b")
+            for i in range(4)]
+    aug, report = augment_pairs([*bare, *_data()], parse_augment(",".join(AUGMENT_KINDS)), seed=0)
+    assert report["prompts"] == 12 and report["pairs_without_prompt"] == 4
+    assert aug and all(a.prompt for a in aug)
+    assert all(a.rejected[0]["content"].strip() for a in aug)

@@ -162,11 +162,13 @@ class _Prompt:
 
 
 def _prompts(pairs: list[Pair], exclude: set[str]) -> list[_Prompt]:
+    """The prompts to augment. Pairs without a prompt are left out: they would all count as one
+    prompt (one pair per kind for the whole data set, an empty echo, no off-topic answer)."""
     wins: dict[str, Counter] = defaultdict(Counter)
     responses: dict[str, dict[str, list[Message]]] = defaultdict(dict)
     first: dict[str, Pair] = {}
     for p in pairs:
-        if is_augmented(p.origin):
+        if is_augmented(p.origin) or not p.prompt:
             continue
         k = prompt_key(p.prompt)
         if k in exclude:
@@ -202,7 +204,8 @@ def augment_pairs(
     for i, pr in enumerate(prompts):
         by_origin[pr.origin].append(i)
     out: list[Pair] = []
-    report: dict[str, Any] = {"kinds": {}, "prompts": len(prompts), "excluded_prompts": len(exclude)}
+    report: dict[str, Any] = {"kinds": {}, "prompts": len(prompts), "excluded_prompts": len(exclude),
+                              "pairs_without_prompt": sum(1 for p in pairs if not p.prompt)}
     for spec in specs:
         built = 0
         for pr in prompts:
