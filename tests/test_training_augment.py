@@ -186,3 +186,27 @@ def test_pairs_without_a_prompt_are_not_augmented():
     assert report["prompts"] == 12 and report["pairs_without_prompt"] == 4
     assert aug and all(a.prompt for a in aug)
     assert all(a.rejected[0]["content"].strip() for a in aug)
+
+
+def test_the_temperature_slice_is_sized_in_real_pairs_and_augmentations_follow_their_row():
+    import numpy as np
+
+    from rmserve.training.schedule import calibration_split
+
+    def data(n: int) -> tuple[list[str], np.ndarray]:  # n real rows, 3 augmented pairs per row
+        return [f"d:{i}" for i in range(n)] + [f"d:{i}" for i in range(n) for _ in range(3)], \
+            np.array([True] * n + [False] * 3 * n)
+
+    # 40 real pairs: a 10% slice holds 4 of them, fewer than 10: no temperature, whatever comes along
+    sources, real = data(40)
+    fit, held, note = calibration_split(sources, 0.1, 10, seed=0, counted=real)
+    assert len(held) == 0 and len(fit) == 160 and "4 pairs, fewer than 10" in note
+    sources, real = data(400)
+    fit, held, note = calibration_split(sources, 0.1, 10, seed=0, counted=real)
+    assert real[held].sum() == 40 and len(held) == 160  # 10% of the real pairs, each with its augmentations
+    assert not {sources[i] for i in held} & {sources[i] for i in fit}
+    assert note.startswith("40 pairs of train held out") and "120 augmented" in note
+    # without augmentations: as before
+    plain = [f"d:{i}" for i in range(400)]
+    assert (calibration_split(plain, 0.1, 10, seed=0)[1] == calibration_split(plain, 0.1, 10, seed=0,
+                                                                              counted=np.ones(400, bool))[1]).all()

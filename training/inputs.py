@@ -116,9 +116,10 @@ def load_data(cfg: TrainConfig) -> TrainingData:
             entry["dropped"], entry["pairs"] = entry["pairs"] - kept, kept
         augment["pairs"] = sum(e["pairs"] for e in augment["kinds"].values())
     fingerprint = encoded.fingerprint()
-    fit, calib, note = calibration_split(encoded.source, cfg.calib_frac, cfg.min_calib_pairs, cfg.seed)
     real = np.array([not is_augmented(o) for o in encoded.origin], dtype=bool) if encoded.origin \
         else np.ones(len(encoded), dtype=bool)
+    # the temperature's slice is sized in real pairs (what it is fitted on); augmentations follow their row
+    fit, calib, note = calibration_split(encoded.source, cfg.calib_frac, cfg.min_calib_pairs, cfg.seed, real)
     weight = encoded.weight
     if uses_balance(cfg.length_debias):
         lc, lr = encoded.response_lengths()
