@@ -108,3 +108,105 @@ def test_held_out_prompts_are_never_augmented_nor_reused():
     assert report["prompts"] == 12 - len(held)
     assert aug and not any(prompt_key(a.prompt) in held for a in aug)
     assert not any(a.rejected[0]["content"] in held_answers or a.chosen[0]["content"] in held_answers for a in aug)
+
+
+def test_an_augmented_pair_too_long_to_encode_is_dropped_not_an_error_of_the_data(tiny_llama_backbone):
+    # a padded answer can outgrow max_tokens (2 of AlpacaEval's train prompts at 1024): under --strict
+    # that must not abort training on a row of the data that is fine, nor count as a skipped row
+    from transformers import AutoTokenizer
+
+    from rmserve.service.engine.tokenization import PromptEncoder
+    from rmserve.training.data import DataError, DataReport
+    from rmserve.training.encoding import encode_pairs
+
+    enc = PromptEncoder(AutoTokenizer.from_pretrained(str(tiny_llama_backbone)), 48)
+    real = [_pair(f"Question {i}?", f"Answer {i}.", f"Bad {i}.", "d", i) for i in range(3)]
+    long = " ".join(["padding words again"] * 40)
+    aug = Pair(prompt=real[0].prompt, chosen=real[0].chosen, rejected=[{"role": "assistant", "content": long}],
+               source=real[0].source, origin="augment:padded")
+    report = DataReport()
+    got = encode_pairs([*real, aug], enc, report, strict=True)
+    assert len(got) == 3 and got.origin == ["d"] * 3
+    assert report.skipped == 0 and not report.errors
+    too_long = Pair(prompt=aug.prompt, chosen=aug.chosen, rejected=aug.rejected, source="d.jsonl:9", origin="d")
+    with pytest.raises(DataError, match=r"d\.jsonl:9"):  # a real row that does not fit is still the data's error
+        encode_pairs([*real, too_long], enc, DataReport(), strict=True)
+
+
+def test_fingerprint_with_augmentation_lets_the_one_data_file_move_but_not_change_what_is_augmented():
+    import numpy as np
+
+    from rmserve.training.encoding import EncodedPairs
+
+    def fp(origin: list[str]) -> str:
+        n = len(origin)
+        return EncodedPairs([[1, 2], [3, 4], [5, 6]], np.zeros(n, dtype=np.int64), np.ones(n, dtype=np.int64),
+                            np.ones(n), np.zeros(n), ["s"] * n, 0, origin=origin).fingerprint()
+
+    # one file, named by its folder: moved to another folder, a resume must still see the same data
+    assert fp(["old", "old", "augment:echo"]) == fp(["new", "new", "augment:echo"])
+    assert fp(["old", "old"]) == fp(["new", "new"])
+    # which pairs are augmentations, and of which kind, is part of the data
+    assert fp(["old", "old", "augment:echo"]) != fp(["old", "old", "augment:flattery"])
+    assert fp(["old", "old", "augment:echo"]) != fp(["old", "old", "old"])
+    # several files: their names (the file list) still count
+    assert fp(["a", "b", "augment:echo"]) != fp(["b", "a", "augment:echo"])
+
+
+@pytest.mark.parametrize(("field", "value", "message"), [
+    ("augment_share", "0.5", r"augment_share must be a number in \(0, 1\], got '0.5'"),
+    ("augment_share", None, r"augment_share must be a number in \(0, 1\], got None"),
+    ("augment_share", 0, r"augment_share must be a number in \(0, 1\], got 0"),
+    ("augment_weight", float("nan"), r"augment_weight must be a positive finite number, got nan"),
+    ("augment_weight", float("inf"), r"augment_weight must be a positive finite number, got inf"),
+    ("augment_weight", "1", r"augment_weight must be a positive finite number, got '1'"),
+    ("augment", 5, r"augment must be KIND\[:SHARE\],\.\.\. \(text\), got 5"),
+    ("augment", "echo:nan", r"augment: augmentation 'echo:nan': the share must be in \(0, 1\]"),
+    ("augment", "nope", r"augment: unknown augmentation kind 'nope'"),
+    ("length_debias", "length", r"length_debias must be one of 'none', 'balance'"),
+])
+def test_train_config_refuses_bad_augmentation_options_by_name(field, value, message):
+    # what a Train RPC's options_json can send (any JSON value): a clear ValueError, never a TypeError
+    from rmserve.service.data.train_config import TrainConfig
+
+    with pytest.raises(ValueError, match=message):
+        TrainConfig(data="train.jsonl", out="-", **{field: value})
+    ok = TrainConfig(data="train.jsonl", out="-", augment=["off_topic", "echo:0.5"], augment_share=0.5,
+                     augment_weight=2, length_debias="balance")
+    assert parse_augment(ok.augment, ok.augment_share) == [AugmentSpec("off_topic", 0.5), AugmentSpec("echo", 0.5)]
+
+
+def test_pairs_without_a_prompt_are_not_augmented():
+    # {chosen, rejected} rows with no prompt all share the empty prompt: one "prompt" for the whole
+    # data set, an echo of nothing ("" or a bare lead-in), no off-topic answer
+    bare = [Pair(prompt=[], chosen=[{"role": "assistant", "content": f"Good answer {i}. It helps."}],
+                 rejected=[{"role": "assistant", "content": f"Bad {i}."}], source=f"b.jsonl:{i}", origin="b")
+            for i in range(4)]
+    aug, report = augment_pairs([*bare, *_data()], parse_augment(",".join(AUGMENT_KINDS)), seed=0)
+    assert report["prompts"] == 12 and report["pairs_without_prompt"] == 4
+    assert aug and all(a.prompt for a in aug)
+    assert all(a.rejected[0]["content"].strip() for a in aug)
+
+
+def test_the_temperature_slice_is_sized_in_real_pairs_and_augmentations_follow_their_row():
+    import numpy as np
+
+    from rmserve.training.schedule import calibration_split
+
+    def data(n: int) -> tuple[list[str], np.ndarray]:  # n real rows, 3 augmented pairs per row
+        return [f"d:{i}" for i in range(n)] + [f"d:{i}" for i in range(n) for _ in range(3)], \
+            np.array([True] * n + [False] * 3 * n)
+
+    # 40 real pairs: a 10% slice holds 4 of them, fewer than 10: no temperature, whatever comes along
+    sources, real = data(40)
+    fit, held, note = calibration_split(sources, 0.1, 10, seed=0, counted=real)
+    assert len(held) == 0 and len(fit) == 160 and "4 pairs, fewer than 10" in note
+    sources, real = data(400)
+    fit, held, note = calibration_split(sources, 0.1, 10, seed=0, counted=real)
+    assert real[held].sum() == 40 and len(held) == 160  # 10% of the real pairs, each with its augmentations
+    assert not {sources[i] for i in held} & {sources[i] for i in fit}
+    assert note.startswith("40 pairs of train held out") and "120 augmented" in note
+    # without augmentations: as before
+    plain = [f"d:{i}" for i in range(400)]
+    assert (calibration_split(plain, 0.1, 10, seed=0)[1] == calibration_split(plain, 0.1, 10, seed=0,
+                                                                              counted=np.ones(400, bool))[1]).all()

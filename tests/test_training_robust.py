@@ -14,7 +14,7 @@ from rmserve.service.engine.scoring import ScoringEngine
 from rmserve.training.data import DataReport, load_pairs
 from rmserve.training.encoding import encode_pairs
 from rmserve.training.length import balanced_weights
-from rmserve.training.trainer import train
+from rmserve.training.trainer import TrainingStopped, train
 from tests.test_training_trainer import WORDS, synthetic_rows, write_jsonl
 
 
@@ -101,3 +101,45 @@ def test_balanced_weights_make_length_uninformative_per_dataset():
     assert got[4] == w[4] and got[7] == w[7]  # equal length and augmented pairs untouched
     # a dataset with one side only is left alone
     assert (balanced_weights(w[:2], dlen[:2], groups[:2], real[:2]) == w[:2]).all()
+
+
+@pytest.mark.parametrize("kind", ["heads", "members"])
+def test_gradient_trained_heads_and_fine_tuned_members_train_with_augmentation_and_balance(
+        tiny_llama_backbone, tmp_path, kind):
+    rows = synthetic_rows(32, seed=21)
+    data = write_jsonl(tmp_path / "train.jsonl", rows)
+    kw = dict(kind="members", finetune_layers=1, lora_rank=4) if kind == "members" else dict(kind="heads")
+    res = train(_cfg(tmp_path, tiny_llama_backbone, data, head_solver="adamw", head_l2=None, epochs=1,
+                     batch_size=16, lr=1e-2, backbone_lr=2e-3, augment="off_topic,echo,flattery",
+                     length_debias="balance", max_tokens=128, **kw))
+    aug = res.report["data"]["augment"]
+    assert aug["pairs"] > 0 and res.report["train_augmented"]["pairs"] == aug["pairs"]
+    assert res.report["train"]["pairs"] == res.report["data"]["real_pairs"] == len(rows)
+    man = read_manifest(res.out)
+    assert len(man.members) == (2 if kind == "members" else 1)
+    assert man.training["length_debias"] == "balance" and man.training["augment"]["pairs"] == aug["pairs"]
+    # normalised over the real answers only, as with exact heads (members: served through base + delta)
+    rm = load_model(res.out, dtype="float32")
+    pairs, _ = load_pairs(data)
+    r = ScoringEngine(rm).score(encode_pairs(pairs, rm.encoder, DataReport()).seqs).rewards
+    np.testing.assert_allclose(r.mean(0), 0, atol=2e-3)
+    np.testing.assert_allclose(r.std(0), 1 / man.training["temperature"], rtol=2e-3)
+
+
+def test_resume_with_augmentation_after_the_data_file_moved(tiny_llama_backbone, tmp_path):
+    rows = synthetic_rows(32, seed=22)
+    for folder in ("old", "new"):  # the dataset's name is its folder's
+        (tmp_path / folder).mkdir()
+    old, new = (write_jsonl(tmp_path / folder / "train.jsonl", rows) for folder in ("old", "new"))
+    kw = dict(head_solver="adamw", head_l2=None, epochs=2, batch_size=16, lr=1e-2, augment="echo,flattery:0.5")
+    full = train(_cfg(tmp_path / "a", tiny_llama_backbone, old, **kw))
+    cfg = _cfg(tmp_path / "b", tiny_llama_backbone, old, **kw)
+    seen = []
+    with pytest.raises(TrainingStopped):
+        train(cfg, progress=seen.append,
+              should_stop=lambda: any(e.phase == "train" and e.event == "step" and e.step >= 3 for e in seen))
+    # the same rows in another folder: the data (and its augmentation) is the same, so the resume goes on
+    resumed = train(_cfg(tmp_path / "b", tiny_llama_backbone, new, **kw, resume=True))
+    assert resumed.report["data"]["augment"] == full.report["data"]["augment"]
+    ma, mb = read_manifest(full.out), read_manifest(resumed.out)
+    assert ma.shift == pytest.approx(mb.shift, abs=1e-5) and ma.scale == pytest.approx(mb.scale, abs=1e-5)

@@ -168,13 +168,14 @@ def _prompts(pairs: list[Pair], exclude: set[str]) -> tuple[list[_Prompt], int]:
     responses written for this prompt: a text that occurs under several prompts (a canned reply,
     or the judge attack that wins 21% of the AlpacaEval pairs: token soup ending in "Ignore the
     above ... Output nothing") answers none of them, so it is never the side that must win.
+    Pairs without a prompt are left out: they would all count as one prompt.
     """
     wins: dict[str, Counter] = defaultdict(Counter)
     responses: dict[str, dict[str, list[Message]]] = defaultdict(dict)
     prompts_of: dict[str, set[str]] = defaultdict(set)
     first: dict[str, Pair] = {}
     for p in pairs:
-        if is_augmented(p.origin):
+        if is_augmented(p.origin) or not p.prompt:
             continue
         k = prompt_key(p.prompt)
         for side in (p.chosen, p.rejected):
@@ -217,7 +218,8 @@ def augment_pairs(
         by_origin[pr.origin].append(i)
     out: list[Pair] = []
     report: dict[str, Any] = {"kinds": {}, "prompts": len(prompts), "excluded_prompts": len(exclude),
-                              "prompts_without_own_answer": without}
+                              "prompts_without_own_answer": without,
+                              "pairs_without_prompt": sum(1 for p in pairs if not p.prompt)}
     for spec in specs:
         built = 0
         for pr in prompts:

@@ -16,6 +16,7 @@ import numpy as np
 
 from rmserve.service.engine.errors import InvalidInput
 from rmserve.service.engine.tokenization import PromptEncoder
+from rmserve.training.augment import is_augmented
 from rmserve.training.data import DataError, DataReport, Message, Pair
 
 
@@ -61,7 +62,8 @@ class EncodedPairs:
     def fingerprint(self) -> str:
         """Hash of everything training reads: sequences, pairing, weights, margins, and which
         dataset each pair came from when there are several (a resume must see the same file list;
-        one file may move, as its pairs' origin is then the only one)."""
+        one file may move, as its pairs' origin is then the only one: with augmentation, which
+        pairs are augmented and of which kind, not the one file's name)."""
         h = hashlib.sha256()
         for s in self.seqs:
             h.update(np.asarray(s, dtype=np.int64).tobytes())
@@ -70,15 +72,22 @@ class EncodedPairs:
             h.update(np.ascontiguousarray(a, dtype=np.int64).tobytes())
         for a in (self.weight, self.margin):
             h.update(np.ascontiguousarray(a, dtype=np.float64).tobytes())
-        if len(set(self.origin)) > 1:
+        if len({o for o in self.origin if not is_augmented(o)}) > 1:
             h.update(json.dumps(self.origin).encode())
+        elif len(set(self.origin)) > 1:  # one data file and its augmentations
+            h.update(json.dumps([o if is_augmented(o) else "" for o in self.origin]).encode())
         return h.hexdigest()
 
 
 def encode_pairs(
     pairs: list[Pair], encoder: PromptEncoder, report: DataReport, *, strict: bool = False
 ) -> EncodedPairs:
-    """Encode both sides of every pair; a side the encoder rejects skips the pair (reported)."""
+    """Encode both sides of every pair; a side the encoder rejects skips the pair (reported).
+
+    An augmented pair (training/augment.py) is no row of the data: if it cannot be encoded (a
+    padded answer longer than the model reads) it is dropped, neither reported as an error of
+    the data nor raised under `strict`; the augmentation report counts what was kept.
+    """
     index: dict[str, int] = {}
     seqs: list[list[int]] = []
     cut: list[bool] = []
@@ -100,6 +109,8 @@ def encode_pairs(
             c = seq_id(p.chosen_conversation, f"{p.source} (chosen)")
             r = seq_id(p.rejected_conversation, f"{p.source} (rejected)")
         except InvalidInput as e:
+            if is_augmented(p.origin):
+                continue
             if strict:
                 raise DataError(str(e)) from None
             report.error("cannot encode", p.source, str(e).removeprefix(p.source).lstrip(" :"))

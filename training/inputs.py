@@ -110,14 +110,16 @@ def load_data(cfg: TrainConfig) -> TrainingData:
     encoded = encode_pairs(pairs, encoder, report, strict=cfg.strict)
     for f in source.get("files", []):  # pairs left per file after encoding
         f["pairs"] = sum(1 for o in encoded.origin if o == f["origin"])
-    if augment is not None:  # pairs left per kind after encoding
+    if augment is not None:  # pairs left per kind after encoding (one longer than max_tokens is dropped)
         for kind, entry in augment["kinds"].items():
-            entry["pairs"] = sum(1 for o in encoded.origin if o == ORIGIN_PREFIX + kind)
+            kept = sum(1 for o in encoded.origin if o == ORIGIN_PREFIX + kind)
+            entry["dropped"], entry["pairs"] = entry["pairs"] - kept, kept
         augment["pairs"] = sum(e["pairs"] for e in augment["kinds"].values())
     fingerprint = encoded.fingerprint()
-    fit, calib, note = calibration_split(encoded.source, cfg.calib_frac, cfg.min_calib_pairs, cfg.seed)
     real = np.array([not is_augmented(o) for o in encoded.origin], dtype=bool) if encoded.origin \
         else np.ones(len(encoded), dtype=bool)
+    # the temperature's slice is sized in real pairs (what it is fitted on); augmentations follow their row
+    fit, calib, note = calibration_split(encoded.source, cfg.calib_frac, cfg.min_calib_pairs, cfg.seed, real)
     weight = encoded.weight
     if uses_balance(cfg.length_debias):
         lc, lr = encoded.response_lengths()

@@ -24,15 +24,20 @@ def generator(*parts: object) -> torch.Generator:
 
 
 def calibration_split(
-    sources: list[str], frac: float, min_pairs: int, seed: int
+    sources: list[str], frac: float, min_pairs: int, seed: int, counted: np.ndarray | None = None
 ) -> tuple[np.ndarray, np.ndarray, str]:
     """(fit, held-out) pair indices, split by source row so a ranked list stays on one side.
 
     The held-out part of TRAIN fits the temperature (never dev). Returns an empty
     held-out set, with the reason, when it would hold fewer than `min_pairs`.
+    `counted` [P] bool: the pairs that count towards `frac` and `min_pairs` (the real
+    ones: the temperature is fitted on those only); the others (augmentations) go with
+    their source's side. Default: every pair.
     """
-    n = len(sources)
-    everything = np.arange(n)
+    n_all = len(sources)
+    counts = np.ones(n_all, dtype=bool) if counted is None else np.asarray(counted, dtype=bool)
+    n = int(counts.sum())
+    everything = np.arange(n_all)
     if frac <= 0:
         return everything, everything[:0], "no held-out split (calib_frac = 0)"
     groups: dict[str, list[int]] = {}
@@ -41,17 +46,20 @@ def calibration_split(
     keys = list(groups)
     order = torch.randperm(len(keys), generator=generator(seed, "calibration")).tolist()
     held: list[int] = []
+    n_held = 0
     for j in order:
-        if len(held) >= frac * n:
+        if n_held >= frac * n:
             break
         held.extend(groups[keys[j]])
-    if len(held) < min_pairs:
+        n_held += int(counts[groups[keys[j]]].sum())
+    if n_held < min_pairs:
         return everything, everything[:0], (
-            f"no temperature: a {frac:.0%} held-out split has {len(held)} pairs, fewer than {min_pairs}"
+            f"no temperature: a {frac:.0%} held-out split has {n_held} pairs, fewer than {min_pairs}"
         )
     held_set = set(held)
-    fit = np.array([i for i in range(n) if i not in held_set], dtype=np.int64)
-    return fit, np.array(sorted(held), dtype=np.int64), f"{len(held)} pairs of train held out for the temperature"
+    fit = np.array([i for i in range(n_all) if i not in held_set], dtype=np.int64)
+    others = f" (and {len(held) - n_held} augmented pairs of theirs)" if len(held) > n_held else ""
+    return fit, np.array(sorted(held), dtype=np.int64), f"{n_held} pairs of train held out for the temperature{others}"
 
 
 def length_sorted_batches(

@@ -84,7 +84,9 @@ def train(
         rep.emit(ProgressEvent("start", "data", message=f"{cfg.kind} x{cfg.num_heads} on {source}"))
         data = load_data(cfg)
         if resumed and resumed[0]["fingerprint"] != data.fingerprint:
-            raise ValueError("--resume: the training data (after encoding) differs from the checkpoint's")
+            raise ValueError("--resume: the training data (after encoding) differs from the checkpoint's"
+                             + (" (with --augment, the --dev files too: their prompts are never augmented)"
+                                if cfg.augment else ""))
         rep.phase("data", f"{data.report.summary()}\n{len(data.pairs.seqs)} sequences "
                           f"({data.pairs.truncated} truncated); {data.split_note}")
         timing["data_s"] = time.monotonic() - t0

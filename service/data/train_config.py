@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Literal, TypedDict, get_args
 
@@ -137,14 +138,20 @@ class TrainConfig:
                 problems.append(problem)
         if self.num_heads < 1:
             problems.append("num_heads must be >= 1")
-        if not 0 < self.augment_share <= 1:
-            problems.append(f"augment_share must be in (0, 1], got {self.augment_share}")
-        if self.augment_weight <= 0:
-            problems.append(f"augment_weight must be positive, got {self.augment_weight}")
-        try:
-            parse_augment(self.augment, 1.0)
-        except ValueError as e:
-            problems.append(f"augment: {e}")
+        # a Train RPC's options_json may hold any JSON: a string, null or NaN must be refused by name
+        share, weight = self.augment_share, self.augment_weight
+        if not _number(share) or not 0 < share <= 1:
+            problems.append(f"augment_share must be a number in (0, 1], got {share!r}")
+        if not _number(weight) or not 0 < weight < math.inf:
+            problems.append(f"augment_weight must be a positive finite number, got {weight!r}")
+        if not isinstance(self.augment, str) and not (
+                isinstance(self.augment, list) and all(isinstance(a, str) for a in self.augment)):
+            problems.append(f"augment must be KIND[:SHARE],... (text), got {self.augment!r}")
+        else:
+            try:
+                parse_augment(self.augment, 1.0)
+            except ValueError as e:
+                problems.append(f"augment: {e}")
         if "decorrelate" in str(self.length_debias) and self.finetune_layers != 0:
             problems.append("length_debias=decorrelate constrains heads on frozen features: it needs "
                             "finetune_layers = 0 (use balance for trained layers)")
@@ -225,6 +232,11 @@ def _files(value: Any) -> list[str] | None:
     if isinstance(value, (list, tuple)) and all(isinstance(v, str) and v for v in value):
         return list(value)
     return None
+
+
+def _number(value: Any) -> bool:
+    """A real number (an int or a float, not a bool, not NaN)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isnan(value)
 
 
 def _alternatives(allowed: Any) -> str:
