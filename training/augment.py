@@ -17,8 +17,10 @@ phrase pools) and each one pair per chosen training prompt:
 | `filler` | generic sentences that fit any question and answer none |
 | `scaffold` | markdown headings and empty bullets around the prompt's words |
 
-The chosen side is the prompt's best-known answer (the response chosen most often
-among the prompt's pairs). Augmented pairs keep the `source` of the pair they were
+The chosen side is the prompt's best-known answer: the response chosen most often
+among the prompt's pairs, counting only texts written for that prompt (a text that
+occurs under several prompts, like the judge attack in the AlpacaEval data, is
+never the side that must win). Augmented pairs keep the `source` of the pair they were
 built from (cross-validation and the calibration split keep them with their
 prompt) and carry `origin = "augment:<kind>"`, so the trainer can leave them out
 of what must describe real answers: normalisation, temperature, OOD statistics.

@@ -68,11 +68,11 @@ class Study:
         e = self.enc
         self.origin = np.array(e.origin)
         self.is_aug = np.array([is_augmented(o) for o in self.origin])
-        ds_of = {prompt_key(p.prompt): p.origin for p in real}
-        self.dataset = np.array([ds_of[prompt_key(p.prompt)] for p in pairs])  # pairs all encode here
-        assert len(pairs) == len(e), "a pair failed to encode: this study needs every pair"
-        self.draw = np.array([random.Random(f"{seed}:{o.removeprefix('augment:')}:{prompt_key(p.prompt)}").random()
-                              if is_augmented(o) else 0.0 for p, o in zip(pairs, self.origin, strict=True)])
+        # an augmented pair keeps the source row of its prompt's first pair: its data set and prompt
+        row = {p.source: (p.origin, prompt_key(p.prompt)) for p in reversed(real)}
+        self.dataset = np.array([row[s][0] for s in e.source])
+        self.draw = np.array([random.Random(f"{seed}:{o.removeprefix('augment:')}:{row[s][1]}").random()
+                              if is_augmented(o) else 0.0 for s, o in zip(e.source, self.origin, strict=True)])
         self.rlen = e.response_tokens.astype(np.float64)
         self.dlen = self.rlen[e.chosen] - self.rlen[e.rejected]
         self.real_seqs = np.unique(np.concatenate([e.chosen[~self.is_aug], e.rejected[~self.is_aug]]))
@@ -84,7 +84,7 @@ class Study:
         c = (xr - xr.mean(0)).T @ v[self.real_seqs] / len(self.real_seqs)
         self.u = c / c.norm()
         self.loglen = (v / v[self.real_seqs].std())
-        groups = [prompt_key(p.prompt) for p in pairs]
+        groups = [row[s][1] for s in e.source]
         keys = sorted(set(groups))
         order = np.random.default_rng(seed).permutation(len(keys))
         fold_of = {keys[j]: i % FOLDS for i, j in enumerate(order)}
