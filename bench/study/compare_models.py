@@ -66,6 +66,20 @@ def pair_metrics(rm, path: str) -> dict:
            "chosen_shorter": float((d[lc < lr] > 0).mean()), "chosen_longer": float((d[lc > lr] > 0).mean()),
            "corr_reward_length": float(np.corrcoef(r, enc.response_tokens)[0, 1])}
     out["length_balanced_accuracy"] = (out["chosen_shorter"] + out["chosen_longer"]) / 2
+    # pairs whose chosen text occurs under several prompts (AlpacaEval's judge attack), apart
+    prompts_of: dict[str, set[str]] = {}
+    for p in pairs:
+        prompts_of.setdefault(json.dumps(p.chosen), set()).add(json.dumps(p.prompt))
+    shared = np.array([len(prompts_of[json.dumps(p.chosen)]) > 1 for p in pairs])
+    if shared.any() and len(shared) == len(d):
+        own = ~shared
+        out["shared_chosen_pairs"] = int(shared.sum())
+        out["own_answers"] = {"pairs": int(own.sum()), "accuracy": float((d[own] > 0).mean()),
+                              "chosen_shorter": float((d[own & (lc < lr)] > 0).mean()),
+                              "chosen_longer": float((d[own & (lc > lr)] > 0).mean())}
+        out["own_answers"]["length_balanced_accuracy"] = (out["own_answers"]["chosen_shorter"]
+                                                          + out["own_answers"]["chosen_longer"]) / 2
+        out["shared_chosen_accuracy"] = float((d[shared] > 0).mean())
     if ood is not None and rm.ood is not None:
         out["ood_false_alarms"] = float((ood > rm.ood.threshold).mean())
     return out
