@@ -37,9 +37,11 @@ def test_augmented_pairs_train_but_never_touch_dev_prompts_or_the_real_statistic
     prompts = {r["prompt"] for r in rows}
     held = {r["prompt"] for r in dev_rows}
     eligible = len(prompts - held)
-    assert aug["excluded_prompts"] == len(held) and aug["prompts"] == eligible
-    assert aug["kinds"]["off_topic"]["pairs"] == aug["kinds"]["echo"]["pairs"] == eligible
-    assert 0 < aug["kinds"]["flattery"]["pairs"] < eligible
+    # prompts whose every chosen answer also occurs under another prompt have no answer of their own
+    assert aug["excluded_prompts"] == len(held)
+    assert aug["prompts"] + aug["prompts_without_own_answer"] == eligible and aug["prompts"] > eligible // 2
+    assert aug["kinds"]["off_topic"]["pairs"] == aug["kinds"]["echo"]["pairs"] == aug["prompts"]
+    assert 0 < aug["kinds"]["flattery"]["pairs"] < aug["prompts"]
     assert res.report["data"]["real_pairs"] == len(rows)
     assert aug["pairs"] == sum(k["pairs"] for k in aug["kinds"].values())
     # the headline metrics describe real pairs; the augmented ones are reported apart, per kind
@@ -47,7 +49,7 @@ def test_augmented_pairs_train_but_never_touch_dev_prompts_or_the_real_statistic
     assert res.report["train_augmented"]["pairs"] == aug["pairs"]
     man = read_manifest(res.out)
     assert man.training["config"]["augment"] == "off_topic,echo,flattery:0.5"
-    assert man.training["augment"]["kinds"]["echo"]["pairs"] == eligible
+    assert man.training["augment"]["kinds"]["echo"]["pairs"] == aug["prompts"]
     assert man.training["length_debias"] == "none"
     # normalisation over the real answers only: served rewards of those have mean 0, std 1/T
     rm = load_model(res.out, dtype="float32")

@@ -102,12 +102,36 @@ def hack_metrics(rm, files: list[str], max_prompts: int | None, seed: int) -> di
     return summarise(probes, r[:n], r[n:], None if ood is None else ood[n:], dev_ood, thr)
 
 
+def ood_metrics(rm, ood_set: Path, files: list[str]) -> dict:
+    """ood_score of blatant OOD text (bench/ood/ood_set.jsonl) against every dev answer: AUROC per
+    category and the flag's rate; and the flag's false alarms on the dev answers of each file."""
+    from rmserve.training.metrics import auroc
+
+    rows = [json.loads(line) for line in ood_set.read_text().splitlines() if line.strip()]
+    o_ood = scores(rm, _features(rm, [rm.encoder.conversation(r["messages"]).ids for r in rows]))[1]
+    dev = []
+    for f in files:
+        pairs, _ = load_pairs(f)
+        dev.append(scores(rm, _features(rm, encode_pairs(pairs, rm.encoder, DataReport()).seqs))[1])
+    d = np.concatenate(dev)
+    thr = rm.ood.threshold
+    cats = np.array([r["category"] for r in rows])
+    out = {"dev_answers": len(d), "dev_false_alarms": float((d > thr).mean()), "categories": {}}
+    for c in [*sorted(set(cats)), "all"]:
+        m = np.ones(len(cats), bool) if c == "all" else cats == c
+        x = np.concatenate([o_ood[m], d])
+        out["categories"][c] = {"n": int(m.sum()), "flag_rate": float((o_ood[m] > thr).mean()),
+                                "auroc": float(auroc(x, np.r_[np.ones(int(m.sum()), bool), np.zeros(len(d), bool)]))}
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("models", nargs="+")
     ap.add_argument("--data", nargs="+", required=True)
     ap.add_argument("--max-prompts", type=int, default=None)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--ood-set", type=Path, default=None, help="e.g. bench/ood/ood_set.jsonl")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
     res = {"date": date.today().isoformat(), "machine": platform.processor() or platform.machine(),
@@ -117,6 +141,8 @@ def main() -> None:
         res["models"][d] = {"name": rm.name, "version": rm.version,
                             "dev": {Path(f).parent.name: pair_metrics(rm, f) for f in args.data},
                             "hacks": hack_metrics(rm, args.data, args.max_prompts, args.seed)}
+        if args.ood_set is not None and rm.ood is not None:
+            res["models"][d]["ood"] = ood_metrics(rm, args.ood_set, args.data)
         print(json.dumps(res["models"][d]["dev"], indent=1), file=sys.stderr)
     args.out.write_text(json.dumps(res, indent=1) + "\n")
 

@@ -90,10 +90,15 @@ class Study:
         fold_of = {keys[j]: i % FOLDS for i, j in enumerate(order)}
         self.fold = np.array([fold_of[g] for g in groups])
 
-    def run(self, kinds: list[str], aug_w: float, debias: str, l2: float, share: float = 1.0) -> dict:
+    def run(self, kinds: list[str], aug_w: float, debias: str, l2: float, share: float = 1.0,
+            aug_datasets: list[str] | None = None, dataset_w: dict[str, float] | None = None) -> dict:
         e, is_aug, origin = self.enc, self.is_aug, self.origin
         use = ~is_aug | (np.isin(origin, [f"augment:{k}" for k in kinds]) & (self.draw < share))
+        if aug_datasets is not None:  # augment only these data sets' prompts
+            use &= ~is_aug | np.isin(self.dataset, aug_datasets)
         w = np.where(is_aug, aug_w, 1.0)
+        for ds, mult in (dataset_w or {}).items():  # every pair of a data set's prompts, real or augmented
+            w[self.dataset == ds] *= mult
         if "balance" in debias:
             for o in np.unique(origin[~is_aug]):
                 m = (origin == o) & ~is_aug
@@ -122,6 +127,7 @@ class Study:
         nll = [float(np.mean(np.logaddexp(0, -real_m / t))) for t in grid]
         t = float(grid[int(np.argmin(nll))])
         out = {"kinds": kinds, "share": share, "aug_w": aug_w, "debias": debias, "l2": l2,
+               "aug_datasets": aug_datasets, "dataset_w": dataset_w,
                "temperature": round(t, 3), "cv_nll": round(min(nll), 4)}
         for o in np.unique(origin[~is_aug]):
             m = origin == o
@@ -152,7 +158,12 @@ def table(results: list[dict], datasets: list[str], kinds: list[str]) -> str:
     head += [f"{k} win {short[d]}" for k in kinds for d in datasets]
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for r in results:
-        row = [",".join(r["kinds"]) or "—", f"{r['share']:g}", f"{r['aug_w']:g}", r["debias"], f"{r['l2']:g}",
+        kinds_txt = ",".join(r["kinds"]) or "—"
+        if r.get("aug_datasets"):
+            kinds_txt += " on " + "+".join(d.split("-")[0] for d in r["aug_datasets"])
+        if r.get("dataset_w"):
+            kinds_txt += "; weights " + ",".join(f"{d.split('-')[0]}×{m:g}" for d, m in r["dataset_w"].items())
+        row = [kinds_txt, f"{r['share']:g}", f"{r['aug_w']:g}", r["debias"], f"{r['l2']:g}",
                f"{r['temperature']:.2f}"]
         for d in datasets:
             m = r[d]
