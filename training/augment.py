@@ -50,10 +50,6 @@ from rmserve.training.data import Message, Pair
 ORIGIN_PREFIX = "augment:"
 
 
-def format_augment(specs: list[AugmentSpec]) -> str:
-    return ",".join(f"{s.kind}:{s.share:g}" for s in specs)
-
-
 def is_augmented(origin: str) -> bool:
     return origin.startswith(ORIGIN_PREFIX)
 
@@ -266,5 +262,5 @@ def _build(kind: str, pr: _Prompt, prompts: list[_Prompt], by_origin: dict[str, 
     raise ValueError(f"unknown augmentation kind {kind!r}")
 
 
-__all__ = ["AUGMENT_KINDS", "AugmentSpec", "augment_pairs", "format_augment", "is_augmented", "parse_augment",
+__all__ = ["AUGMENT_KINDS", "AugmentSpec", "augment_pairs", "is_augmented", "parse_augment",
            "prompt_key"]

@@ -81,9 +81,8 @@ def finalize(cfg: TrainConfig, out: Path, data: TrainingData, members: list[Memb
                            ood_cal)
     write_manifest(out, manifest)  # last: the directory is complete from here on
     dev = evaluate_dev(cfg, out, rep, timing)
-    rep_ = report(cfg, out, data, manifest, features, exact.info, calibration, train_metrics, calib_metrics, dev)
-    rep_["train_augmented"] = augmented
-    return manifest, rep_
+    return manifest, report(cfg, out, data, manifest, features, exact.info, calibration, train_metrics,
+                            calib_metrics, dev, augmented)
 
 
 def real_only(data: TrainingData, idx: np.ndarray) -> np.ndarray:
@@ -251,7 +250,7 @@ def evaluate_dev(cfg: TrainConfig, out: Path, rep: Reporter, timing: dict[str, f
 def report(cfg: TrainConfig, out: Path, data: TrainingData, manifest: EnsembleManifest,
            features: dict[str, Any] | None, heads: dict[str, Any] | None, calibration: Calibration,
            train_metrics: dict[str, Any], calib_metrics: dict[str, Any] | None,
-           dev: dict[str, Any] | None) -> dict[str, Any]:
+           dev: dict[str, Any] | None, augmented: dict[str, Any] | None = None) -> dict[str, Any]:
     """train_report.json (the loop adds `timing`).
 
     `dev` is the dev report of a single dev file (None with several); `dev_sets` has every dev
@@ -270,6 +269,7 @@ def report(cfg: TrainConfig, out: Path, data: TrainingData, manifest: EnsembleMa
         "heads": heads,
         "temperature": calibration.temperature,
         "train": train_metrics,
+        "train_augmented": augmented,  # the augmented fit pairs, apart (per kind in per_origin)
         "calibration_split_before_temperature": calibration.before,
         "calibration_split": calib_metrics,
         "cross_fitted": calibration.cross_fitted,

@@ -41,6 +41,13 @@ from rmserve.training.augment import augment_pairs, is_augmented, prompt_key
 from rmserve.training.data import DataReport, dataset_names, load_pairs
 from rmserve.training.encoding import encode_pairs
 from rmserve.training.features import cached_features
+from rmserve.training.length import (
+    balanced_weights,
+    length_direction,
+    project_out,
+    uses_balance,
+    uses_decorrelate,
+)
 from rmserve.training.linear_heads import fit_bt_head
 from rmserve.training.metrics import ece
 
@@ -78,12 +85,9 @@ class Study:
         self.real_seqs = np.unique(np.concatenate([e.chosen[~self.is_aug], e.rejected[~self.is_aug]]))
         mu, sd = x[self.real_seqs].mean(0), x[self.real_seqs].std(0)
         self.x = ((x - mu) / sd).double()
+        self.u = length_direction(self.x[self.real_seqs], torch.as_tensor(self.rlen[self.real_seqs]))
         v = torch.log1p(torch.as_tensor(self.rlen))
-        v = (v - v[self.real_seqs].mean())
-        xr = self.x[self.real_seqs]
-        c = (xr - xr.mean(0)).T @ v[self.real_seqs] / len(self.real_seqs)
-        self.u = c / c.norm()
-        self.loglen = (v / v[self.real_seqs].std())
+        self.loglen = (v - v[self.real_seqs].mean()) / v[self.real_seqs].std()  # ODIN's length feature
         groups = [row[s][1] for s in e.source]
         keys = sorted(set(groups))
         order = np.random.default_rng(seed).permutation(len(keys))
@@ -99,16 +103,9 @@ class Study:
         w = np.where(is_aug, aug_w, 1.0)
         for ds, mult in (dataset_w or {}).items():  # every pair of a data set's prompts, real or augmented
             w[self.dataset == ds] *= mult
-        if "balance" in debias:
-            for o in np.unique(origin[~is_aug]):
-                m = (origin == o) & ~is_aug
-                lo, sh = m & (self.dlen > 0), m & (self.dlen < 0)
-                half = (w[lo].sum() + w[sh].sum()) / 2
-                w[lo] *= half / w[lo].sum()
-                w[sh] *= half / w[sh].sum()
-        z = self.x
-        if "decorrelate" in debias:
-            z = z - (z @ self.u)[:, None] * self.u[None, :]
+        if uses_balance(debias):
+            w = balanced_weights(w, self.dlen, origin, ~is_aug)
+        z = project_out(self.x, self.u) if uses_decorrelate(debias) else self.x
         c, r = torch.as_tensor(e.chosen), torch.as_tensor(e.rejected)
         dx = z[c] - z[r]
         dxf = torch.cat([dx, (self.loglen[c] - self.loglen[r])[:, None]], 1) if debias == "odin" else dx
